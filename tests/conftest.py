@@ -1,0 +1,27 @@
+"""Session fixtures: one real ComfyUI host per test run (see comfy_harness.py)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from comfy_harness import get_host  # noqa: E402
+
+HOST_DIR = Path(os.environ.get("LINFUSION_HOST_DIR", Path(__file__).resolve().parent.parent / ".host"))
+MODEL_ROOT = HOST_DIR / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def host():
+    """The running ComfyUI host with this extension loaded by ComfyUI's own loader."""
+    return get_host(MODEL_ROOT)
+
+
+@pytest.fixture(scope="session")
+def core(host):
+    """linfusion_core as ComfyUI loaded it (the same module objects the nodes use)."""
+    return host.import_core()

@@ -1,0 +1,303 @@
+#!/usr/bin/env python3
+"""Write example_workflows/*.json, the graphs ComfyUI shows in its template browser for this extension.
+
+    python3 scripts/comfy_host.py python scripts/example_workflows.py          # (re)write the files
+    python3 scripts/comfy_host.py python scripts/example_workflows.py --check  # exit 1 if any is stale
+
+The graphs are described here in a few lines each and laid out by tests/workflow_build.py from the node
+definitions of the running host, so the widget order of every node is the node's own. A node gains an
+input: run this again (tests/test_workflows.py fails until then). Model names are the file and folder
+names users download (see the README's model table).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from workflow_build import UIGraph  # noqa: E402
+
+OUT_DIR = REPO / "example_workflows"
+
+SD15_CKPT = "v1-5-pruned-emaonly.safetensors"
+SDXL_CKPT = "sd_xl_base_1.0.safetensors"
+LINFUSION_SD15 = "LinFusion-1-5"          # models/linfusion/LinFusion-1-5/{config.json, diffusion_pytorch_model.safetensors}
+LINFUSION_SDXL = "LinFusion-XL"
+CONTROLNET_CANNY = "control_v11p_sd15_canny_fp16.safetensors"
+LORA_SD15 = "your_sd15_lora.safetensors"
+INPUT_IMAGE = "example.png"
+IPADAPTER_PRESET = "PLUS (high strength)"
+
+MODELS = {   # the frontend offers these downloads when the file is missing
+    SD15_CKPT: ("checkpoints", "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
+                               "v1-5-pruned-emaonly.safetensors?download=true"),
+    SDXL_CKPT: ("checkpoints", "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/"
+                               "sd_xl_base_1.0.safetensors?download=true"),
+    CONTROLNET_CANNY: ("controlnet", "https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safetensors/"
+                                     "resolve/main/control_v11p_sd15_canny_fp16.safetensors?download=true"),
+}
+
+# The paper's sampling defaults (LINFUSION_FACTS.md section 4).
+STEPS, CFG, SEED = 50, 7.5, 42
+SAMPLER = {"sampler_name": "euler", "scheduler": "normal"}
+PROMPT = ("a breathtaking alpine valley at sunrise, snow-capped peaks, a crystal clear lake, pine forest, "
+          "a small wooden cabin, ultra detailed, sharp focus, professional landscape photograph")
+NEGATIVE = "blurry, lowres, jpeg artifacts, watermark, text, deformed, duplicated, tiling"
+REGISTRY_IDS = {"ours": "comfyui-linfusion", "core": "comfy-core", "ipadapter": "comfyui_ipadapter_plus"}
+LINFUSION_FOLDER_NOTE = (
+    "**LinFusion weights** go in `ComfyUI/models/linfusion/`, one folder per model as on the hub:\n\n"
+    "```\nmodels/linfusion/LinFusion-1-5/config.json\n"
+    "models/linfusion/LinFusion-1-5/diffusion_pytorch_model.safetensors\n```\n"
+    "Hub repos: `Yuanshi/LinFusion-1-5` (SD 1.x and finetunes), `Yuanshi/LinFusion-2-1` (SD 2.x), "
+    "`Yuanshi/LinFusion-XL` (SDXL and finetunes). Pick the one that matches your checkpoint.")
+
+
+def node_properties(version: str):
+    def props(kind, info):
+        module = info.get("python_module", "")
+        if "ComfyUI-LinFusion" in module:
+            return {"cnr_id": REGISTRY_IDS["ours"], "ver": version}
+        if module == "nodes" or module.startswith("comfy_extras") or module.startswith("comfy_api_nodes"):
+            return {"cnr_id": REGISTRY_IDS["core"], "ver": "0.3.75"}
+        return {"cnr_id": info.get("cnr_id", "")}
+    return props
+
+
+def model_entry(name):
+    directory, url = MODELS[name]
+    return [{"name": name, "url": url, "directory": directory}]
+
+
+def checkpoint_and_linfusion(g: UIGraph, ckpt: str, linfusion: str, lora: bool = False):
+    """The checkpoint, (optionally a LoRA,) and LinFusion applied: returns (model, clip, vae)."""
+    loader = g.node("CheckpointLoaderSimple", ckpt_name=ckpt, models=model_entry(ckpt))
+    model, clip = loader["MODEL"], loader["CLIP"]
+    if lora:
+        lora_node = g.node("LoraLoader", model=model, clip=clip, lora_name=LORA_SD15,
+                           strength_model=0.8, strength_clip=0.8)
+        model, clip = lora_node["MODEL"], lora_node["CLIP"]
+    lin = g.node("LinFusionLoader", linfusion_name=linfusion)
+    applied = g.node("ApplyLinFusion", model=model, linfusion=lin[0])
+    return applied[0], clip, loader["VAE"]
+
+
+def prompts(g: UIGraph, clip, text=PROMPT, negative=NEGATIVE):
+    pos = g.node("CLIPTextEncode", title="Positive prompt", color="positive", text=text, clip=clip)
+    neg = g.node("CLIPTextEncode", title="Negative prompt", color="negative", text=negative, clip=clip)
+    return pos[0], neg[0]
+
+
+def sampler(g: UIGraph, model, pos, neg, latent, **kw):
+    values = {"seed": SEED, "steps": STEPS, "cfg": CFG, **SAMPLER, "denoise": 1.0, **kw}
+    return g.node("KSampler", model=model, positive=pos, negative=neg, latent_image=latent, **values)[0]
+
+
+def wf_sd15_txt2img_2048(g: UIGraph):
+    with g.group("1. Models", 0):
+        g.note("## SD 1.5 + LinFusion, 2048 x 2048\n\nLinFusion replaces every self-attention of the UNet by "
+               "a linear attention, so memory and time grow linearly with the pixels and SD 1.5 draws "
+               "2048 x 2048 in one pass.\n\n" + LINFUSION_FOLDER_NOTE, title="About this workflow",
+               width=420, height=420)
+        model, clip, vae = checkpoint_and_linfusion(g, SD15_CKPT, LINFUSION_SD15)
+    with g.group("2. Prompt", 1):
+        pos, neg = prompts(g, clip)
+    with g.group("3. Generate 2048 x 2048", 2):
+        latent = g.node("EmptyLatentImage", width=2048, height=2048, batch_size=1)[0]
+        samples = sampler(g, model, pos, neg, latent)
+        image = g.node("VAEDecode", samples=samples, vae=vae)[0]
+        g.node("SaveImage", images=image, filename_prefix="LinFusion/sd15_2048")
+
+
+def wf_sd15_16k_ladder(g: UIGraph):
+    with g.group("1. Models", 0):
+        g.note("## SD 1.5 + LinFusion: 16K (16384 x 8192)\n\nThe paper's SDEdit ladder: txt2img at 1024 x 512, "
+               "then four x2 stages (2048 x 1024, 4096 x 2048, 8192 x 4096, 16384 x 8192) with strengths "
+               "0.4 / 0.3 / 0.2 / 0.1 and ceil(50 x strength) steps each. The VAE works in tiles from the "
+               "start (exact, seamless). Lower `stages` for 4K or 8K.\n\n" + LINFUSION_FOLDER_NOTE,
+               title="About this workflow", width=420, height=470)
+        model, clip, vae = checkpoint_and_linfusion(g, SD15_CKPT, LINFUSION_SD15)
+        model = g.node("LinFusionLowMemory", model=model)[0]
+    with g.group("2. Prompt", 1):
+        pos, neg = prompts(g, clip)
+    with g.group("3. Base image 1024 x 512", 2):
+        latent = g.node("EmptyLatentImage", width=1024, height=512, batch_size=1)[0]
+        base = sampler(g, model, pos, neg, latent)
+    with g.group("4. Ladder to 16384 x 8192", 3):
+        big = g.node("LinFusionProgressiveUpscale", model=model, positive=pos, negative=neg, vae=vae, latent=base,
+                     seed=SEED, stages=4, ladder="sd15", base_steps=STEPS, cfg=CFG, **SAMPLER,
+                     upscale_in="pixels", vae_tile_size=1024)[0]
+        image = g.node("LinFusionVAEDecodeTiled", samples=big, vae=vae, tile_size=1024)[0]
+        g.node("SaveImage", images=image, filename_prefix="LinFusion/sd15_16k")
+
+
+def wf_sdxl_demofusion(g: UIGraph):
+    with g.group("1. Models", 0):
+        g.note("## SDXL + LinFusion-XL: 8K, DemoFusion-style\n\nBase image at 1024 x 1024, then x2 stages "
+               "(2048, 4096, 8192) refined DemoFusion-style: a skip residual to the upscaled image and a "
+               "dilated global branch, blended by a cosine schedule; strengths linspace(0.32, 0) and the "
+               "final latent re-normalised to the base's mean/std. Linear attention sees the whole canvas, so "
+               "no patches are needed. Set `stages` to 4 for 16K (16384 x 16384).\n\n" + LINFUSION_FOLDER_NOTE,
+               title="About this workflow", width=420, height=500)
+        model, clip, vae = checkpoint_and_linfusion(g, SDXL_CKPT, LINFUSION_SDXL)
+        model = g.node("LinFusionLowMemory", model=model)[0]
+    with g.group("2. Prompt", 1):
+        pos, neg = prompts(g, clip)
+    with g.group("3. Base image 1024 x 1024", 2):
+        latent = g.node("EmptyLatentImage", width=1024, height=1024, batch_size=1)[0]
+        base = sampler(g, model, pos, neg, latent)
+    with g.group("4. DemoFusion stages to 8192 x 8192", 3):
+        big = g.node("LinFusionProgressiveUpscale", model=model, positive=pos, negative=neg, vae=vae, latent=base,
+                     seed=SEED, stages=3, ladder="sdxl", base_steps=STEPS, cfg=CFG, **SAMPLER,
+                     upscale_in="pixels", demofusion=True, anchor_stats=True, vae_tile_size=1024)[0]
+        image = g.node("LinFusionVAEDecodeTiled", samples=big, vae=vae, tile_size=1024)[0]
+        g.node("SaveImage", images=image, filename_prefix="LinFusion/sdxl_8k")
+
+
+def wf_controlnet(g: UIGraph):
+    with g.group("1. Models", 0):
+        g.note("## ControlNet + LinFusion, 2048 x 2048\n\nComfyUI's own ControlNet nodes work unchanged on the "
+               "LinFusion model: the edges of your image steer a 2048 x 2048 generation. Load any image; the "
+               "Canny node turns it into the edge map the canny ControlNet expects.\n\n" + LINFUSION_FOLDER_NOTE,
+               title="About this workflow", width=420, height=430)
+        model, clip, vae = checkpoint_and_linfusion(g, SD15_CKPT, LINFUSION_SD15)
+        control = g.node("ControlNetLoader", control_net_name=CONTROLNET_CANNY, models=model_entry(CONTROLNET_CANNY))
+    with g.group("2. Control image", 1):
+        image = g.node("LoadImage", image=INPUT_IMAGE)[0]
+        edges = g.node("Canny", image=image, low_threshold=0.4, high_threshold=0.8)[0]
+        g.node("PreviewImage", images=edges)
+    with g.group("3. Prompt", 2):
+        pos, neg = prompts(g, clip)
+        cond = g.node("ControlNetApplyAdvanced", positive=pos, negative=neg, control_net=control[0], image=edges,
+                      strength=0.8, start_percent=0.0, end_percent=1.0, vae=vae)
+    with g.group("4. Generate 2048 x 2048", 3):
+        latent = g.node("EmptyLatentImage", width=2048, height=2048, batch_size=1)[0]
+        samples = sampler(g, model, cond[0], cond[1], latent)
+        out = g.node("VAEDecode", samples=samples, vae=vae)[0]
+        g.node("SaveImage", images=out, filename_prefix="LinFusion/controlnet_2048")
+
+
+def wf_ipadapter(g: UIGraph):
+    with g.group("1. Models", 0):
+        g.note("## IP-Adapter + LinFusion\n\nNeeds the custom nodes **ComfyUI_IPAdapter_plus** (by cubiq; "
+               "install it with ComfyUI-Manager) and its models: for the `PLUS` preset "
+               "`models/ipadapter/ip-adapter-plus_sd15.safetensors` and "
+               "`models/clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors`.\n\nIP-Adapter patches the "
+               "cross-attention, LinFusion the self-attention: they stack in either order.\n\n"
+               + LINFUSION_FOLDER_NOTE, title="About this workflow", width=420, height=520)
+        model, clip, vae = checkpoint_and_linfusion(g, SD15_CKPT, LINFUSION_SD15)
+        ipa = g.node("IPAdapterUnifiedLoader", model=model, preset=IPADAPTER_PRESET)
+    with g.group("2. Reference image", 1):
+        ref = g.node("LoadImage", image=INPUT_IMAGE)[0]
+        model = g.node("IPAdapter", model=ipa["model"], ipadapter=ipa["ipadapter"], image=ref, weight=0.8,
+                       start_at=0.0, end_at=1.0, weight_type="standard")[0]
+    with g.group("3. Prompt", 2):
+        pos, neg = prompts(g, clip, text="a cozy reading nook in the style of the reference, soft light, "
+                                          "highly detailed")
+    with g.group("4. Generate 1536 x 1536", 3):
+        latent = g.node("EmptyLatentImage", width=1536, height=1536, batch_size=1)[0]
+        samples = sampler(g, model, pos, neg, latent)
+        out = g.node("VAEDecode", samples=samples, vae=vae)[0]
+        g.node("SaveImage", images=out, filename_prefix="LinFusion/ipadapter")
+
+
+def wf_lora(g: UIGraph):
+    with g.group("1. Models", 0):
+        g.note("## LoRA + LinFusion, 2048 x 2048\n\n**Pick your LoRA** in Load LoRA (any SD 1.5 LoRA in "
+               "`models/loras/`). Load the LoRA first, then apply LinFusion: LoRA changes to the UNet and the "
+               "text encoder are kept.\n\n" + LINFUSION_FOLDER_NOTE, title="About this workflow",
+               width=420, height=420)
+        model, clip, vae = checkpoint_and_linfusion(g, SD15_CKPT, LINFUSION_SD15, lora=True)
+    with g.group("2. Prompt", 1):
+        pos, neg = prompts(g, clip)
+    with g.group("3. Generate 2048 x 2048", 2):
+        latent = g.node("EmptyLatentImage", width=2048, height=2048, batch_size=1)[0]
+        samples = sampler(g, model, pos, neg, latent)
+        out = g.node("VAEDecode", samples=samples, vae=vae)[0]
+        g.node("SaveImage", images=out, filename_prefix="LinFusion/lora_2048")
+
+
+def wf_super_resolution(g: UIGraph):
+    with g.group("1. Models", 0):
+        g.note("## Super-resolution of your image (SDXL + LinFusion-XL)\n\nLoad an image (about 1024 px on "
+               "its long side works best) and describe it in the prompt. Two x2 stages refine it "
+               "DemoFusion-style to 4x its size; the colours are anchored to the input.\n\n"
+               + LINFUSION_FOLDER_NOTE, title="About this workflow", width=420, height=450)
+        model, clip, vae = checkpoint_and_linfusion(g, SDXL_CKPT, LINFUSION_SDXL)
+    with g.group("2. Your image", 1):
+        image = g.node("LoadImage", image=INPUT_IMAGE)[0]
+    with g.group("3. Prompt (describe the image)", 2):
+        pos, neg = prompts(g, clip, text="a detailed, sharp, high resolution photograph")
+    with g.group("4. Upscale x4", 3):
+        big = g.node("LinFusionProgressiveUpscale", model=model, positive=pos, negative=neg, vae=vae, image=image,
+                     seed=SEED, stages=2, ladder="sdxl", base_steps=STEPS, cfg=CFG, **SAMPLER,
+                     upscale_in="pixels", demofusion=True, anchor_stats=True, vae_tile_size=1024)[0]
+        out = g.node("LinFusionVAEDecodeTiled", samples=big, vae=vae, tile_size=1024)[0]
+        g.node("SaveImage", images=out, filename_prefix="LinFusion/super_resolution")
+
+
+# File name -> recipe. The numbers order them in the template browser.
+RECIPES = {
+    "1_sd15_txt2img_2048.json": wf_sd15_txt2img_2048,
+    "2_sd15_16k_ladder.json": wf_sd15_16k_ladder,
+    "3_sdxl_demofusion_8k.json": wf_sdxl_demofusion,
+    "4_controlnet_2048.json": wf_controlnet,
+    "5_ipadapter.json": wf_ipadapter,
+    "6_lora_2048.json": wf_lora,
+    "7_super_resolution.json": wf_super_resolution,
+}
+
+
+def build(object_info, version: str) -> dict[str, dict]:
+    """File name -> UI workflow, for every recipe whose node types `object_info` has."""
+    out = {}
+    for name, recipe in RECIPES.items():
+        g = UIGraph(object_info, node_properties(version))
+        try:
+            recipe(g)
+        except KeyError as e:
+            out[name] = e
+            continue
+        out[name] = g.to_json()
+    return out
+
+
+def dumps(workflow: dict) -> str:
+    return json.dumps(workflow, indent=2, ensure_ascii=False) + "\n"
+
+
+def main(argv) -> int:
+    from pathlib import Path as _P
+
+    from comfy_harness import get_host
+    from third_party_nodes import DECLARED_THIRD_PARTY
+    from workflow_convert import live_object_info
+
+    import os
+    get_host(_P(os.environ.get("LINFUSION_HOST_DIR", REPO / ".host")) / "fixtures")
+    info = {**DECLARED_THIRD_PARTY, **live_object_info()}
+    version = __import__("tomllib").loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    built = build(info, version)
+    stale = []
+    for name, wf in built.items():
+        if isinstance(wf, Exception):
+            print(f"[example_workflows] {name}: not built, {wf}", file=sys.stderr)
+            continue
+        path = OUT_DIR / name
+        if "--check" in argv:
+            if not path.exists() or path.read_text() != dumps(wf):
+                stale.append(name)
+        else:
+            OUT_DIR.mkdir(exist_ok=True)
+            path.write_text(dumps(wf))
+            print(f"[example_workflows] wrote {path.relative_to(REPO)}")
+    if stale:
+        print(f"[example_workflows] stale: {stale}; run scripts/example_workflows.py", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,131 @@
+"""The example workflows in the real ComfyUI frontend, in headless Chromium.
+
+A ComfyUI server process with this extension and the fixture models; each workflow is loaded as a
+drag-and-drop loads it (app.loadGraphData). Checked: no missing node (workflow 5: exactly the declared
+IP-Adapter pack), our nodes are built with the widgets their definitions give, and the frontend's own API
+prompt (app.graphToPrompt) equals tests/workflow_convert.py's. Workflow 1, shrunk, is queued from the page
+and its image must arrive back in the Save Image node. Screenshots go to tests/artifacts/.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from comfy_browser import chromium_missing_reason, chromium_page, comfy_ui_server, frontend_prompt, load_workflow
+from comfy_server import get_json
+from workflow_shrink import NEEDS_THIRD_PARTY, WORKFLOWS, expected_size, load, shrink
+from third_party_nodes import DECLARED_THIRD_PARTY
+from workflow_convert import VIRTUAL_TYPES, widget_slots, workflow_to_api
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "tests" / "artifacts"
+OUR_MODULE = "ComfyUI-LinFusion"
+QUEUED = "1_sd15_txt2img_2048.json"
+
+_reason = chromium_missing_reason()
+if _reason:
+    pytest.skip(f"browser tests skipped: {_reason}", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def ui(fixtures):
+    """(base URL, server base dir, page) of one server and one browser for the module."""
+    from conftest import MODEL_ROOT
+
+    for family in ("sd15",):       # the queued workflow needs these files on disk before the server lists them
+        fixtures.checkpoint[family], fixtures.linfusion_folder[family]
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with comfy_ui_server(Path(os.environ["COMFYUI_PATH"]), MODEL_ROOT, ARTIFACTS) as (url, base):
+        with chromium_page(url) as page:
+            yield url, base, page
+
+
+@pytest.fixture(scope="module")
+def server_object_info(ui):
+    return get_json(ui[0] + "/object_info")
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_workflow_loads_in_the_frontend(name, ui, server_object_info):
+    url, _, page = ui
+    wf = load(name)
+    page.console_errors.clear()
+    loaded = load_workflow(page, wf, name)
+    page.screenshot(path=str(ARTIFACTS / f"{Path(name).stem}.png"))
+    declared = set(DECLARED_THIRD_PARTY) if name in NEEDS_THIRD_PARTY else set()
+    assert set(loaded["missing"]) == declared, loaded["missing"]
+    if declared:
+        assert all(t in loaded["dialog"] for t in declared), loaded["dialog"]
+        page.keyboard.press("Escape")
+    ours = [n for n in loaded["nodes"]
+            if OUR_MODULE in server_object_info.get(n["type"], {}).get("python_module", "")]
+    assert ours, "none of our nodes in the loaded graph"
+    for node in loaded["nodes"]:
+        if node["type"] in VIRTUAL_TYPES or node["type"] in declared:
+            continue
+        assert not node["has_errors"], node
+        info = server_object_info[node["type"]]
+        assert node["widgets"] == [s.name for s in widget_slots(info)], node
+        assert node["size"][0] > 0 and node["size"][1] > 0
+    if not declared:
+        ours_prompt = workflow_to_api(wf, server_object_info)
+        assert frontend_prompt(page) == ours_prompt
+    errors = [e for e in page.console_errors if "Failed to load resource" not in e]
+    assert not errors, errors
+
+
+SET_WIDGETS_JS = """([values]) => {
+    for (const [id, inputs] of Object.entries(values)) {
+        const node = window.app.graph.getNodeById(Number(id));
+        for (const [name, value] of Object.entries(inputs)) {
+            const w = node.widgets.find(w => w.name === name);
+            if (w) w.value = value;
+        }
+    }
+}"""
+
+QUEUE_AND_WAIT_JS = """async ([saveId, timeoutMs]) => {
+    // What the Run button does; then wait for the server's 'executed' message for the Save Image node and
+    // for the node to show the image it names.
+    const api = window.comfyAPI.api.api;
+    const executed = new Promise(resolve => api.addEventListener('executed', e => {
+        if (String(e.detail.node) === String(saveId) && e.detail.output?.images?.length) resolve(e.detail.output.images[0]);
+    }));
+    await window.app.queuePrompt(0, 1);
+    const timeout = new Promise(resolve => setTimeout(() => resolve(null), timeoutMs));
+    const image = await Promise.race([executed, timeout]);
+    if (!image) return null;
+    const node = window.app.graph.getNodeById(saveId);
+    const start = Date.now();
+    while (!(node.imgs?.length && node.imgs[0].complete && node.imgs[0].naturalWidth) && Date.now() - start < 30000)
+        await new Promise(r => setTimeout(r, 200));
+    const shown = node.imgs?.[0];
+    return {image, shown: !!shown, width: shown?.naturalWidth, height: shown?.naturalHeight};
+}"""
+
+
+def test_queue_workflow_1_and_see_the_image(ui, fixtures, server_object_info):
+    """Queue the (shrunk) txt2img workflow from the page, as the Run button does; the image comes back."""
+    url, base, page = ui
+    wf = load(QUEUED)
+    load_workflow(page, wf, QUEUED)
+    shrunk = shrink(workflow_to_api(wf, server_object_info), fixtures, input_image="")
+    values = {i: {k: v for k, v in n["inputs"].items() if not isinstance(v, list)} for i, n in shrunk.items()}
+    page.evaluate(SET_WIDGETS_JS, [values])
+    assert frontend_prompt(page) == shrunk   # the frontend now sends exactly the shrunk prompt
+    save_id = next(int(i) for i, n in shrunk.items() if n["class_type"] == "SaveImage")
+    arrived = page.evaluate(QUEUE_AND_WAIT_JS, [save_id, 240_000])
+    page.screenshot(path=str(ARTIFACTS / "queued_workflow_1.png"))
+    assert arrived, "the server never reported the Save Image node's image"
+    assert arrived["shown"], "the image was reported but the Save Image node does not show it"
+    w, h = expected_size(shrunk, None)
+    assert (arrived["width"], arrived["height"]) == (w, h)
+    saved = base / "output" / arrived["image"]["subfolder"] / arrived["image"]["filename"]
+    assert saved.is_file()
+    history = get_json(url + "/history")
+    assert any(h["status"]["status_str"] == "success" for h in history.values()), json.dumps(history)[:2000]

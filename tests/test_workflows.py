@@ -1,0 +1,216 @@
+"""The example workflows: current with the nodes, well formed, and running end to end on the fixtures.
+
+Every file in example_workflows/ is converted to an API prompt with the live node definitions (as the
+frontend would) and validated by ComfyUI. The end-to-end runs shrink the graphs with a test-only override
+(`shrink`: small latents, few steps, small tiles, fixture model names) and run them through the real
+executor; workflow 5 runs with a stand-in for ComfyUI_IPAdapter_plus that patches the model as the pack does.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from third_party_nodes import DECLARED_THIRD_PARTY, PACK_MODULE, registered_stand_ins
+from workflow_convert import NOTE_TYPES, live_object_info, workflow_to_api
+from workflow_shrink import NEEDS_THIRD_PARTY, WORKFLOW_DIR, WORKFLOWS, expected_size, load, shrink
+
+REPO = Path(__file__).resolve().parent.parent
+OUR_MODULE = "ComfyUI-LinFusion"
+# Inputs whose values name files a user downloads; validation may only miss these on the test host.
+FILE_INPUTS = {"ckpt_name", "linfusion_name", "control_net_name", "lora_name", "image"}
+
+
+def _load_example_workflows_script():
+    spec = importlib.util.spec_from_file_location("example_workflows", REPO / "scripts" / "example_workflows.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def object_info(host):
+    return live_object_info()
+
+
+def definitions(name, object_info):
+    return {**object_info, **DECLARED_THIRD_PARTY} if name in NEEDS_THIRD_PARTY else object_info
+
+
+def validate(prompt):
+    import execution
+
+    return asyncio.run(execution.validate_prompt("workflow-test", prompt, None))
+
+
+def test_every_recipe_is_written_and_current(object_info):
+    """The files are what scripts/example_workflows.py makes from today's node definitions."""
+    script = _load_example_workflows_script()
+    version = __import__("tomllib").loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    built = script.build({**DECLARED_THIRD_PARTY, **object_info}, version)
+    for name, wf in built.items():
+        if isinstance(wf, Exception):
+            assert name not in WORKFLOWS, f"{name} is committed but can no longer be built: {wf}"
+            continue
+        assert name in WORKFLOWS, f"{name} is not written: run scripts/example_workflows.py"
+        assert (WORKFLOW_DIR / name).read_text() == script.dumps(wf), \
+            f"{name} is stale: run `python3 scripts/comfy_host.py python scripts/example_workflows.py`"
+    assert set(WORKFLOWS) <= set(built)
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_workflow_structure(name, object_info):
+    wf = load(name)
+    defs = definitions(name, object_info)
+    prompt = workflow_to_api(wf, defs)
+    for node_id, node in prompt.items():
+        module = defs[node["class_type"]].get("python_module", "")
+        core = module == "nodes" or module.startswith("comfy_extras.")
+        assert core or OUR_MODULE in module or (name in NEEDS_THIRD_PARTY and module == PACK_MODULE), \
+            f"{name}: node {node_id} {node['class_type']} comes from {module!r}"
+    assert any(OUR_MODULE in defs[n["class_type"]].get("python_module", "") for n in prompt.values())
+    assert any(defs[n["class_type"]].get("output_node") for n in prompt.values()), f"{name} saves nothing"
+
+    # Grouped and titled: every node sits inside a titled group; a note explains the models.
+    groups = wf["groups"]
+    assert groups and all(g["title"] for g in groups)
+    for node in wf["nodes"]:
+        x, y = node["pos"]
+        inside = [g for g in groups if g["bounding"][0] <= x and g["bounding"][1] <= y
+                  and x + node["size"][0] <= g["bounding"][0] + g["bounding"][2]
+                  and y + node["size"][1] <= g["bounding"][1] + g["bounding"][3]]
+        assert inside, f"{name}: node {node['id']} {node['type']} is outside every group"
+    notes = " ".join(n["widgets_values"][0] for n in wf["nodes"] if n["type"] in NOTE_TYPES)
+    assert "models/linfusion/" in notes
+
+    with registered_stand_ins() if name in NEEDS_THIRD_PARTY else _nothing():
+        ok, error, _, node_errors = validate(prompt)
+    assert error.get("type") in (None, "prompt_outputs_failed_validation"), error
+    for node_id, errs in node_errors.items():
+        for e in errs["errors"]:
+            # Only the files a user downloads may be absent here (the host has fixtures, not hub files).
+            assert e["type"] in ("value_not_in_list", "custom_validation_failed"), (name, node_id, e)
+            assert e["extra_info"]["input_name"] in FILE_INPUTS, (name, node_id, e)
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---------------------------------------------------------------- end to end on the fixtures
+
+
+def capture_saved_images(prompt: dict) -> str:
+    save = [i for i, n in prompt.items() if n["class_type"] == "SaveImage"]
+    assert len(save) == 1
+    prompt["capture"] = {"class_type": "LinFusionTest_Capture", "inputs": {"value": prompt[save[0]]["inputs"]["images"]}}
+    return "capture"
+
+
+@pytest.fixture(scope="module")
+def input_image(host):
+    """A small test image in ComfyUI's input folder (LoadImage reads from there)."""
+    import folder_paths
+    from PIL import Image
+
+    name = "linfusion_workflow_test.png"
+    grid = torch.linspace(0, 255, 48)
+    pixels = torch.stack([grid[None, :].expand(48, 48), grid[:, None].expand(48, 48),
+                          torch.full((48, 48), 128.0)], -1)
+    path = Path(folder_paths.get_input_directory()) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.to(torch.uint8).numpy()).save(path)
+    yield name, (48, 48)
+    path.unlink(missing_ok=True)
+
+
+class LinFusionCalls:
+    """Counts forward calls of LinFusion's attention modules (whatever model they are installed in)."""
+
+    def __init__(self, core):
+        self.cls = core.module.LinFusionAttention
+        self.count = 0
+
+    def __enter__(self):
+        def hook(module, args, output):
+            if isinstance(module, self.cls):
+                self.count += 1
+        self.handle = torch.nn.modules.module.register_module_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+        return False
+
+
+RUNNABLE = [n for n in WORKFLOWS]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_workflow_runs_on_fixtures(name, host, core, fixtures, object_info, input_image):
+    defs = definitions(name, object_info)
+    prompt = shrink(workflow_to_api(load(name), defs), fixtures, input_image[0])
+    capture = capture_saved_images(prompt)
+    host.reset_cache()
+    with registered_stand_ins() if name in NEEDS_THIRD_PARTY else _nothing() as ipadapter, \
+            LinFusionCalls(core) as calls:
+        result = host.run(prompt)
+    image = result.captured[capture]
+    w, h = expected_size(prompt, input_image[1])
+    assert tuple(image.shape) == (1, h, w, 3), (name, tuple(image.shape))
+    assert torch.isfinite(image).all() and image.min() >= 0 and image.max() <= 1
+    assert image.std() > 0, f"{name}: a flat image"
+    assert calls.count > 0, f"{name}: LinFusion's attention never ran"
+    if ipadapter is not None:
+        blocks = {c[0] for c in ipadapter.calls}
+        assert ("input", 1) in blocks and ("output", 3) in blocks, blocks
+
+
+@pytest.mark.slow
+def test_ipadapter_patch_stacks_with_linfusion(host, fixtures, object_info, input_image):
+    """IP-Adapter's attn2 replace patch (its signature and block keys) and LinFusion's self-attention stack in
+    either order, and each still acts: the mechanism workflow 5 relies on."""
+    name = "5_ipadapter.json"
+    if name not in WORKFLOWS:
+        pytest.skip(f"{name} is not written")
+    base = shrink(workflow_to_api(load(name), definitions(name, object_info)), fixtures, input_image[0])
+    ids = {n["class_type"]: i for i, n in base.items()}
+    ckpt, apply, loader, ipa, ksampler = (ids[k] for k in ("CheckpointLoaderSimple", "ApplyLinFusion",
+                                                           "IPAdapterUnifiedLoader", "IPAdapter", "KSampler"))
+
+    def run(edit=None):
+        prompt = json.loads(json.dumps(base))
+        if edit:
+            edit(prompt)
+        prompt["latent"] = {"class_type": "LinFusionTest_Capture", "inputs": {"value": [ksampler, 0]}}
+        host.reset_cache()
+        with registered_stand_ins() as patch:
+            out = host.run(prompt).captured["latent"]["samples"]
+        return out, list(patch.calls)
+
+    def ipadapter_first(p):
+        p[loader]["inputs"]["model"] = [ckpt, 0]
+        p[apply]["inputs"]["model"] = [ipa, 0]
+        p[ksampler]["inputs"]["model"] = [apply, 0]
+
+    def without_linfusion(p):
+        p[loader]["inputs"]["model"] = [ckpt, 0]
+
+    as_shipped, calls = run()
+    swapped, _ = run(ipadapter_first)
+    no_ipadapter, _ = run(lambda p: p[ipa]["inputs"].update(weight=0.0))
+    no_linfusion, _ = run(without_linfusion)
+    assert {c[0] for c in calls} >= {("input", 1), ("output", 3)}
+    assert {c[2] for c in calls} >= {(0, 1)} or {c[2] for c in calls} >= {(0,), (1,)}, "cond and uncond"
+    torch.testing.assert_close(swapped, as_shipped, rtol=0, atol=1e-5)
+    assert (as_shipped - no_ipadapter).abs().max() > 1e-3, "the IP-Adapter patch had no effect"
+    assert (as_shipped - no_linfusion).abs().max() > 1e-3, "LinFusion had no effect"

@@ -23,7 +23,10 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 MODEL_KINDS = ("checkpoints", "loras", "controlnet", "vae", "linfusion", "clip_vision", "ipadapter")
 # First-run popups would cover the canvas; a user who dismissed them once has these settings.
-SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Workflow.ShowMissingModelsWarning": False}
+SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Workflow.ShowMissingModelsWarning": False,
+            "Comfy.Minimap.Visible": False}
+# The frontend keeps this one in the browser's storage, not in the user settings.
+DISMISS_BANNER_JS = "localStorage.setItem('vueNodesBannerDismissed', 'true')"
 
 
 def chromium_missing_reason() -> str | None:
@@ -73,6 +76,7 @@ def chromium_page(url: str):
                 profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
                 viewport={"width": 1600, "height": 1000})
             try:
+                context.add_init_script(DISMISS_BANNER_JS)
                 page = context.pages[0] if context.pages else context.new_page()
                 page.console_errors = []
                 page.on("console", lambda m: m.type == "error" and page.console_errors.append(m.text))

@@ -12,7 +12,8 @@ TEST_LONG_SIDE = 64        # px of the shrunk base image
 TEST_STEPS = 2
 TEST_BASE_STEPS = 4        # a stage of strength s runs ceil(4 * s) steps
 TEST_MAX_STAGES = 2
-TEST_TILE = 64
+TEST_TILE = 64             # px, LinFusion tiled VAE: the 256 px final image is 4 x 2 tiles
+TEST_LADDER_TILE = 256     # px, the ladder's VAE tiles: ComfyUI's tiled encode needs tile / 2 > overlap (64)
 
 
 def load(name: str) -> dict:
@@ -47,7 +48,7 @@ def shrink(prompt: dict, fixtures, input_image: str) -> dict:
         elif kind == "LinFusionProgressiveUpscale":
             inputs["base_steps"] = TEST_BASE_STEPS
             inputs["stages"] = min(inputs["stages"], TEST_MAX_STAGES)
-            inputs["vae_tile_size"] = TEST_TILE if inputs["vae_tile_size"] else 0
+            inputs["vae_tile_size"] = TEST_LADDER_TILE if inputs["vae_tile_size"] else 0
         elif kind == "LinFusionVAEDecodeTiled":
             inputs["tile_size"] = TEST_TILE
     return prompt

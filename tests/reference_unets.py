@@ -35,7 +35,9 @@ def diffusers_unet_from_comfy(family: str, comfy_unet, dtype: torch.dtype = torc
     from diffusers import UNet2DConditionModel
 
     comfy_sd = comfy_unet if isinstance(comfy_unet, dict) else comfy_unet.state_dict()
-    ref = UNet2DConditionModel(**fixture_models.DIFFUSERS_CONFIGS[family]).to(dtype)
+    # Built without memory, then given the converted tensors: diffusers' own random init is slow on CPU.
+    with torch.device("meta"):
+        ref = UNet2DConditionModel(**fixture_models.DIFFUSERS_CONFIGS[family])
     wanted = ref.state_dict()
     mapping = diffusers_key_map(family)
     converted, used = {}, set()
@@ -43,12 +45,15 @@ def diffusers_unet_from_comfy(family: str, comfy_unet, dtype: torch.dtype = torc
         ckey = mapping.get(dkey)
         if ckey is None or ckey not in comfy_sd:
             raise KeyError(f"no ComfyUI weight for diffusers key {dkey!r} ({family}); mapped to {ckey!r}")
-        converted[dkey] = comfy_sd[ckey].to(dtype)
+        converted[dkey] = comfy_sd[ckey].to(dtype).clone()  # own storage: the two models never share
         used.add(ckey)
     unused = sorted(set(comfy_sd) - used)
     if unused:
         raise KeyError(f"ComfyUI weights without a diffusers counterpart ({family}): {unused[:8]}")
-    ref.load_state_dict(converted, strict=True)
+    ref.load_state_dict(converted, strict=True, assign=True)
+    stray = [n for n, t in list(ref.named_parameters()) + list(ref.named_buffers()) if t.is_meta]
+    if stray:
+        raise RuntimeError(f"diffusers UNet tensors left without values: {stray[:8]}")
     return ref.eval()
 
 

@@ -166,7 +166,7 @@ def test_sd15_controlnet_loads_every_weight(fixtures, caplog):
 def test_reference_unet_matches_comfyui(host, family):
     comfy_unet = fixture_models.build_unet_model(family, torch.float32).diffusion_model
     ref = reference_unets.diffusers_unet_from_comfy(family, comfy_unet)
-    inputs = reference_unets.unet_inputs(family, latent_hw=(8, 8))
+    inputs = reference_unets.unet_inputs(family, latent_hw=(8, 8) if family == "sdxl" else (4, 4))
     ours = reference_unets.run_comfy_unet(comfy_unet, inputs)
     theirs = reference_unets.run_diffusers_unet(ref, inputs)
     assert ours.shape == inputs["x"].shape

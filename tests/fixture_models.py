@@ -286,6 +286,16 @@ def _save(sd: dict, path: Path, metadata: dict | None = None) -> None:
     os.replace(tmp, path)
 
 
+# unit -> (ComfyUI model folder, names of the files one generator call writes for a family).
+OUTPUTS = {
+    "checkpoint": ("checkpoints", ("linfusion_test_{f}.safetensors",)),
+    "linfusion": ("linfusion", ("linfusion_test_{f}", "linfusion_test_{f}_single.safetensors",
+                                "linfusion_test_{f}_bare.safetensors")),
+    "controlnet": ("controlnet", ("linfusion_test_controlnet_{f}.safetensors",)),
+    "lora": ("loras", ("linfusion_test_lora_{f}.safetensors",)),
+}
+
+
 class FixtureModels:
     """Names of the fixture files in ComfyUI's model folders, generated on first use of each.
 
@@ -298,20 +308,19 @@ class FixtureModels:
     lora_sd15            loras/         linfusion_test_lora_sd15.safetensors
     unet_config[f], diffusers_config[f], linfusion_config[f]: plain dicts (no generation).
     lora_sd15_targets: kohya name -> ComfyUI weight key it patches.
-    path(kind, name) gives the absolute path; generation_log lists what was generated in this process.
+    path(unit, name) gives the absolute path (unit: "checkpoint", "linfusion", "controlnet", "lora");
+    generation_log lists what this process generated (seconds, bytes, process peak RSS so far).
     """
-
-    FOLDERS = ("checkpoints", "loras", "controlnet", "linfusion")
 
     def __init__(self, root: Path):
         self.root = Path(root)
-        for folder in self.FOLDERS:
+        for folder, _ in OUTPUTS.values():
             (self.root / folder).mkdir(parents=True, exist_ok=True)
         self.generation_log: list[dict] = []
-        self.checkpoint = _LazyNames(self, "checkpoint", lambda f: f"linfusion_test_{f}.safetensors")
-        self.linfusion_folder = _LazyNames(self, "linfusion", lambda f: f"linfusion_test_{f}")
-        self.linfusion_single = _LazyNames(self, "linfusion", lambda f: f"linfusion_test_{f}_single.safetensors")
-        self.linfusion_bare = _LazyNames(self, "linfusion", lambda f: f"linfusion_test_{f}_bare.safetensors")
+        self.checkpoint = _LazyNames(self, "checkpoint", 0)
+        self.linfusion_folder = _LazyNames(self, "linfusion", 0)
+        self.linfusion_single = _LazyNames(self, "linfusion", 1)
+        self.linfusion_bare = _LazyNames(self, "linfusion", 2)
         self.unet_config = {f: unet_config(f) for f in FAMILIES}
         self.diffusers_config = {f: dict(DIFFUSERS_CONFIGS[f]) for f in FAMILIES}
         self._linfusion_config: dict = {}
@@ -322,35 +331,29 @@ class FixtureModels:
 
     @property
     def controlnet_sd15(self) -> str:
-        self.ensure("controlnet", "sd15")
-        return "linfusion_test_controlnet_sd15.safetensors"
+        return self.name("controlnet", "sd15")
 
     @property
     def lora_sd15(self) -> str:
-        self.ensure("lora", "sd15")
-        return "linfusion_test_lora_sd15.safetensors"
+        return self.name("lora", "sd15")
 
     @property
     def lora_sd15_targets(self) -> dict[str, str]:
         return lora_targets()
 
-    def path(self, kind: str, name: str) -> Path:
-        folder = {"checkpoint": "checkpoints", "lora": "loras"}.get(kind, kind)
-        return self.root / folder / name
+    def name(self, unit: str, family: str, index: int = 0) -> str:
+        """File name (in its ComfyUI model folder) of output `index` of a unit, generated if needed."""
+        self.ensure(unit, family)
+        return OUTPUTS[unit][1][index].format(f=family)
+
+    def path(self, unit: str, name: str) -> Path:
+        """Absolute path of a fixture file, e.g. path("checkpoint", fixtures.checkpoint["sd15"])."""
+        return self.root / OUTPUTS[unit][0] / name
 
     # -- generation ------------------------------------------------------------------------------------
     def _outputs(self, unit: str, family: str) -> list[Path]:
-        if unit == "checkpoint":
-            return [self.root / "checkpoints" / f"linfusion_test_{family}.safetensors"]
-        if unit == "linfusion":
-            d = self.root / "linfusion"
-            return [d / f"linfusion_test_{family}", d / f"linfusion_test_{family}_single.safetensors",
-                    d / f"linfusion_test_{family}_bare.safetensors"]
-        if unit == "controlnet":
-            return [self.root / "controlnet" / "linfusion_test_controlnet_sd15.safetensors"]
-        if unit == "lora":
-            return [self.root / "loras" / "linfusion_test_lora_sd15.safetensors"]
-        raise KeyError(unit)
+        folder, names = OUTPUTS[unit]
+        return [self.root / folder / n.format(f=family) for n in names]
 
     def _stamp(self, unit: str, family: str) -> Path:
         return self.root / ".stamps" / f"{unit}_{family}.json"
@@ -388,7 +391,7 @@ class FixtureModels:
             seconds = time.perf_counter() - start
             size = sum(_size(p) for p in self._outputs(unit, family))
             record = {"key": key, "unit": unit, "family": family, "seconds": round(seconds, 1), "bytes": size,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
+                      "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
             stamp = self._stamp(unit, family)
             stamp.parent.mkdir(exist_ok=True)
             stamp.write_text(json.dumps(record))
@@ -414,10 +417,17 @@ class FixtureModels:
         _save(sd, bare)
 
     def _generate_controlnet(self, family: str) -> None:
+        _require_sd15("controlnet", family)
         _save(controlnet_state_dict(), self._outputs("controlnet", family)[0])
 
     def _generate_lora(self, family: str) -> None:
+        _require_sd15("lora", family)
         _save(lora_state_dict(), self._outputs("lora", family)[0])
+
+
+def _require_sd15(unit: str, family: str) -> None:
+    if family != "sd15":
+        raise KeyError(f"there is only an SD 1.5 {unit} fixture, not one for {family!r}")
 
 
 def _size(path: Path) -> int:
@@ -429,12 +439,11 @@ def _size(path: Path) -> int:
 class _LazyNames(Mapping):
     """family -> file name; the file is generated (or found in the cache) on first lookup."""
 
-    def __init__(self, owner: FixtureModels, unit: str, name_of):
-        self._owner, self._unit, self._name_of = owner, unit, name_of
+    def __init__(self, owner: FixtureModels, unit: str, index: int):
+        self._owner, self._unit, self._index = owner, unit, index
 
     def __getitem__(self, family: str) -> str:
-        self._owner.ensure(self._unit, family)
-        return self._name_of(family)
+        return self._owner.name(self._unit, family, self._index)
 
     def __iter__(self):
         return iter(FAMILIES)

@@ -173,3 +173,20 @@ def test_reference_unet_matches_comfyui(host, family):
     assert torch.isfinite(ours).all()
     err = (ours - theirs).abs().max() / theirs.abs().max()
     assert err < 1e-5, f"ComfyUI and diffusers UNets disagree by {err:.2e} (relative)"
+
+
+def test_cache_reuses_files_and_regenerates_when_the_generator_changes(host, tmp_path, monkeypatch):
+    models = fixture_models.FixtureModels(tmp_path)
+    lora = models.path("lora", models.lora_sd15)
+    first = lora.read_bytes()
+    assert len(models.generation_log) == 1
+    models.lora_sd15
+    assert len(models.generation_log) == 1, "a fresh cached file was generated again"
+
+    monkeypatch.setattr(fixture_models, "_source_key", lambda: "another-generator")
+    models.lora_sd15
+    assert len(models.generation_log) == 2, "a change of the generator source did not regenerate"
+    assert lora.read_bytes() == first, "the same generator wrote different bytes"
+    assert not [p for p in lora.parent.iterdir() if p.name.startswith(".")], "a temporary file was left behind"
+    with pytest.raises(KeyError, match="only an SD 1.5"):
+        models.name("lora", "sdxl")

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from third_party_nodes import DECLARED_THIRD_PARTY, PACK_MODULE, registered_stand_ins
+from workflow_build import NODE_TITLE_H
 from workflow_convert import NOTE_TYPES, live_object_info, workflow_to_api
 from workflow_shrink import NEEDS_THIRD_PARTY, WORKFLOW_DIR, WORKFLOWS, expected_size, load, shrink
 
@@ -79,10 +80,10 @@ def test_workflow_structure(name, object_info):
     groups = wf["groups"]
     assert groups and all(g["title"] for g in groups)
     for node in wf["nodes"]:
-        x, y = node["pos"]
+        x, y = node["pos"][0], node["pos"][1] - NODE_TITLE_H
         inside = [g for g in groups if g["bounding"][0] <= x and g["bounding"][1] <= y
                   and x + node["size"][0] <= g["bounding"][0] + g["bounding"][2]
-                  and y + node["size"][1] <= g["bounding"][1] + g["bounding"][3]]
+                  and node["pos"][1] + node["size"][1] <= g["bounding"][1] + g["bounding"][3]]
         assert inside, f"{name}: node {node['id']} {node['type']} is outside every group"
     notes = " ".join(n["widgets_values"][0] for n in wf["nodes"] if n["type"] in NOTE_TYPES)
     assert "models/linfusion/" in notes

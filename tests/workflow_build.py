@@ -18,6 +18,8 @@ TEXT_NODE_WIDTH = 420
 GAP = 30
 GROUP_PAD = 16
 GROUP_TITLE_H = 44
+NODE_TITLE_H = 30          # LiteGraph draws a node's title bar above its pos
+IMAGE_PANEL_H = {"LoadImage": 260, "SaveImage": 300, "PreviewImage": 220}   # room for the image preview
 COLUMN_GAP = 70
 GROUP_COLOR = "#3f789e"
 # Colours the frontend uses for positive / negative prompts and notes.
@@ -105,7 +107,7 @@ class UIGraph:
         node.width = TEXT_NODE_WIDTH if text_widgets else NODE_WIDTH
         sockets = sum(1 for n, (t, o) in specs.items() if not is_widget(t, o))
         rows = max(sockets, len(info["output"])) + len(widget_slots(info))
-        node.height = 46 + 24 * rows + 110 * len(text_widgets) + (260 if kind == "LoadImage" else 0)
+        node.height = 46 + 24 * rows + 110 * len(text_widgets) + IMAGE_PANEL_H.get(kind, 0)
         return self._add(node)
 
     def note(self, text: str, title: str = "Note", width: int = NODE_WIDTH, height: int = 160) -> Node:
@@ -214,8 +216,8 @@ class UIGraph:
             for g in columns[col]:
                 ny = y + GROUP_TITLE_H
                 for n in g["nodes"]:
-                    n.pos = (x + GROUP_PAD, ny)
-                    ny += n.height + GAP
+                    n.pos = (x + GROUP_PAD, ny + NODE_TITLE_H)
+                    ny += NODE_TITLE_H + n.height + GAP
                 g["bounding"] = [x, y, width, ny - y - GAP + GROUP_PAD]
                 y = ny + GAP
             x += width + COLUMN_GAP

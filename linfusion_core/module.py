@@ -19,7 +19,8 @@ def default_operations():
 
 
 def _projection_mlp(dim: int, mid_dim: int, dtype, device, operations) -> nn.Module:
-    """x -> Linear -> LayerNorm -> LeakyReLU -> Linear (LinFusion's `to_q_` / `to_k_`); -1 means none."""
+    """x -> Linear -> LayerNorm -> LeakyReLU -> Linear (`to_q_` / `to_k_`). For -1 the official code uses
+    nn.Identity, so the input is doubled (x + to_q_(x) = 2x); we keep that, the weights were trained so."""
     if mid_dim == -1:
         return nn.Identity()
     return nn.Sequential(

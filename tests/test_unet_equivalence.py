@@ -59,7 +59,7 @@ def test_unet_matches_diffusers_with_reference_linfusion(core, fixtures, family)
     scale = expected.abs().max().item()
     print(f"[{family}] UNet max abs err {err:.3g} (output max {scale:.3g}); LinFusion changed output by "
           f"{(ours - plain).abs().max().item():.3g}")
-    assert err <= 2e-4 * max(1.0, scale)
+    assert err <= 5e-5 * max(1.0, scale)   # measured ~4e-6 (sd15, sd21), ~6e-6 (sdxl)
     assert (ours - plain).abs().max().item() > 100 * err   # LinFusion really ran, on every module checked
 
 

@@ -44,5 +44,7 @@ def online_softmax_attention(q: torch.Tensor, kv_chunks: Iterable[Tuple[torch.Te
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """The plain formula (materialises n x m scores): for tests only."""
-    return torch.softmax(q.float() @ k.float().T * scale, dim=1) @ v.float()
+    """The plain formula (materialises n x m scores), in fp32 or wider: for tests only."""
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    return torch.softmax(q @ k.T * scale, dim=1) @ v

@@ -14,6 +14,8 @@ SD_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channel
 # Same layer types and topology (4 levels, 2 res blocks, shortcut convs, mid attention), a quarter the width:
 # CPU tests at several tile sizes stay fast.
 SMALL_DDCONFIG = dict(SD_DDCONFIG, ch=64)
+# Narrower still, for half precision: this CPU runs fp16/bf16 convolutions ~100x slower than fp32.
+TINY_DDCONFIG = dict(SD_DDCONFIG, ch=32)
 
 
 def random_vae_state_dict(ddconfig=SD_DDCONFIG, seed: int = 0) -> dict:

@@ -45,7 +45,8 @@ def unsupported_reason(vae) -> Optional[str]:
         for module in net.modules():
             if isinstance(module, sd_vae.ResnetBlock) and type(module) is not sd_vae.ResnetBlock:
                 return f"custom resnet block {type(module).__name__}"
-            if isinstance(module, sd_vae.Upsample) and (not module.with_conv or module.scale_factor != 2.0):
+            if isinstance(module, sd_vae.Upsample) and (not module.with_conv
+                                                          or getattr(module, "scale_factor", 2.0) not in (2.0, (2.0, 2.0))):
                 return "an upsample layer other than nearest x2 + conv"
             if isinstance(module, sd_vae.Downsample) and (not module.with_conv or module.conv.stride != (2, 2)):
                 return "a downsample layer other than a stride-2 conv"

@@ -142,6 +142,45 @@ def test_decode_half_precision(tv, tiny_sd, dtype, tol):
     assert err_vs_fp32 <= half_vs_fp32 + tol
 
 
+class _LargestNewTensor:
+    """Largest tensor any aten op allocates (views, in-place writes and torch.empty buffers excluded)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+        outer = self
+        self.largest = 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if not func.__name__.startswith("empty"):
+                    inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                              if isinstance(t, torch.Tensor)}
+                    for t in tree_leaves(out):
+                        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                            outer.largest = max(outer.largest, t.numel())
+                return out
+        self.mode = Mode()
+
+
+def test_working_memory_is_bounded_by_the_tile_not_the_image(tv, tiny_sd):
+    """Parked whole activations aside (the park buffers), every tensor computed during a decode is the
+    same size for a 4x larger image: working memory depends on the tile size only."""
+    vae = load_vae(tiny_sd, TINY_DDCONFIG, dtype=torch.float32)
+    largest = {}
+    for h, w in ((8, 8), (16, 16)):
+        z = torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(12))
+        passes = tv._passes(vae, 16, "cpu", None, dry=False)
+        probe = _LargestNewTensor()
+        with torch.no_grad(), probe.mode:
+            out = tv._walk_decoder(passes, vae.first_stage_model.decoder, passes.park(z, with_stats=False), "cpu")
+        assert out.tensor.shape[-2:] == (8 * h, 8 * w)
+        largest[(h, w)] = probe.largest
+    full_activation = 32 * 128 * 128                 # one full-resolution activation of the larger image
+    assert largest[(16, 16)] == largest[(8, 8)] < full_activation / 8
+
+
 # -- encode ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("tile", [24, 56])
 def test_encode_matches_untiled_fp32(tv, small_vae, tile):

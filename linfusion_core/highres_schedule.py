@@ -31,7 +31,7 @@ class Stage:
 
 
 def steps_for_strength(base_steps: int, strength: float) -> int:
-    """ceil(base_steps * strength), robust to float noise (50 * 0.3 is 15.000000000000002 in floats)."""
+    """ceil(base_steps * strength), robust to float noise (50 * 0.14 is 7.000000000000001 in floats)."""
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must lie in [0, 1], got {strength}")
     return max(1, math.ceil(round(base_steps * strength, 9)))

@@ -14,8 +14,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .demofusion import DemoFusionWrapper
-from .highres_schedule import Stage
+from .demofusion import DemoFusionWrapper, native_long_side
+from .highres_schedule import Stage, super_resolution_ratio
 from .latent_filters import channel_stats, match_stats
 
 log = logging.getLogger("LinFusion")
@@ -109,7 +109,12 @@ def progressive_upscale(model, positive, negative, codec: VaeCodec, samples: tor
                 images.append(image)
             samples = codec.encode(resize_image(image, stage.width, stage.height))
             del image
-        stage_model = with_demofusion(model, samples, stage.ratio, seed + stage.index) if demofusion else model
+        stage_model = model
+        if demofusion:
+            # Dilation = how far this stage is beyond what the model was trained at: its scale over the base,
+            # and at least ceil(long side / native long side) (section 4C, for a large input image).
+            ratio = max(stage.ratio, super_resolution_ratio(stage.width, stage.height, native_long_side(model.model)))
+            stage_model = with_demofusion(model, samples, ratio, seed + stage.index)
         noise = comfy.sample.prepare_noise(samples, seed + stage.index)
         sigmas = stage_sigmas(stage_model, sampler_name, scheduler, base_steps, stage.steps)
         offset = done

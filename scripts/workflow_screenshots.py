@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from comfy_browser import chromium_missing_reason, chromium_page, close_dialogs, comfy_ui_server, load_workflow  # noqa: E402
 
-CANVAS_CLIP = {"x": 60, "y": 70, "width": 1540, "height": 930}   # the graph, without the side and top bars
+CANVAS_CLIP = {"x": 60, "y": 105, "width": 1540, "height": 895}   # the graph, without the side and top bars
 THUMBNAIL_WIDTH = 768
 README_PICTURE = ("1_sd15_txt2img_2048.json", REPO / "docs" / "workflow_sd15_txt2img_2048.png")
 

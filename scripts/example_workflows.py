@@ -206,8 +206,9 @@ def wf_ipadapter(g: UIGraph):
 def wf_lora(g: UIGraph):
     with g.group("1. Models", 0):
         g.note("## LoRA + LinFusion, 2048 x 2048\n\n**Pick your LoRA** in Load LoRA (any SD 1.5 LoRA in "
-               "`models/loras/`). Load the LoRA first, then apply LinFusion: LoRA changes to the UNet and the "
-               "text encoder are kept.\n\n" + LINFUSION_FOLDER_NOTE, title="About this workflow",
+               "`models/loras/`). Load the LoRA first, then apply LinFusion: the LoRA's changes to the text "
+               "encoder and to every UNet layer apply, except the self-attention, which LinFusion replaces by "
+               "its own distilled weights.\n\n" + LINFUSION_FOLDER_NOTE, title="About this workflow",
                width=420, height=420)
         model, clip, vae = checkpoint_and_linfusion(g, SD15_CKPT, LINFUSION_SD15, lora=True)
     with g.group("2. Prompt", 1):

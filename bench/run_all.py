@@ -1,0 +1,136 @@
+"""Run every benchmark in one process inside the real ComfyUI host and write docs/benchmarks.md.
+
+    python3 scripts/comfy_host.py python bench/run_all.py            # full run, ~10-12 min on 2 CPU cores
+    python3 scripts/comfy_host.py python bench/run_all.py --quick    # < 1 min smoke run, output to a temp dir
+
+ComfyUI is booted by tests/comfy_harness.py (ComfyUI's own custom-node loader loads this checkout), so the
+LinFusion nodes and modules measured are the ones a user's ComfyUI runs.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import logging
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+log = logging.getLogger("LinFusion")
+
+SHARED_NOTE = ("The benchmark machine is shared with other jobs (2 cores, several agents): every time is "
+               "the median of the repeats shown as n=..., single runs are marked by the absence of n, and "
+               "ratios compare numbers taken minutes apart in the same run.")
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes only (a smoke run for CI)")
+    p.add_argument("--out", type=Path, help="where benchmarks.md, plots and json go "
+                   "(default: docs/ for a full run, a temporary folder for --quick)")
+    p.add_argument("--max-call-s", type=float, help="skip attn1 calls predicted to take longer")
+    p.add_argument("--max-step-s", type=float, help="skip UNet steps predicted to take longer")
+    p.add_argument("--sections", default="attn1,sd15,sdxl,sampling",
+                   help="comma-separated subset of attn1,sd15,sdxl,sampling")
+    return p.parse_args(argv)
+
+
+def boot_host(model_root: Path):
+    from comfy_harness import get_host
+    return get_host(model_root)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    # ComfyUI's boot chatter stays at WARNING; the benchmark's own progress lines are INFO.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(logging.INFO)
+    quick = args.quick
+    max_call_s = args.max_call_s or (1.5 if quick else 12.0)
+    max_step_s = args.max_step_s or (6.0 if quick else 120.0)
+    sections = set(args.sections.split(","))
+    out_dir = args.out or (Path(tempfile.mkdtemp(prefix="linfusion-bench-")) if quick else REPO / "docs")
+    work = Path(tempfile.mkdtemp(prefix="linfusion-bench-models-"))
+    started = time.time()
+
+    host = boot_host(work)
+    import folder_paths
+    import torch
+
+    from bench import attention_bench, machine, summary, unet_bench, unet_models
+    from bench.linfusion_adapter import linfusion_state_dict, write_hub_folder
+
+    core = importlib.import_module(host.extension_module.__name__ + ".linfusion_core")
+    # The host is booted with --cpu, so the UNet sections always run on the CPU; attn1 uses CUDA if present.
+    attn_device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    cpu = torch.device("cpu")
+    res = {"mode": "quick" if quick else "full", "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "machine": machine.describe(attn_device), "shared_machine_note": SHARED_NOTE,
+           "attn1": [], "steps": [], "sampling": [], "exponents": {}}
+    res["gemm"] = machine.gemm_peak_flops(attn_device, quick=quick)
+    if attn_device.type == "cuda":
+        res["gemm_cpu"] = machine.gemm_peak_flops(cpu, quick=True)
+    cpu_peak = res.get("gemm_cpu", res["gemm"])["peak_flops"]
+    log.info("[LinFusion] bench GEMM peak %.1f GFLOP/s", res["gemm"]["peak_flops"] / 1e9)
+
+    if "attn1" in sections:
+        res["attn1"] = attention_bench.run(core, attn_device, res["gemm"]["peak_flops"], quick=quick,
+                                           max_call_s=max_call_s)
+    folder_paths.add_model_folder_path("linfusion", str(work / "linfusion"))
+
+    def linfusion_name(patcher, family, divisor):
+        config, sd = linfusion_state_dict(patcher, divisor)
+        write_hub_folder(work / "linfusion" / f"bench-{family}", config, sd)
+        listed = host.nodes.NODE_CLASS_MAPPINGS.get("LinFusionLoader")
+        if listed is None:
+            return None
+        names = listed.INPUT_TYPES()["required"]["linfusion_name"][0]
+        return next((n for n in names if f"bench-{family}" in n), None)
+
+    if {"sd15", "sampling"} & sections:
+        patcher = unet_models.build_model_patcher("sd15", cpu)
+        name = linfusion_name(patcher, "sd15", None)
+        sizes = [256, 384] if quick else [512, 768, 1024, 1536, 2048]
+        wanted = ["linfusion", "sdpa"] if quick else ["linfusion", "sdpa", "default", "no_attn1"]
+        models = unet_bench.variants(patcher, name, cpu, wanted)
+        only = {"default": sizes[:1], "no_attn1": [512, 1024]}
+        if "sd15" in sections:
+            res["steps"] += unet_bench.step_sweep(models, "sd15", sizes, cpu, max_step_s=max_step_s,
+                                                  quick=quick, only=only)
+        if "sampling" in sections:
+            px, steps = (256, 2) if quick else (768, 4)
+            res["sampling"] = unet_bench.sampling_run({k: models[k] for k in ("linfusion", "sdpa")},
+                                                      "sd15", px, steps, cpu)
+        del models, patcher
+        gc.collect()
+
+    if "sdxl" in sections and not quick:
+        ok, why = unet_bench.fits_in_memory("sdxl")
+        if ok:
+            patcher = unet_models.build_model_patcher("sdxl", cpu)
+            name = linfusion_name(patcher, "sdxl", 16)
+            models = unet_bench.variants(patcher, name, cpu, ["linfusion", "sdpa"])
+            res["steps"] += unet_bench.step_sweep(models, "sdxl", [512, 1024], cpu,
+                                                  max_step_s=max_step_s, quick=quick)
+            del models, patcher
+            gc.collect()
+        else:
+            res["steps"].append({"family": "sdxl", "pixels": 1024, "variant": "linfusion",
+                                 "skipped": f"not enough memory ({why})"})
+
+    res["elapsed_s"] = time.time() - started
+    summary.finish(res, cpu_peak)
+    command = "python3 scripts/comfy_host.py python bench/run_all.py" + (" --quick" if quick else "")
+    page = summary.write_all(res, out_dir, command)
+    print(summary.console(res))
+    print(f"\nwritten: {page}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -125,6 +125,9 @@ def _one(module, name, x, tokens, last, device, max_call_s, quick, linear, backe
         opts = {"optimized_attention_override": override(backends[name])}
         fn = lambda: module(x, transformer_options=opts)
     big = predicted is not None and predicted > 1.0
-    return measure(fn, device, max_repeats=3 if quick else 5,
-                   budget_s=min(max_call_s, 2.0 if quick else 8.0), warmup=not big)
+    try:
+        return measure(fn, device, max_repeats=3 if quick else 5,
+                       budget_s=min(max_call_s, 2.0 if quick else 8.0), warmup=not big)
+    except torch.OutOfMemoryError as e:
+        return Skipped(f"out of memory ({str(e).splitlines()[0][:80]})")
 

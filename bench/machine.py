@@ -1,8 +1,11 @@
 """What the benchmarks ran on, and the machine's measured matmul throughput (the yardstick for FLOP/s)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
+import subprocess
+from pathlib import Path
 
 import torch
 
@@ -37,6 +40,7 @@ def describe(device: torch.device) -> dict:
         "python": platform.python_version(),
         "os": f"{platform.system()} {platform.release()}",
         "device": str(device),
+        "load average (1 min) at start": f"{os.getloadavg()[0]:.1f}",
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -48,6 +52,23 @@ def describe(device: torch.device) -> dict:
     except ImportError:
         pass
     return info
+
+
+def code_version(repo: Path) -> str:
+    """The git commit of the checkout, else a hash of linfusion_core's sources (what was measured)."""
+    try:
+        rev = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        if rev.returncode == 0:
+            dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "linfusion_core",
+                                    "nodes", "bench"], capture_output=True, text=True, timeout=10).stdout
+            return rev.stdout.strip() + (" + local changes" if dirty.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    digest = hashlib.sha256()
+    for f in sorted((repo / "linfusion_core").glob("*.py")):
+        digest.update(f.read_bytes())
+    return "linfusion_core sha256 " + digest.hexdigest()[:12]
 
 
 def gemm_peak_flops(device: torch.device, dtype=torch.float32, quick: bool = False) -> dict:

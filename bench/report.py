@@ -14,6 +14,8 @@ def _t(row) -> str:
         s = row["median_s"]
         txt = f"{s * 1000:.1f} ms" if s < 1 else f"{s:.2f} s"
         return txt + (f" (n={row['reps']})" if row.get("reps", 1) != 1 else "")
+    if row.get("predicted_s"):
+        return f"skipped (pred. {row['predicted_s']:.0f} s)"
     return f"skipped ({row['skipped']})"
 
 
@@ -113,7 +115,11 @@ def write(res: dict, out_dir: Path, command: str) -> Path:
     lines += ["", "## 4. Sampling through ComfyUI", "", res["notes"]["sampling"], ""]
     lines += ["| variant | px | steps | time |", "|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['pixels']} | {r['steps']} | {_t(r)} |" for r in res["sampling"]]
-    lines += ["", "## Reproduce", "", "```", command, "```", "", res["notes"]["method"], ""]
+    lim = res["limits"]
+    lines += ["", "## Reproduce", "", "```", command, "```", "", res["notes"]["method"],
+              "", f"Limits of this run: an attn1 call predicted to take more than {lim['max_call_s']:.0f} s, "
+              f"or a UNet step more than {lim['max_step_s']:.0f} s, is skipped and shown as "
+              "`skipped (pred. X s)` with its extrapolated time (`--max-call-s`, `--max-step-s`).", ""]
     page = out_dir / "benchmarks.md"
     page.write_text("\n".join(lines))
     return page

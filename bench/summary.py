@@ -21,7 +21,7 @@ NOTES = {
              "1/sqrt(fan_in)). `linfusion` = the MODEL after the extension's Load/Apply LinFusion nodes "
              "(random LinFusion-1-5-shaped weights), attn2 on SDPA; `sdpa` = ComfyUI with PyTorch SDPA; "
              "`default` = ComfyUI's default CPU attention (sub-quadratic), only at the smallest size; "
-             "`no_attn1` = attn1 output zeroed, the floor for any attn1. Softmax sizes past the step "
+             "`no_attn1` = attn1 output zeroed (smallest size only), the floor for any attn1. Softmax sizes past the step "
              "limit are skipped; their `est.` is the measured LinFusion step with each of its attn1 "
              "calls swapped for the measured (or N^2-extrapolated) SDPA attn1 time of section 1."),
     "sdxl": ("SDXL at 2.6 B fp32 parameters needs ~10 GiB for weights alone and each step costs minutes "
@@ -40,7 +40,7 @@ def _row(rows, **kw):
     return next((r for r in rows if all(r.get(k) == v for k, v in kw.items())), None)
 
 
-def finish(res: dict, cpu_peak: float) -> None:
+def finish(res: dict) -> None:
     steps, attn = res["steps"], res["attn1"]
     for r in steps:
         if r["family"] == "sd15" and r["variant"] == "sdpa" and "skipped" in r:
@@ -69,7 +69,7 @@ def headline(res):
         s, _ = _speedup(lin, _row(attn, dim=320, tokens=16384, backend=backend))
         if s:
             lines.append(f"attn1 at N = 16384 (1024 px), C = 320: LinFusion {lin['median_s']:.3f} s, "
-                         f"{s:.1f}x faster than ComfyUI's {backend}.")
+                         f"{_faster(s)} ComfyUI's {backend}.")
     s, _ = _speedup(lin, _row(attn, dim=320, tokens=16384, backend="sdpa"))
     targets.append({"target": "attn1 N=16384, C=320: >= 10x faster than SDPA",
                     "measured": f"{s:.1f}x" if s else "not measured", "met": _met(s, 10)})
@@ -87,10 +87,10 @@ def headline(res):
     if top:
         s, est = _speedup(_row(sd, pixels=top, variant="linfusion"), _row(sd, pixels=top, variant="sdpa"))
         if s:
-            lines.append(f"SD1.5 UNet step at {top} px: LinFusion {s:.1f}x faster than SDPA"
+            lines.append(f"SD1.5 UNet step at {top} px: LinFusion {_faster(s)} SDPA"
                          + (" (SDPA time estimated from its attn1 calls)" if est else "") + ".")
         targets.append({"target": "SD1.5 UNet step at 2048 px: >= 5x faster than SDPA",
-                        "measured": (f"{s:.1f}x at {top} px" + (" (vs est.)" if est else "")) if s else "-",
+                        "measured": (f"{_faster(s)} SDPA at {top} px" + (" (vs est.)" if est else "")) if s else "-",
                         "met": _met(s, 5) if top == 2048 else "-"})
     e = res["exponents"].get("linfusion")
     if e is not None:
@@ -101,6 +101,10 @@ def headline(res):
                     "measured": f"{e:.2f}" if e is not None else "-",
                     "met": _met(-e if e is not None else None, -1.1)})
     return lines, targets
+
+
+def _faster(s: float) -> str:
+    return f"{s:.1f}x faster than" if s >= 1 else f"{1 / s:.1f}x slower than"
 
 
 def _met(value, bar):

@@ -23,6 +23,8 @@ from .unet_models import PARAMS, conditioning
 
 log = logging.getLogger("LinFusion")
 
+WARMUP_PIXELS = 128
+
 
 class NoAttention(torch.nn.Module):
     """attn1 removed: the block adds zero, so everything else of the UNet still runs."""
@@ -86,6 +88,10 @@ def step_sweep(models: dict, family: str, sizes: list[int], device, *, max_step_
     """
     rows = []
     last = {}
+    for model in models.values():
+        # First-call costs (loading, patching, allocator growth) paid at a tiny size, not timed.
+        if model is not None:
+            sample(model, family, WARMUP_PIXELS, 1)
     for pixels in sizes:
         for name, model in models.items():
             row = {"family": family, "pixels": pixels, "variant": name, "batch": 2}
@@ -113,9 +119,8 @@ def _one_step(model, name, family, pixels, last, device, max_step_s, quick, only
         predicted = prev_s * ratio ** (1 if name in ("linfusion", "no_attn1") else 2)
         if predicted > max_step_s:
             return Skipped(f"predicted {predicted:.0f} s > {max_step_s:.0f} s limit", predicted)
-    warm = predicted is None or predicted < 5.0
     return measure(lambda: sample(model, family, pixels, 1), device, max_repeats=3,
-                   budget_s=10.0 if quick else 40.0, warmup=warm)
+                   budget_s=10.0 if quick else 40.0, warmup=False)
 
 
 def fit_exponent(rows: list[dict], variant: str) -> float | None:

@@ -73,12 +73,15 @@ def _quadratic_bytes(tokens: int, heads: int) -> float:
     return 2.0 * BATCH * heads * tokens * tokens * 4
 
 
-def run(core, device: torch.device, gemm_peak: float, *, quick: bool, max_call_s: float,
+def run(core, device: torch.device, remeasure_gemm, *, quick: bool, max_call_s: float,
         dtype=torch.float32) -> list[dict]:
+    """attn1 rows; `remeasure_gemm()` runs before each width, because on a shared machine the GEMM
+    throughput itself drifts and % GEMM is taken against the best of those measurements (summary.py)."""
     rows = []
     widths = [320] if quick else list(WIDTH_TOKENS)
     backends = comfy_backends(device)
     for dim in widths:
+        remeasure_gemm()
         lo, hi = WIDTH_TOKENS[dim]
         tokens_list = [n for n in (QUICK_TOKENS if quick else TOKENS) if lo <= n <= hi]
         modules = {"linfusion": build_linfusion_attention(core, dim, HEADS, None, device, dtype)}
@@ -97,7 +100,6 @@ def run(core, device: torch.device, gemm_peak: float, *, quick: bool, max_call_s
                 row.update(result.as_dict())
                 if not isinstance(result, Skipped):
                     last[name] = (tokens, result.median_s)
-                    row["flop_fraction"] = row["flops"] / result.median_s / gemm_peak
                     row["reps"] = len(result.times_s)
                 rows.append(row)
                 log.info("[LinFusion] bench attn1 C=%d N=%d %s: %s", dim, tokens, name,
@@ -111,8 +113,9 @@ def _one(module, name, x, tokens, last, device, max_call_s, quick, linear, backe
         return Skipped("LinFusion core module not available")
     if name == "basic" and device.type == "cpu":
         need = _quadratic_bytes(tokens, HEADS)
-        if need > 0.25 * psutil.virtual_memory().available:
-            return Skipped(f"N x N scores would need {need / 2**30:.1f} GiB")
+        free = psutil.virtual_memory().available
+        if need > 0.25 * free:
+            return Skipped(f"N x N scores need {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
     predicted = None
     if name in last:
         prev_tokens, prev_s = last[name]

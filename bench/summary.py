@@ -12,7 +12,9 @@ NOTES = {
               "`transformer_options['optimized_attention_override']`) against `LinFusionAttention` "
               "(its own to_q/k/v/out and the two C -> C -> C query/key MLPs of LinFusion-1-5, so it does "
               "about twice the projection FLOPs). FLOP counts: softmax 8NC^2 + 4N^2C, LinFusion 16NC^2 + "
-              "4NCd (per batch item). % GEMM = achieved FLOP/s over the measured GEMM peak. Peak MiB = "
+              "4NCd (per batch item). % GEMM = achieved FLOP/s over the measured GEMM peak (the best of the "
+              "GEMM measurements taken before each width; on a loaded machine the throughput drifts, and a "
+              "value above 100% means the call ran while the machine was quieter than during the GEMM runs). Peak MiB = "
               "growth of the process's resident set during the call (VmHWM) beyond its inputs. A backend "
               "is skipped past the size where its time, extrapolated from its last measurement (N^2 for "
               "softmax), exceeds the per-call limit; `sub_quad` is ComfyUI's default on the CPU."),
@@ -42,6 +44,11 @@ def _row(rows, **kw):
 
 def finish(res: dict) -> None:
     steps, attn = res["steps"], res["attn1"]
+    gemm = res["gemm"]
+    gemm["peak_flops"] = max(gemm.get("samples") or [gemm["peak_flops"]])
+    for r in attn:
+        if "median_s" in r:
+            r["flop_fraction"] = r["flops"] / r["median_s"] / gemm["peak_flops"]
     for r in steps:
         if r["family"] == "sd15" and r["variant"] == "sdpa" and "skipped" in r:
             est = estimate_from_attn1(steps, attn, "sd15", r["pixels"], attn1_levels("sd15", r["pixels"]))

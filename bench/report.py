@@ -112,7 +112,16 @@ def write(res: dict, out_dir: Path, command: str) -> Path:
     lines += step_table(res["steps"], "sd15")
     lines += ["", "Fitted exponent of step time vs pixel count (1 = linear): " +
               ", ".join(f"{k} {v:.2f}" for k, v in res["exponents"].items() if v is not None), ""]
-    lines += ["## 3. SDXL UNet step (2.6 B params, fp32, batch 2)", "", res["notes"]["sdxl"], ""]
+    lines += ["### Component model for sizes too slow to run here", "", res["notes"]["model"], "",
+              "| px | LinFusion model | LinFusion measured | SDPA model | SDPA measured | model ours/SDPA |",
+              "|---|---|---|---|---|---|"]
+    fmt = lambda v: f"{v:.0f} s" if v else "-"
+    for r in res.get("component_model", []):
+        ratio = (f"{r['linfusion'] / r['sdpa']:.3f} ({r['sdpa'] / r['linfusion']:.1f}x faster)"
+                 if r["linfusion"] and r["sdpa"] else "-")
+        lines.append(f"| {r['pixels']} | {fmt(r['linfusion'])} | {fmt(r['linfusion_measured'])} | "
+                     f"{fmt(r['sdpa'])} | {fmt(r['sdpa_measured'])} | {ratio} |")
+    lines += ["", "## 3. SDXL UNet step (2.6 B params, fp32, batch 2)", "", res["notes"]["sdxl"], ""]
     lines += step_table(res["steps"], "sdxl")
     lines += ["", "## 4. Sampling through ComfyUI", "", res["notes"]["sampling"], ""]
     lines += ["| variant | px | steps | time |", "|---|---|---|---|"]

@@ -89,9 +89,9 @@ def write(res: dict, out_dir: Path, command: str) -> Path:
     lines = [
         "# Benchmarks: LinFusion attention vs ComfyUI's attention backends",
         "",
-        f"Produced by one run of `{command}` on {res['started']} ({res['mode']} mode, "
+        f"Produced on {res['started']} by the command(s) under Reproduce ({res['mode']} mode, "
         f"{res['elapsed_s'] / 60:.1f} min). Every number on this page comes from that run; "
-        "`benchmarks.json` beside it holds the raw timings.",
+        "`benchmarks.json` beside it holds the raw timings." + (f" {res['runs_note']}" if res.get("runs_note") else ""),
         "",
         "## Machine",
         "",

@@ -49,6 +49,7 @@ def parse(argv):
     p.add_argument("--sampling", type=_ints, help="px,steps of the sampling run (default 768,4)")
     p.add_argument("--label", help="what code was measured, when the checkout is not a git repository")
     p.add_argument("--from-json", type=Path, help="only rebuild the page and plots from a benchmarks.json")
+    p.add_argument("--variants", help="subset of linfusion,sdpa,no_attn1,default for the SD1.5 steps")
     p.add_argument("--sections", default="attn1,sd15,sdxl,sampling",
                    help="comma-separated subset of attn1,sd15,sdxl,sampling")
     return p.parse_args(argv)
@@ -136,13 +137,14 @@ def main(argv=None) -> int:
         patcher = unet_models.build_model_patcher("sd15", cpu)
         name = linfusion_name(patcher, "sd15", None)
         sizes = args.sd15_sizes or ([256, 384] if quick else [512, 768, 1024, 1536, 2048])
-        wanted = ["linfusion", "sdpa"] if quick else ["linfusion", "sdpa", "default", "no_attn1"]
+        wanted = ["linfusion", "sdpa"] if quick else ["linfusion", "sdpa", "no_attn1", "default"]
+        if args.variants:
+            wanted = [v for v in wanted if v in args.variants.split(",")]
         models = unet_bench.variants(patcher, name, cpu, wanted)
         only = {"default": sizes[:1], "no_attn1": sizes[:1]}
         if "sd15" in sections:
-            res["steps"] += unet_bench.step_sweep(models, "sd15", sizes, cpu, max_step_s=max_step_s,
-                                                  quick=quick, only=only)
-            checkpoint()
+            unet_bench.step_sweep(models, "sd15", sizes, cpu, max_step_s=max_step_s, quick=quick, only=only,
+                                  on_row=lambda row: (res["steps"].append(row), checkpoint()))
         if "sampling" in sections:
             px, steps = args.sampling or ((256, 2) if quick else (768, 4))
             res["sampling"] = unet_bench.sampling_run({k: models[k] for k in ("linfusion", "sdpa")},

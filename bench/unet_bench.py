@@ -81,7 +81,7 @@ def fits_in_memory(family: str) -> tuple[bool, str]:
 
 
 def step_sweep(models: dict, family: str, sizes: list[int], device, *, max_step_s: float,
-               quick: bool, only: dict | None = None) -> list[dict]:
+               quick: bool, only: dict | None = None, on_row=None) -> list[dict]:
     """Median time of one UNet step per (variant, size); sizes past the time limit are skipped.
 
     `only` limits a variant to some sizes (e.g. ComfyUI's sub-quadratic default at the smallest).
@@ -101,6 +101,8 @@ def step_sweep(models: dict, family: str, sizes: list[int], device, *, max_step_
                 last[name] = (pixels, result.median_s)
                 row["reps"] = len(result.times_s)
             rows.append(row)
+            if on_row is not None:
+                on_row(row)
             log.info("[LinFusion] bench %s step %d px %s: %s", family, pixels, name,
                      row.get("skipped") or f"{row['median_s']:.2f} s")
     return rows

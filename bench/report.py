@@ -124,8 +124,11 @@ def write(res: dict, out_dir: Path, command: str) -> Path:
     lines += ["", "## 3. SDXL UNet step (2.6 B params, fp32, batch 2)", "", res["notes"]["sdxl"], ""]
     lines += step_table(res["steps"], "sdxl")
     lines += ["", "## 4. Sampling through ComfyUI", "", res["notes"]["sampling"], ""]
-    lines += ["| variant | px | steps | time |", "|---|---|---|---|"]
-    lines += [f"| {r['variant']} | {r['pixels']} | {r['steps']} | {_t(r)} |" for r in res["sampling"]]
+    if res["sampling"]:
+        lines += ["| variant | px | steps | time |", "|---|---|---|---|"]
+        lines += [f"| {r['variant']} | {r['pixels']} | {r['steps']} | {_t(r)} |" for r in res["sampling"]]
+    else:
+        lines += ["Not part of the run this page comes from (`--sections`)."]
     lim = res["limits"]
     lines += ["", "## Reproduce", "", "```", command, "```", "", res["notes"]["method"],
               "", f"Limits of this run: an attn1 call predicted to take more than {lim['max_call_s']:.0f} s, "

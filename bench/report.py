@@ -150,6 +150,7 @@ def plot(res: dict, out_dir: Path) -> list[str]:
     rows = res["attn1"]
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
     styles = {320: "-", 640: "--", 1280: ":"}
+    colors = {}
     for dim in sorted({r["dim"] for r in rows}):
         for backend in dict.fromkeys(r["backend"] for r in rows):
             pts = sorted((r["tokens"], r["median_s"], r.get("peak_extra_bytes")) for r in rows
@@ -157,9 +158,12 @@ def plot(res: dict, out_dir: Path) -> list[str]:
             if len(pts) < 2:
                 continue
             label = f"{backend} C={dim}"
-            ax_t.loglog([p[0] for p in pts], [p[1] for p in pts], styles.get(dim, "-"), marker="o", label=label)
+            color = colors.setdefault(backend, f"C{len(colors)}")      # one colour a backend, one dash a width
+            ax_t.loglog([p[0] for p in pts], [p[1] for p in pts], styles.get(dim, "-"), marker="o", label=label,
+                        color=color)
             if dim == 320 and all(p[2] is not None for p in pts):
-                ax_m.loglog([p[0] for p in pts], [max(p[2], 1) / MiB for p in pts], marker="o", label=label)
+                ax_m.loglog([p[0] for p in pts], [max(p[2], 1) / MiB for p in pts], marker="o", label=label,
+                            color=color)
     ax_t.set(xlabel="tokens N", ylabel="seconds per attn1 call", title="attn1 time (batch 2)")
     ax_m.set(xlabel="tokens N", ylabel="peak extra MiB", title="attn1 peak extra memory, C=320")
     for ax in (ax_t, ax_m):

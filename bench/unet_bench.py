@@ -112,7 +112,7 @@ def _one_step(model, name, family, pixels, last, device, max_step_s, quick, only
     if model is None:
         return Skipped("LinFusion nodes not available")
     if only and name in only and pixels not in only[name]:
-        return Skipped("not run at this size (too slow to matter)")
+        return Skipped("only run at the smallest size, to save time")
     predicted = None
     if name in last:
         prev_px, prev_s = last[name]

@@ -143,9 +143,9 @@ def test_hybrid_threshold_keeps_softmax_on_small_levels(core, sd15):
 def test_highest_resolution_only(core, sd15):
     base, weights = sd15
     patched, info = core.patch.apply_linfusion(base, weights, blocks="highest resolution only")
-    assert "3 of 7" in info                        # the 320-channel level: input 1, output 2 and 3
+    assert "3 of 7" in info                        # the 64-channel level: input 1, output 2 and 3
     install = core.patch.linfusion_install(patched)
-    assert {p.site.dim for p in install.placements} == {320}
+    assert {p.site.dim for p in install.placements} == {64}
 
 
 def test_fifty_apply_sample_unpatch_cycles_do_not_grow_memory(core, sd15):

@@ -1,6 +1,7 @@
 """LinFusion through ComfyUI's executor on the fixture checkpoint: toggling across prompts, and composing
 with the core nodes users chain with it (LoRA, ControlNet, FreeU, Deep Shrink, SAG, PAG, HyperTile)."""
 import gc
+import itertools
 import logging
 
 import pytest
@@ -45,8 +46,16 @@ def graph(fixtures, *, linfusion=True, lora=False, extra_model=(), controlnet=Fa
     return p
 
 
+_captures = itertools.count()
+
+
 def latent(host, prompt):
-    return host.run(prompt).captured["out"]["samples"]
+    """The sampled latent. The capture node gets a new id each call: when ComfyUI's cache already holds the
+    sampler's output for an identical graph, a new output node still receives it."""
+    prompt = dict(prompt)
+    out_id = f"out{next(_captures)}"
+    prompt[out_id] = prompt.pop("out")
+    return host.run(prompt).captured[out_id]["samples"]
 
 
 def fresh(host, prompt):
@@ -133,7 +142,7 @@ def test_checkpoint_loader_with_auto_linfusion_equals_the_two_node_chain(host, f
     one_node["info"] = {"class_type": "LinFusionTest_Capture", "inputs": {"value": ["ckpt", 3]}}
     result = host.run(one_node)
     assert "linfusion_test_sd15" in result.captured["info"] and "SD1.x" in result.captured["info"]
-    assert torch.equal(result.captured["out"]["samples"], expected)
+    assert torch.equal(result.captured["out"]["samples"], expected)   # a new graph: every node ran
 
 
 def test_hypertile_is_exact_under_linfusion(host, fixtures):

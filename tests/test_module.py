@@ -118,4 +118,4 @@ def test_queries_folded_into_batch_attend_to_their_images_state(core):
         tiled = module(tiles, context=x, value=x).reshape(2, 64, 64)
     assert (tiled - whole).abs().max().item() <= 1e-5
     with pytest.raises(ValueError, match="cannot be grouped"):
-        module(x[:, :5].repeat(3, 1, 1), context=x, value=x)
+        module(x[:1, :5].repeat(3, 1, 1), context=x, value=x)   # 3 query rows, 2 images

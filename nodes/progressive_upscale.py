@@ -1,0 +1,98 @@
+"""LinFusion Progressive Upscale: the paper's x2-per-stage SDEdit ladder as one node (engine in
+linfusion_core.progressive_upscale; stage arithmetic in linfusion_core.highres_schedule)."""
+import comfy.samplers
+
+from ..linfusion_core.highres_schedule import PAPER_BASE_STEPS, parse_strengths, plan_stages
+from ..linfusion_core.progressive_upscale import VaeCodec, progressive_upscale
+
+
+class LinFusionProgressiveUpscale:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The model that refines every stage (LinFusion applied or not; "
+                                               "LoRA, ControlNet and other patches apply to every stage)."}),
+                "positive": ("CONDITIONING", {"tooltip": "Positive conditioning for every stage. A ControlNet hint "
+                                                         "in it is resized by ComfyUI to each stage's size."}),
+                "negative": ("CONDITIONING", {"tooltip": "Negative conditioning for every stage."}),
+                "vae": ("VAE", {"tooltip": "VAE used to decode, upscale in pixel space and encode between stages."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
+                                 "tooltip": "Seed of the noise; stage s uses seed + s."}),
+                "stages": ("INT", {"default": 4, "min": 1, "max": 8,
+                                   "tooltip": "Number of x2 stages (4: 1024x512 -> 16384x8192). Ignored when a "
+                                              "target width and height are given."}),
+                "target_width": ("INT", {"default": 0, "min": 0, "max": 32768, "step": 8,
+                                         "tooltip": "Final width in pixels (0: use 'stages'). Stages double until "
+                                                    "the last, which lands on the target."}),
+                "target_height": ("INT", {"default": 0, "min": 0, "max": 32768, "step": 8,
+                                          "tooltip": "Final height in pixels (0: use 'stages')."}),
+                "ladder": (["sd15", "sdxl"], {"tooltip": "Default strengths: 'sd15' 0.4/0.3/0.2/0.1 (paper's 16K "
+                                                         "SD 1.5 ladder), 'sdxl' linspace(0.32, 0) "
+                                                         "(0.32/0.24/0.16/0.08 for 4 stages)."}),
+                "strengths": ("STRING", {"default": "", "tooltip": "Comma-separated strength per stage, e.g. "
+                                                                  "'0.4, 0.3'. Empty: the ladder's defaults."}),
+                "base_steps": ("INT", {"default": PAPER_BASE_STEPS, "min": 1, "max": 1000,
+                                       "tooltip": "Steps of a full denoise; a stage runs ceil(base_steps * strength) "
+                                                  "of them (the last ones of the schedule)."}),
+                "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                                  "tooltip": "Classifier-free guidance scale (paper: 7.5 SD 1.5, 5-7.5 SDXL)."}),
+                "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"tooltip": "Sampler of every stage."}),
+                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"tooltip": "Noise schedule of every stage."}),
+                "upscale_in": (["pixels", "latent"], {"tooltip": "'pixels': VAE decode, bicubic x2, VAE encode "
+                                                               "(the paper's). 'latent': bicubic on the latent "
+                                                               "(no VAE round trip, softer)."}),
+                "demofusion": ("BOOLEAN", {"default": False,
+                                           "tooltip": "Refine each stage DemoFusion-style (skip residual to the "
+                                                      "upscaled latent + dilated-conv branch), the paper's SDXL recipe."}),
+                "anchor_stats": ("BOOLEAN", {"default": False,
+                                             "tooltip": "Re-normalise the final latent to the base latent's "
+                                                        "per-channel mean/std (paper's SDXL recipe, against colour drift)."}),
+                "vae_tile_size": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 64,
+                                          "tooltip": "0: untiled VAE. Otherwise tile size in pixels for VAE decode "
+                                                     "and encode (the paper tiles from 4K on)."}),
+                "return_stage_images": ("BOOLEAN", {"default": False,
+                                                    "tooltip": "Also output the decoded image of the base and every "
+                                                               "stage (costs one extra decode and memory)."}),
+            },
+            "optional": {
+                "latent": ("LATENT", {"tooltip": "The base stage latent (e.g. a 1024x512 txt2img result)."}),
+                "image": ("IMAGE", {"tooltip": "Or a base image to upscale (encoded with the VAE first)."}),
+            },
+        }
+
+    RETURN_TYPES = ("LATENT", "IMAGE")
+    RETURN_NAMES = ("latent", "stage_images")
+    OUTPUT_IS_LIST = (False, True)
+    OUTPUT_TOOLTIPS = ("The latent of the last stage.", "Decoded base and stage images (empty unless asked).")
+    FUNCTION = "upscale"
+    CATEGORY = "LinFusion/high-res"
+    DESCRIPTION = "Progressive x2 upscale with img2img per stage (SDEdit ladder of the LinFusion paper, up to 16K)."
+
+    def upscale(self, model, positive, negative, vae, seed, stages, target_width, target_height, ladder, strengths,
+                base_steps, cfg, sampler_name, scheduler, upscale_in, demofusion, anchor_stats, vae_tile_size,
+                return_stage_images, latent=None, image=None):
+        codec = VaeCodec(vae, vae_tile_size)
+        if latent is not None:
+            samples = latent["samples"]
+        elif image is not None:
+            samples = codec.encode(image)
+        else:
+            raise ValueError("LinFusion Progressive Upscale needs a 'latent' or an 'image' input")
+        grid = 8
+        base_w, base_h = samples.shape[-1] * grid, samples.shape[-2] * grid
+        target = (target_width, target_height) if target_width > 0 and target_height > 0 else None
+        if (target_width > 0) != (target_height > 0):
+            raise ValueError("give both target_width and target_height, or neither (then 'stages' counts)")
+        plan = plan_stages(base_w, base_h, num_stages=None if target else stages, target=target, ladder=ladder,
+                           strengths=parse_strengths(strengths), base_steps=base_steps, grid=grid)
+        out, images = progressive_upscale(model, positive, negative, codec, samples, plan, seed=seed, cfg=cfg,
+                                          sampler_name=sampler_name, scheduler=scheduler, base_steps=base_steps,
+                                          latent_upscale=upscale_in == "latent", demofusion=demofusion,
+                                          anchor_stats=anchor_stats, keep_images=return_stage_images)
+        result = {"samples": out}
+        return (result, images)
+
+
+NODE_CLASS_MAPPINGS = {"LinFusionProgressiveUpscale": LinFusionProgressiveUpscale}
+NODE_DISPLAY_NAME_MAPPINGS = {"LinFusionProgressiveUpscale": "LinFusion Progressive Upscale (SDEdit ladder)"}

@@ -1,0 +1,148 @@
+"""The progressive upscale node: stage sizes and sigmas, one progress bar, interruption, LoRA and ControlNet in
+every stage."""
+import importlib
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def hm(host):
+    import highres_models
+    return highres_models
+
+
+@pytest.fixture(scope="module")
+def pu(core):
+    return importlib.import_module(core.__name__ + ".progressive_upscale")
+
+
+@pytest.fixture(scope="module")
+def vae(hm):
+    return hm.tiny_vae()
+
+
+def run_node(model, vae, hm, latent, positive=None, negative=None, **overrides):
+    import nodes
+    args = dict(seed=1, stages=2, target_width=0, target_height=0, ladder="sd15", strengths="", base_steps=10,
+                cfg=5.0, sampler_name="euler", scheduler="normal", upscale_in="pixels", demofusion=False,
+                anchor_stats=False, vae_tile_size=0, return_stage_images=False)
+    args.update(overrides)
+    return nodes.NODE_CLASS_MAPPINGS["LinFusionProgressiveUpscale"]().upscale(
+        model, positive or hm.conditioning(10), negative or hm.conditioning(11), vae, latent={"samples": latent},
+        **args)
+
+
+def recording_wrapper(log):
+    def wrapper(executor, x, t, *args, **kwargs):
+        log.append((tuple(x.shape[-2:]), float(t[0])))
+        return executor(x, t, *args, **kwargs)
+    return wrapper
+
+
+def test_ladder_sizes_sigmas_and_one_progress_bar(host, hm, vae, pu):
+    import comfy.patcher_extension
+
+    model = hm.unet_patcher(seed=30).clone()
+    calls = []
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test", recording_wrapper(calls))
+    host.progress = []
+    latent = torch.randn(1, 4, 8, 12) * 0.5  # 96 x 64 px
+    out, images = run_node(model, vae, hm, latent, return_stage_images=True)
+    assert out["samples"].shape == (1, 4, 32, 48)
+    assert [tuple(i.shape[1:3]) for i in images] == [(64, 96), (128, 192), (256, 384)]
+    # sd15 ladder at base_steps 10: strengths 0.4 / 0.3 -> 4 + 3 steps, the last ones of the 10-step schedule.
+    full = pu.stage_sigmas(model, "euler", "normal", 10, 10)
+    assert [c[0] for c in calls] == [(16, 24)] * 4 + [(32, 48)] * 3
+    assert [c[1] for c in calls] == pytest.approx(full[-5:-1].tolist() + full[-4:-1].tolist(), rel=1e-5)
+    values = [v for _, v, total in host.progress if total == 7]
+    assert values and values == sorted(values) and values[-1] == 7
+    assert all(total == 7 for _, _, total in host.progress), "more than one progress bar"
+
+
+def test_target_size_odd_aspect_and_latent_upscale(hm, vae):
+    model = hm.unet_patcher(seed=31)
+    latent = torch.randn(1, 4, 8, 12) * 0.5  # 96 x 64 px -> 200 x 136 px
+    out, images = run_node(model, vae, hm, latent, target_width=200, target_height=136, ladder="sdxl",
+                           upscale_in="latent", anchor_stats=True, base_steps=6)
+    assert images == []
+    samples = out["samples"]
+    assert samples.shape == (1, 4, 17, 25)
+    # anchor_stats: the final latent carries the base latent's per-channel mean/std.
+    assert torch.allclose(samples.mean(dim=(2, 3)), latent.mean(dim=(2, 3)), atol=1e-4)
+    assert torch.allclose(samples.std(dim=(2, 3), unbiased=False), latent.std(dim=(2, 3), unbiased=False), atol=1e-4)
+    with pytest.raises(ValueError, match="both target_width and target_height"):
+        run_node(model, vae, hm, latent, target_width=200)
+    with pytest.raises(ValueError, match="give the strengths explicitly"):
+        run_node(model, vae, hm, latent, stages=5)
+
+
+def test_interruption_mid_stage_leaves_no_patched_state(hm, vae):
+    import comfy.model_management
+    import comfy.patcher_extension
+
+    base = hm.unet_patcher(seed=32)
+    before = hm.model_state(base)
+    model = base.clone()
+    calls = []
+
+    def cancel_in_stage_two(executor, x, t, *args, **kwargs):
+        calls.append(tuple(x.shape[-2:]))
+        if x.shape[-1] == 48 and calls.count((32, 48)) == 1:
+            comfy.model_management.interrupt_current_processing(True)  # the user presses cancel
+        return executor(x, t, *args, **kwargs)
+
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test", cancel_in_stage_two)
+    wrappers_before = {k: {kk: list(vv) for kk, vv in v.items()} for k, v in model.wrappers.items()}
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            run_node(model, vae, hm, torch.randn(1, 4, 8, 12) * 0.5, demofusion=True)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    # This wrapper sits outside DemoFusion's (added first): one call per step. The cancel comes in the first
+    # step of stage 2, and DemoFusion's check before its dilated branch stops it right there.
+    assert calls == [(16, 24)] * 4 + [(32, 48)], "stage 2 went on after the interruption"
+    assert model.wrappers == wrappers_before, "the per-stage DemoFusion patch leaked into the input MODEL"
+    hm.assert_same_state(before, hm.model_state(base))
+
+
+def test_lora_applies_in_every_stage(hm, vae):
+    import comfy.sd
+
+    model = hm.unet_patcher(seed=33)
+    target = model.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn2.to_q
+    g = torch.Generator().manual_seed(5)
+    up, down = torch.randn(32, 4, generator=g), torch.randn(4, 32, generator=g)
+    key = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_q"
+    lora = {f"{key}.lora_up.weight": up, f"{key}.lora_down.weight": down, f"{key}.alpha": torch.tensor(4.0)}
+    lora_model, _ = comfy.sd.load_lora_for_models(model, None, lora, 0.5, 0.0)
+    expected = target.weight.detach().clone() + 0.5 * (up @ down)
+    seen = []
+    handle = target.register_forward_pre_hook(
+        lambda m, a: seen.append((a[0].shape[1], torch.allclose(m.weight, expected, atol=1e-6))))
+    try:
+        run_node(lora_model, vae, hm, torch.randn(1, 4, 8, 12) * 0.5)
+    finally:
+        handle.remove()
+    assert {tokens for tokens, _ in seen} == {16 * 24, 32 * 48}, "not every stage ran"
+    assert all(ok for _, ok in seen), "a stage ran without the LoRA"
+
+
+def test_controlnet_hint_is_resized_per_stage(hm, vae):
+    import nodes
+
+    model = hm.unet_patcher(seed=34)
+    control = hm.tiny_controlnet(seed=35)
+    hint = torch.rand(1, 64, 96, 3, generator=torch.Generator().manual_seed(6))
+    pos, neg = nodes.ControlNetApplyAdvanced().apply_controlnet(hm.conditioning(10), hm.conditioning(11), control,
+                                                                 hint, 1.0, 0.0, 1.0)
+    hints = []
+    handle = control.control_model.register_forward_pre_hook(
+        lambda m, a, kw: hints.append((tuple(kw["x"].shape[-2:]), tuple(kw["hint"].shape[-2:]))), with_kwargs=True)
+    try:
+        out = run_node(model, vae, hm, torch.randn(1, 4, 8, 12) * 0.5, positive=pos, negative=neg)[0]["samples"]
+    finally:
+        handle.remove()
+    assert hints == [((16, 24), (128, 192))] * 4 + [((32, 48), (256, 384))] * 3
+    plain = run_node(model, vae, hm, torch.randn(1, 4, 8, 12) * 0.5)[0]["samples"]
+    assert not torch.allclose(out, plain, atol=1e-3)

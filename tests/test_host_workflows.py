@@ -1,0 +1,156 @@
+"""LinFusion through ComfyUI's executor on the fixture checkpoint: toggling across prompts, and composing
+with the core nodes users chain with it (LoRA, ControlNet, FreeU, Deep Shrink, SAG, PAG, HyperTile)."""
+import gc
+import itertools
+import logging
+
+import pytest
+import torch
+
+
+def graph(fixtures, *, linfusion=True, lora=False, extra_model=(), controlnet=False, batch=1, seed=0, cfg=5.0,
+          min_tokens=0):
+    """checkpoint -> [LoRA] -> [Apply LinFusion] -> [model patches] -> KSampler (64 px, 2 steps) -> capture."""
+    p = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": fixtures.checkpoint["sd15"]}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse", "clip": ["ckpt", 1]}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": batch}},
+    }
+    model, pos, neg = ["ckpt", 0], ["pos", 0], ["neg", 0]
+    if lora:
+        p["lora"] = {"class_type": "LoraLoader", "inputs": {"model": model, "clip": ["ckpt", 1],
+                                                            "lora_name": fixtures.lora_sd15, "strength_model": 1.0,
+                                                            "strength_clip": 1.0}}
+        model = ["lora", 0]
+    if linfusion:
+        p["lf"] = {"class_type": "LinFusionLoader", "inputs": {"linfusion_name": fixtures.linfusion_folder["sd15"]}}
+        p["apply"] = {"class_type": "ApplyLinFusion", "inputs": {"model": model, "linfusion": ["lf", 0],
+                                                                "blocks": "all", "min_tokens": min_tokens}}
+        model = ["apply", 0]
+    for i, (class_type, inputs) in enumerate(extra_model):
+        p[f"patch{i}"] = {"class_type": class_type, "inputs": {"model": model, **inputs}}
+        model = [f"patch{i}", 0]
+    if controlnet:
+        p["cn"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": fixtures.controlnet_sd15}}
+        p["hint"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1,
+                                                            "color": 0x808080}}
+        p["cna"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+            "positive": pos, "negative": neg, "control_net": ["cn", 0], "image": ["hint", 0], "strength": 1.0,
+            "start_percent": 0.0, "end_percent": 1.0}}
+        pos, neg = ["cna", 0], ["cna", 1]
+    p["ks"] = {"class_type": "KSampler", "inputs": {"model": model, "seed": seed, "steps": 2, "cfg": cfg,
+                                                    "sampler_name": "euler", "scheduler": "normal", "positive": pos,
+                                                    "negative": neg, "latent_image": ["latent", 0], "denoise": 1.0}}
+    p["out"] = {"class_type": "LinFusionTest_Capture", "inputs": {"value": ["ks", 0]}}
+    return p
+
+
+_captures = itertools.count()
+
+
+def latent(host, prompt):
+    """The sampled latent. The capture node gets a new id each call: when ComfyUI's cache already holds the
+    sampler's output for an identical graph, a new output node still receives it."""
+    prompt = dict(prompt)
+    out_id = f"out{next(_captures)}"
+    prompt[out_id] = prompt.pop("out")
+    return host.run(prompt).captured[out_id]["samples"]
+
+
+def fresh(host, prompt):
+    """As after a restart: no cached node outputs, no loaded models."""
+    import comfy.model_management
+    host.reset_cache()
+    comfy.model_management.unload_all_models()
+    gc.collect()
+    return latent(host, prompt)
+
+
+def test_toggling_linfusion_and_lora_across_prompts_equals_fresh_runs(host, fixtures):
+    """The object-patch trap, at the prompt level: the same cached checkpoint, LinFusion on/off and LoRA
+    on/off in alternation; every result must equal the same graph run fresh."""
+    variants = {"plain": dict(linfusion=False), "lf": dict(linfusion=True),
+                "plain_lora": dict(linfusion=False, lora=True), "lf_lora": dict(linfusion=True, lora=True)}
+    expected = {name: fresh(host, graph(fixtures, **kw)) for name, kw in variants.items()}
+    host.reset_cache()
+    for name in ["plain", "lf", "plain", "lf_lora", "plain_lora", "lf", "lf_lora", "plain"]:
+        got = latent(host, graph(fixtures, **variants[name]))
+        assert torch.equal(got, expected[name]), f"{name} differs from a fresh run after toggling"
+    assert not torch.equal(expected["plain"], expected["lf"])
+    assert not torch.equal(expected["lf"], expected["lf_lora"])   # LoRA still reaches attn2/FF under LinFusion
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("controlnet", dict(controlnet=True)),
+    ("freeu", dict(extra_model=[("FreeU_V2", {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2})])),
+    ("deep_shrink", dict(extra_model=[("PatchModelAddDownscale", {
+        "block_number": 3, "downscale_factor": 2.0, "start_percent": 0.0, "end_percent": 0.35,
+        "downscale_after_skip": True, "downscale_method": "bicubic", "upscale_method": "bicubic"})])),
+    ("pag", dict(extra_model=[("PerturbedAttentionGuidance", {"scale": 3.0})])),
+    ("batch_2", dict(batch=2)),
+    ("cfg_1", dict(cfg=1.0)),
+])
+def test_composes_with_core_nodes(host, fixtures, name, kw):
+    with_lf = latent(host, graph(fixtures, linfusion=True, **kw))
+    without = latent(host, graph(fixtures, linfusion=False, **kw))
+    assert torch.isfinite(with_lf).all()
+    assert with_lf.shape == without.shape
+    assert (with_lf - without).abs().max().item() > 1e-3, "LinFusion was not active in this chain"
+
+
+def test_self_attention_guidance_runs_and_says_where_linfusion_is_bypassed(host, fixtures, caplog):
+    """SAG needs softmax attention maps: it replaces attn1 on the middle block. Pinned behaviour: no crash,
+    SAG keeps its softmax attention there (base weights), LinFusion runs everywhere else, and a warning
+    says so."""
+    sag = [("SelfAttentionGuidance", {"scale": 0.5, "blur_sigma": 2.0})]
+    with caplog.at_level(logging.WARNING, logger="LinFusion"):
+        with_lf = latent(host, graph(fixtures, linfusion=True, extra_model=sag))
+    without = latent(host, graph(fixtures, linfusion=False, extra_model=sag))
+    assert torch.isfinite(with_lf).all()
+    assert (with_lf - without).abs().max().item() > 1e-3
+    assert any("replaces attn1 on blocks" in r.getMessage() for r in caplog.records)
+
+
+def test_lora_on_attn1_is_reported_unused(host, fixtures, caplog):
+    with caplog.at_level(logging.WARNING, logger="LinFusion"):
+        latent(host, graph(fixtures, linfusion=True, lora=True, seed=5))
+    assert any("LoRA/weight patches target self-attention" in r.getMessage() for r in caplog.records)
+
+
+def test_wrong_family_error_reaches_the_user(host, fixtures):
+    prompt = graph(fixtures, linfusion=True)
+    prompt["lf"]["inputs"]["linfusion_name"] = fixtures.linfusion_folder["sd21"]
+    err = host.run(prompt, expect_error=True)
+    message = str(err)
+    assert fixtures.linfusion_folder["sd21"] in message and "SD2.x" in message and "SD1.x" in message
+
+
+def test_apply_node_reports_what_it_did(host, fixtures):
+    prompt = graph(fixtures, linfusion=True)
+    prompt["info"] = {"class_type": "LinFusionTest_Capture", "inputs": {"value": ["apply", 1]}}
+    info = host.run(prompt).captured["info"]
+    assert "SD1.x" in info and "7 of 7 self-attention modules patched" in info
+
+
+def test_checkpoint_loader_with_auto_linfusion_equals_the_two_node_chain(host, fixtures):
+    chain = graph(fixtures, linfusion=True)
+    expected = latent(host, chain)
+    one_node = graph(fixtures, linfusion=False)
+    one_node["ckpt"] = {"class_type": "CheckpointLoaderLinFusion",
+                        "inputs": {"ckpt_name": fixtures.checkpoint["sd15"], "linfusion_name": "auto (match the checkpoint)"}}
+    one_node["info"] = {"class_type": "LinFusionTest_Capture", "inputs": {"value": ["ckpt", 3]}}
+    result = host.run(one_node)
+    assert "linfusion_test_sd15" in result.captured["info"] and "SD1.x" in result.captured["info"]
+    assert torch.equal(result.captured["out"]["samples"], expected)   # a new graph: every node ran
+
+
+def test_hypertile_is_exact_under_linfusion(host, fixtures):
+    """HyperTile tiles attn1 queries to cut softmax cost. Linear attention reads only a global state per
+    image, so under LinFusion every tile gets its image's whole state: the result equals LinFusion alone."""
+    hypertile = [("HyperTile", {"tile_size": 32, "swap_size": 1, "max_depth": 0, "scale_depth": False})]
+    tiled = latent(host, graph(fixtures, linfusion=True, extra_model=hypertile))
+    alone = latent(host, graph(fixtures, linfusion=True))
+    softmax_tiled = latent(host, graph(fixtures, linfusion=False, extra_model=hypertile))
+    torch.testing.assert_close(tiled, alone, rtol=1e-4, atol=1e-4)
+    assert (tiled - softmax_tiled).abs().max().item() > 1e-3

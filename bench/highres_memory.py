@@ -47,6 +47,12 @@ def reset_peak(device) -> int:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated()
+    # Give freed heap back to the OS first: otherwise a run can grow into memory an earlier run left resident
+    # and show (almost) no growth at all.
+    import ctypes
+    import gc
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     return read_status("VmRSS")
 

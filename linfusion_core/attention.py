@@ -73,6 +73,12 @@ class LinearAttentionState:
 
     __add__ = merge
 
+    def repeat_interleave(self, repeats: int) -> "LinearAttentionState":
+        """One copy per query group: HyperTile folds tiles into the batch ((b tiles) x n x C) while its keys
+        stay per image; every tile of an image then attends to that image's whole-canvas state."""
+        return LinearAttentionState(self.kv_sum.repeat_interleave(repeats, dim=0),
+                                    self.k_sum.repeat_interleave(repeats, dim=0), self.count)
+
     def to(self, device) -> "LinearAttentionState":
         return LinearAttentionState(self.kv_sum.to(device), self.k_sum.to(device), self.count)
 
@@ -110,18 +116,18 @@ def apply_linear_attention_state(q: torch.Tensor, state: LinearAttentionState, h
     if state.kv_sum.shape[:2] != (b, heads):
         raise ValueError(f"state for batch x heads {tuple(state.kv_sum.shape[:2])} does not fit queries "
                          f"of batch {b} with {heads} heads")
-    # Divide the tiny sums once, not the big tensors: S = K^T V / N and mean(K).
-    s = state.kv_sum / state.count
-    k_mean = (state.k_sum / state.count).unsqueeze(-1)             # B x h x d x 1
-    d_v = s.shape[-1]
+    # Divide the tiny sums once, not the big tensors: S = K^T V / N and mean(K). mean(K) rides along as
+    # one extra column of S, so numerator and normaliser come from a single pass over the queries.
+    d_v = state.kv_sum.shape[-1]
+    s_aug = torch.cat([state.kv_sum, state.k_sum.unsqueeze(-1)], dim=-1) / state.count   # B x h x d x (d_v + 1)
     if out is None:
         out = torch.empty(b, n, heads * d_v, dtype=q.dtype, device=q.device)
     out_heads = out.view(b, n, heads, d_v)
     for start in range(0, n, chunk_size):
         qc = _phi_heads(q[:, start:start + chunk_size], heads)    # B x h x n x d, fp32
-        num = qc @ s                                               # B x h x n x d_v
-        num.div_((qc @ k_mean).add_(EPS))
-        out_heads[:, start:start + chunk_size].copy_(num.transpose(1, 2))
+        num = qc @ s_aug                                           # B x h x n x (d_v + 1)
+        attn = num[..., :d_v].div_(num[..., d_v:].add_(EPS))
+        out_heads[:, start:start + chunk_size].copy_(attn.transpose(1, 2))
     return out
 
 

@@ -115,6 +115,36 @@ def load_linfusion(path: str, display_name: str | None = None) -> LinFusionWeigh
     return LinFusionWeights(shown, modules, state_dict, config_source)
 
 
+def peek_linfusion(path: str, display_name: str | None = None) -> LinFusionWeights:
+    """Like load_linfusion but reads only the safetensors header (shapes and metadata): cheap enough to scan
+    a folder of 200-900 MB files for the one that fits a model. The result has no tensors."""
+    from safetensors import safe_open
+
+    shown = display_name or path
+    weights_path = os.path.join(path, WEIGHTS_FILE) if os.path.isdir(path) else path
+    config_path = os.path.join(os.path.dirname(weights_path), CONFIG_FILE)
+    try:
+        with safe_open(weights_path, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            shapes = {k: _Shape(tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    except Exception as e:
+        raise LinFusionLoadError(f"LinFusion file '{shown}' is not a readable safetensors file: {e}") from e
+    modules = modules_from_weights(shapes, shown)
+    config_text, source = None, "weights only"
+    if os.path.basename(weights_path) == WEIGHTS_FILE and os.path.isfile(config_path):
+        config_text, source = _read_text(config_path, shown), CONFIG_FILE
+    elif METADATA_KEY in metadata:
+        config_text, source = metadata[METADATA_KEY], "metadata"
+    if config_text is not None:
+        _apply_config(modules, _parse_config(config_text, shown, source), shown, source)
+    return LinFusionWeights(shown, modules, {}, source)
+
+
+@dataclass
+class _Shape:
+    shape: tuple
+
+
 def _read_text(path: str, shown: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:

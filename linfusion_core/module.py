@@ -92,4 +92,13 @@ class LinFusionAttention(nn.Module):
         # values from value, exactly as ComfyUI's CrossAttention does.
         context = x if context is None else context
         value = context if value is None else value
-        return self.attend(x, self.compute_state(context, value))
+        state = self.compute_state(context, value)
+        if context.shape[0] != x.shape[0]:
+            # HyperTile tiles only the queries, folding tiles into the batch. Linear attention needs no
+            # tiling (each query only reads the global state), so each tile gets its image's full state:
+            # the result is exactly LinFusion on the untiled canvas.
+            if x.shape[0] % context.shape[0]:
+                raise ValueError(f"LinFusion: {x.shape[0]} query rows cannot be grouped over {context.shape[0]} "
+                                 f"key/value rows")
+            state = state.repeat_interleave(x.shape[0] // context.shape[0])
+        return self.attend(x, state)

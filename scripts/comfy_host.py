@@ -112,7 +112,8 @@ def install_venv(comfy: Path) -> Path:
     if os.environ.get("COMFYUI_PATH"):
         return py
     reqs = host_requirements(comfy)
-    ours = (REPO / "requirements.txt").read_text() + (REPO / "tests" / "requirements.txt").read_text()
+    extra = [REPO / "requirements.txt", REPO / "tests" / "requirements.txt", REPO / "bench" / "requirements.txt"]
+    ours = "".join(f.read_text() for f in extra)
     stamp = HOST_DIR / "venv.stamp"
     key = digest(" ".join(TORCH_SPEC), "\n".join(reqs), ours, sys.version)
     if stamped(stamp, key) and py.exists():
@@ -121,7 +122,7 @@ def install_venv(comfy: Path) -> Path:
         run([sys.executable, "-m", "venv", HOST_DIR / "venv"])
     pip = [py, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     run(pip + TORCH_SPEC)
-    run(pip + reqs + ["requests", "-r", REPO / "requirements.txt", "-r", REPO / "tests" / "requirements.txt"])
+    run(pip + reqs + ["requests"] + [arg for f in extra for arg in ("-r", f)])
     stamp.write_text(key)
     return py
 

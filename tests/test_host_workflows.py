@@ -1,6 +1,7 @@
 """LinFusion through ComfyUI's executor on the fixture checkpoint: toggling across prompts, and composing
 with the core nodes users chain with it (LoRA, ControlNet, FreeU, Deep Shrink, SAG, PAG, HyperTile)."""
 import gc
+import itertools
 import logging
 
 import pytest
@@ -45,8 +46,16 @@ def graph(fixtures, *, linfusion=True, lora=False, extra_model=(), controlnet=Fa
     return p
 
 
+_captures = itertools.count()
+
+
 def latent(host, prompt):
-    return host.run(prompt).captured["out"]["samples"]
+    """The sampled latent. The capture node gets a new id each call: when ComfyUI's cache already holds the
+    sampler's output for an identical graph, a new output node still receives it."""
+    prompt = dict(prompt)
+    out_id = f"out{next(_captures)}"
+    prompt[out_id] = prompt.pop("out")
+    return host.run(prompt).captured[out_id]["samples"]
 
 
 def fresh(host, prompt):
@@ -78,8 +87,6 @@ def test_toggling_linfusion_and_lora_across_prompts_equals_fresh_runs(host, fixt
     ("deep_shrink", dict(extra_model=[("PatchModelAddDownscale", {
         "block_number": 3, "downscale_factor": 2.0, "start_percent": 0.0, "end_percent": 0.35,
         "downscale_after_skip": True, "downscale_method": "bicubic", "upscale_method": "bicubic"})])),
-    ("hypertile", dict(extra_model=[("HyperTile", {"tile_size": 32, "swap_size": 1, "max_depth": 0,
-                                                   "scale_depth": False})])),
     ("pag", dict(extra_model=[("PerturbedAttentionGuidance", {"scale": 3.0})])),
     ("batch_2", dict(batch=2)),
     ("cfg_1", dict(cfg=1.0)),
@@ -124,3 +131,26 @@ def test_apply_node_reports_what_it_did(host, fixtures):
     prompt["info"] = {"class_type": "LinFusionTest_Capture", "inputs": {"value": ["apply", 1]}}
     info = host.run(prompt).captured["info"]
     assert "SD1.x" in info and "7 of 7 self-attention modules patched" in info
+
+
+def test_checkpoint_loader_with_auto_linfusion_equals_the_two_node_chain(host, fixtures):
+    chain = graph(fixtures, linfusion=True)
+    expected = latent(host, chain)
+    one_node = graph(fixtures, linfusion=False)
+    one_node["ckpt"] = {"class_type": "CheckpointLoaderLinFusion",
+                        "inputs": {"ckpt_name": fixtures.checkpoint["sd15"], "linfusion_name": "auto (match the checkpoint)"}}
+    one_node["info"] = {"class_type": "LinFusionTest_Capture", "inputs": {"value": ["ckpt", 3]}}
+    result = host.run(one_node)
+    assert "linfusion_test_sd15" in result.captured["info"] and "SD1.x" in result.captured["info"]
+    assert torch.equal(result.captured["out"]["samples"], expected)   # a new graph: every node ran
+
+
+def test_hypertile_is_exact_under_linfusion(host, fixtures):
+    """HyperTile tiles attn1 queries to cut softmax cost. Linear attention reads only a global state per
+    image, so under LinFusion every tile gets its image's whole state: the result equals LinFusion alone."""
+    hypertile = [("HyperTile", {"tile_size": 32, "swap_size": 1, "max_depth": 0, "scale_depth": False})]
+    tiled = latent(host, graph(fixtures, linfusion=True, extra_model=hypertile))
+    alone = latent(host, graph(fixtures, linfusion=True))
+    softmax_tiled = latent(host, graph(fixtures, linfusion=False, extra_model=hypertile))
+    torch.testing.assert_close(tiled, alone, rtol=1e-4, atol=1e-4)
+    assert (tiled - softmax_tiled).abs().max().item() > 1e-3

@@ -106,3 +106,16 @@ def test_module_half_precision(core, dtype, tol):
 def test_bad_heads(core):
     with pytest.raises(ValueError, match="heads"):
         core.module.LinFusionAttention(320, 7)
+
+
+def test_queries_folded_into_batch_attend_to_their_images_state(core):
+    """HyperTile's layout: queries (b tiles) x n/t x C, keys/values b x n x C."""
+    module = random_module(core, 64, 4, None)
+    x = torch.randn(2, 64, 64, generator=torch.Generator().manual_seed(5))
+    tiles = x.reshape(2, 4, 16, 64).reshape(8, 16, 64)
+    with torch.no_grad():
+        whole = module(x)
+        tiled = module(tiles, context=x, value=x).reshape(2, 64, 64)
+    assert (tiled - whole).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="cannot be grouped"):
+        module(x[:1, :5].repeat(3, 1, 1), context=x, value=x)   # 3 query rows, 2 images

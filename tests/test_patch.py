@@ -166,3 +166,49 @@ def test_fifty_apply_sample_unpatch_cycles_do_not_grow_memory(core, sd15):
     assert sum(r() is not None for r in alive) <= 1   # every LinFusion module set was freed
     assert len(comfy.model_management.current_loaded_models) <= loaded_before
     assert attn1_instance_forwards(base) == []
+
+
+def test_attention_patches_compose(core, sd15):
+    """attn2 replace (IP-Adapter's mechanism), attn1_patch (gets keys from context, values from value) and
+    attn1_output_patch all still run, and LinFusion stays active beside them."""
+    from comfy.ldm.modules.attention import optimized_attention
+
+    base, weights = sd15
+    inputs = unet_inputs(base.model)
+    calls = {"attn2": 0, "attn1": 0, "out": 0}
+
+    def attn2_replace(q, k, v, extra_options):
+        calls["attn2"] += 1
+        return optimized_attention(q, k, v * 2.0, extra_options["n_heads"])
+
+    def attn1_identity(n, context, value, extra_options):
+        calls["attn1"] += 1
+        return n, context, value
+
+    def attn1_out_zero(n, extra_options):
+        calls["out"] += 1
+        return n * 0.0
+
+    lf, _ = core.patch.apply_linfusion(base, weights)
+    alone = run_unet(lf, inputs)
+    with_attn2 = lf.clone()
+    with_attn2.set_model_attn2_replace(attn2_replace, "input", 1)
+    plain_attn2 = base.clone()
+    plain_attn2.set_model_attn2_replace(attn2_replace, "input", 1)
+    out_attn2 = run_unet(with_attn2, inputs, with_attn2.model_options["transformer_options"])
+    assert calls["attn2"] > 0 and (out_attn2 - alone).abs().max().item() > 1e-4
+    assert (out_attn2 - run_unet(plain_attn2, inputs, plain_attn2.model_options["transformer_options"])
+            ).abs().max().item() > 1e-3                        # LinFusion still active with the attn2 patch
+
+    with_attn1 = lf.clone()
+    with_attn1.set_model_attn1_patch(attn1_identity)
+    assert torch.equal(run_unet(with_attn1, inputs, with_attn1.model_options["transformer_options"]), alone)
+    assert calls["attn1"] > 0
+
+    zeroed_lf, zeroed_plain = lf.clone(), base.clone()
+    zeroed_lf.set_model_attn1_output_patch(attn1_out_zero)
+    zeroed_plain.set_model_attn1_output_patch(attn1_out_zero)
+    # The output patch runs after LinFusion: zeroing attn1's output makes LinFusion and softmax agree.
+    a = run_unet(zeroed_lf, inputs, zeroed_lf.model_options["transformer_options"])
+    b = run_unet(zeroed_plain, inputs, zeroed_plain.model_options["transformer_options"])
+    assert calls["out"] > 0 and torch.equal(a, b)

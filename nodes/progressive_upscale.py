@@ -49,8 +49,9 @@ class LinFusionProgressiveUpscale:
                                              "tooltip": "Re-normalise the final latent to the base latent's "
                                                         "per-channel mean/std (paper's SDXL recipe, against colour drift)."}),
                 "vae_tile_size": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 64,
-                                          "tooltip": "0: untiled VAE. Otherwise tile size in pixels for VAE decode "
-                                                     "and encode (the paper tiles from 4K on)."}),
+                                          "tooltip": "0: untiled VAE. Otherwise tile size in pixels for the exact "
+                                                     "tiled VAE decode/encode between stages (same result as "
+                                                     "untiled, bounded memory; the paper tiles from 4K on)."}),
                 "return_stage_images": ("BOOLEAN", {"default": False,
                                                     "tooltip": "Also output the decoded image of the base and every "
                                                                "stage (costs one extra decode and memory)."}),

@@ -146,3 +146,15 @@ def test_controlnet_hint_is_resized_per_stage(hm, vae):
     assert hints == [((16, 24), (128, 192))] * 4 + [((32, 48), (256, 384))] * 3
     plain = run_node(model, vae, hm, torch.randn(1, 4, 8, 12) * 0.5)[0]["samples"]
     assert not torch.allclose(out, plain, atol=1e-3)
+
+
+@pytest.mark.parametrize("tile", [64, 128])
+def test_tiled_vae_between_stages_equals_untiled(hm, vae, tile):
+    """vae_tile_size routes the ladder through the exact tiled VAE: the same latents as the untiled VAE
+    (small tiles included: ComfyUI's own tiled VAE divides by zero at 64/128 px with a 64 px overlap)."""
+    model = hm.unet_patcher(seed=33)
+    latent = torch.randn(1, 4, 8, 12) * 0.5
+    plain, _ = run_node(model, vae, hm, latent, stages=1)
+    tiled, _ = run_node(model, vae, hm, latent, stages=1, vae_tile_size=tile)
+    scale = plain["samples"].abs().max()
+    assert (tiled["samples"] - plain["samples"]).abs().max() <= 1e-4 * scale

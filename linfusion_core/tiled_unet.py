@@ -74,6 +74,7 @@ class TiledUNetRunner:
         self.base_hw = None
         self.ticks = 0
         self.pbar = None
+        self.untiled_layers = []  # (block, layer class) that ran on the full activation, for tests and logs
 
     # ---------------------------------------------------------------- tiles
     def _tiles(self, h: int, w: int):
@@ -175,6 +176,7 @@ class TiledUNetRunner:
 
     def untiled(self, layer, full, emb, context, to, output_shape, extra):
         """Exact fallback: the layer's own forward on the whole activation."""
+        self.untiled_layers.append((to.get("block"), type(layer).__name__))
         _warn_once(type(layer).__name__, "tiled UNet: %s runs untiled on the full activation (exact, not "
                    "memory-bounded)", type(layer).__name__)
         y = forward_timestep_embed([layer], full.to(self.dev), emb, context, to, output_shape, **extra)
@@ -238,6 +240,7 @@ class TiledUNetRunner:
             why = "softmax self-attention" if not is_linfusion_attention(attn1) else "an attn1 patch"
             _warn_once(("attn1", why), "tiled UNet: a transformer block with %s runs untiled on the full "
                        "activation (exact, not memory-bounded)", why)
+            self.untiled_layers.append((to.get("block"), "BasicTransformerBlock: " + why))
             h, w = t.shape[2:]
             y = block(_to_tokens(t.to(self.dev)), context=context, transformer_options=to)
             self.ticks += len(self._tiles(h, w))

@@ -28,6 +28,7 @@ from .group_norm_stats import GroupStats, group_norm_with_stats
 
 log = logging.getLogger("LinFusion")
 _warned: set = set()
+MIN_TILE = 4  # smaller tiles cost more in per-call overhead and halos than they save
 
 
 def _warn_once(key, message, *args):
@@ -71,16 +72,16 @@ class TiledUNetRunner:
         self.stale = stale_state_cache  # None: exact two-pass attention; dict: one-step-stale state (fast mode)
         self.progress = progress
         self.expected_ticks = expected_ticks  # tile steps of the last call at this shape, for the bar's total
-        self.base_hw = None
         self.ticks = 0
         self.pbar = None
         self.untiled_layers = []  # (block, layer class) that ran on the full activation, for tests and logs
 
     # ---------------------------------------------------------------- tiles
-    def _tiles(self, h: int, w: int):
-        """Tiles of a map at some UNet level: the user's tile size scaled with the level's resolution."""
-        scale = h / self.base_hw[0]
-        t = max(2, math.ceil(self.tile * scale))
+    def _tiles(self, h: int, w: int, channels: int):
+        """Tiles of a map at some UNet level, holding about as many values as a `tile` x `tile` tile of the
+        UNet's first level: deeper levels (more channels, fewer pixels) get fewer, not tinier, tiles."""
+        side = self.tile * math.sqrt(self.unet.model_channels / max(channels, 1))
+        t = max(MIN_TILE, math.ceil(side))
         return [(r0, r1, c0, c1) for r0, r1 in tile_ranges(h, t) for c0, c1 in tile_ranges(w, t)]
 
     def _tick(self):
@@ -115,7 +116,7 @@ class TiledUNetRunner:
     def group_norm_pre(self, full, norm, act=None, extra=()):
         """Pass 1 over `full`: exact GroupNorm statistics; returns the per-tile pre-op norm(+act, +extra)."""
         stats = GroupStats(norm.num_groups)
-        for r0, r1, c0, c1 in self._tiles(*full.shape[2:]):
+        for r0, r1, c0, c1 in self._tiles(*full.shape[2:], full.shape[1]):
             stats.add(full[:, :, r0:r1, c0:c1].to(self.dev))
             comfy.model_management.throw_exception_if_processing_interrupted()
         mean, rstd = stats.mean_rstd(norm.eps)
@@ -148,7 +149,7 @@ class TiledUNetRunner:
         Wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         mh, mw = -(-ph // sh), -(-pw // sw)
         out = None
-        for o0, o1, q0, q1 in self._tiles(Ho, Wo):
+        for o0, o1, q0, q1 in self._tiles(Ho, Wo, max(full.shape[1], conv.out_channels)):
             r0, c0 = (o0 - mh) * sh, (q0 - mw) * sw
             r1 = (o1 - 1) * sh - ph + dh * (kh - 1) + 1
             c1 = (q1 - 1) * sw - pw + dw * (kw - 1) + 1
@@ -165,7 +166,7 @@ class TiledUNetRunner:
     def pointwise(self, full, fn, channels=None):
         """fn(tile, region) per tile of a per-pixel computation."""
         out = None
-        for r in self._tiles(*full.shape[2:]):
+        for r in self._tiles(*full.shape[2:], full.shape[1]):
             r0, r1, c0, c1 = r
             y = fn(full[:, :, r0:r1, c0:c1].to(self.dev), r)
             if out is None:
@@ -180,7 +181,7 @@ class TiledUNetRunner:
         _warn_once(type(layer).__name__, "tiled UNet: %s runs untiled on the full activation (exact, not "
                    "memory-bounded)", type(layer).__name__)
         y = forward_timestep_embed([layer], full.to(self.dev), emb, context, to, output_shape, **extra)
-        self.ticks += len(self._tiles(*full.shape[2:]))
+        self.ticks += len(self._tiles(*full.shape[2:], full.shape[1]))
         return y.to(self.park)
 
     # ---------------------------------------------------------------- layers
@@ -243,7 +244,7 @@ class TiledUNetRunner:
             self.untiled_layers.append((to.get("block"), "BasicTransformerBlock: " + why))
             h, w = t.shape[2:]
             y = block(_to_tokens(t.to(self.dev)), context=context, transformer_options=to)
-            self.ticks += len(self._tiles(h, w))
+            self.ticks += len(self._tiles(h, w, t.shape[1]))
             return _to_image(y, h, w).to(self.park)
 
         heads = getattr(attn1, "heads", block.n_heads)
@@ -254,7 +255,7 @@ class TiledUNetRunner:
             stale = None  # a new sampling run: its first step is exact again
         if stale is None:
             state = None
-            for r0, r1, c0, c1 in self._tiles(*t.shape[2:]):
+            for r0, r1, c0, c1 in self._tiles(*t.shape[2:], t.shape[1]):
                 n = block.norm1(_to_tokens(t[:, :, r0:r1, c0:c1].to(self.dev)))
                 k = attn1.to_k(n + attn1.to_k_(n))
                 state = linear_state.merge_state(state, linear_state.compute_state(k, attn1.to_v(n), heads))
@@ -347,7 +348,7 @@ class TiledUNetRunner:
                 if ctrl.shape != h.shape:
                     _warn_once("ctrl", "control could not be applied %s %s", h.shape, ctrl.shape)
                     return h
-                for r0, r1, c0, c1 in self._tiles(*h.shape[2:]):
+                for r0, r1, c0, c1 in self._tiles(*h.shape[2:], h.shape[1]):
                     h[:, :, r0:r1, c0:c1] += ctrl[:, :, r0:r1, c0:c1].to(h.device)
         return h
 
@@ -362,7 +363,6 @@ class TiledUNetRunner:
                      image_only_indicator=kwargs.get("image_only_indicator", None))
         assert (y is not None) == (unet.num_classes is not None), \
             "must specify y if and only if the model is class-conditional"
-        self.base_hw = x.shape[2:]
         if self.progress:
             self.pbar = comfy.utils.ProgressBar(self.expected_ticks or 1)
         t_emb = timestep_embedding(timesteps, unet.model_channels, repeat_only=False).to(x.dtype)

@@ -25,3 +25,15 @@ def host():
 def core(host):
     """linfusion_core as ComfyUI loaded it (the same module objects the nodes use)."""
     return host.import_core()
+
+
+@pytest.fixture(scope="session")
+def fixtures(host):
+    """Deterministic random-weight model files (see fixture_models.FixtureModels for the names).
+
+    Each family's files are generated on first use and cached under MODEL_ROOT, so a run that only
+    touches SD 1.5 never builds the SDXL checkpoint.
+    """
+    from fixture_models import FixtureModels
+
+    return FixtureModels(MODEL_ROOT)

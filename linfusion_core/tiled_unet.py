@@ -18,6 +18,7 @@ import math
 import torch
 
 import comfy.model_management
+import comfy.ops
 import comfy.utils
 from comfy.ldm.modules.attention import BasicTransformerBlock, SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import (Downsample, ResBlock, Upsample,
@@ -50,6 +51,14 @@ def _cast_weight_bias(module, like):
     if getattr(module, "comfy_cast_weights", False):
         return comfy.ops.cast_bias_weight(module, like)[:2]
     return module.weight, module.bias
+
+
+def _plain_conv(conv) -> bool:
+    """True when the conv's forward is torch's own on its stored weights (mirrors comfy.ops' dispatch)."""
+    if type(conv).forward is torch.nn.Conv2d.forward:
+        return True
+    return (isinstance(conv, comfy.ops.CastWeightBiasOp) and not conv.comfy_cast_weights
+            and not conv.weight_function and not conv.bias_function)
 
 
 def _to_tokens(t):
@@ -131,9 +140,12 @@ class TiledUNetRunner:
         return pre
 
     def conv(self, full, conv, pre=None, post=None, up_shape=None):
-        """conv(pre(full)) tile by tile through the module's own forward (ComfyUI casting, LoRA weight
-        functions and quantized weights stay ComfyUI's). Each window starts m*stride rows early so that the
-        outputs the module pads for itself are cropped away. up_shape: nearest-upsample the input first."""
+        """conv(pre(full)) tile by tile; up_shape: nearest-upsample the input to that size first.
+
+        A plain conv (weights as stored, the usual case) runs as F.conv2d on exactly the window each output
+        tile needs, with padding 0. A conv that ComfyUI casts or patches on the fly (low-VRAM LoRA weight
+        functions, manual cast, quantized weights) runs through its own forward, so ComfyUI keeps doing
+        that: the window then starts m*stride rows early and the outputs it pads for itself are cropped."""
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             return None
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
@@ -147,14 +159,19 @@ class TiledUNetRunner:
             rows, cols = idx(full.shape[2], H), idx(full.shape[3], W)
         Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         Wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        mh, mw = -(-ph // sh), -(-pw // sw)
+        functional = _plain_conv(conv)
+        mh, mw = (0, 0) if functional else (-(-ph // sh), -(-pw // sw))
         out = None
         for o0, o1, q0, q1 in self._tiles(Ho, Wo, max(full.shape[1], conv.out_channels)):
-            r0, c0 = (o0 - mh) * sh, (q0 - mw) * sw
             r1 = (o1 - 1) * sh - ph + dh * (kh - 1) + 1
             c1 = (q1 - 1) * sw - pw + dw * (kw - 1) + 1
-            y = conv(self._window(full, r0, r1, c0, c1, pre, rows, cols))
-            y = y[:, :, mh:mh + o1 - o0, mw:mw + q1 - q0]
+            if functional:
+                win = self._window(full, o0 * sh - ph, r1, q0 * sw - pw, c1, pre, rows, cols)
+                y = torch.nn.functional.conv2d(win, conv.weight, conv.bias, conv.stride, 0, conv.dilation,
+                                               conv.groups)
+            else:
+                win = self._window(full, (o0 - mh) * sh, r1, (q0 - mw) * sw, c1, pre, rows, cols)
+                y = conv(win)[:, :, mh:mh + o1 - o0, mw:mw + q1 - q0]
             if post is not None:
                 y = post(y, (o0, o1, q0, q1))
             if out is None:
@@ -189,8 +206,9 @@ class TiledUNetRunner:
         il, ol = blk.in_layers, blk.out_layers
         if (blk.updown or blk.use_scale_shift_norm or blk.exchange_temb_dims or x.ndim != 4
                 or len(il) != 3 or len(ol) != 4 or not isinstance(il[0], torch.nn.GroupNorm)
-                or not isinstance(ol[0], torch.nn.GroupNorm)):
-            return None
+                or not isinstance(ol[0], torch.nn.GroupNorm)
+                or (isinstance(blk.skip_connection, torch.nn.Conv2d) and blk.skip_connection.kernel_size != (1, 1))):
+            return None  # a variant this executor does not tile: exact untiled fallback
         emb_out = None
         if not getattr(blk, "skip_t_emb", False):
             emb_out = blk.emb_layers(emb).type(x.dtype)[:, :, None, None]
@@ -234,9 +252,11 @@ class TiledUNetRunner:
         blk = to.get("block")
         keys = {blk, (blk[0], blk[1], to.get("block_index", 0))} if blk is not None else set()
         attn1 = block.attn1
+        # attn1 patches (HyperTile, SAG, PAG, ...) and the patches around it may look at the whole token
+        # sequence; attn2 patches and replaces (IP-Adapter) are per query token and run per tile.
+        token_patches = {"attn1_patch", "attn1_output_patch", "middle_patch"} & set(patches)
         tileable = (type(block) is BasicTransformerBlock and not block.ff_in and not block.disable_self_attn
-                    and is_linfusion_attention(attn1) and "attn1_patch" not in patches
-                    and not (keys & set(replace)))
+                    and is_linfusion_attention(attn1) and not token_patches and not (keys & set(replace)))
         if not tileable:
             why = "softmax self-attention" if not is_linfusion_attention(attn1) else "an attn1 patch"
             _warn_once(("attn1", why), "tiled UNet: a transformer block with %s runs untiled on the full "

@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fixture_models import fill_random_
+
 TOL = 1e-4
 
 SD15_SMALL = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
@@ -58,15 +60,7 @@ class RefLinFusionAttention(torch.nn.Module):
 
 
 def fill_random(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-            elif name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return fill_random_(module, torch.Generator().manual_seed(seed))
 
 
 def linfusion_modules(unet, skip_middle=False):
@@ -81,10 +75,11 @@ def linfusion_modules(unet, skip_middle=False):
     return out
 
 
-def build_unet(config, seed=0, skip_middle=False):
+def build_unet(config, seed=0, skip_middle=False, operations=None):
     """UNetModel + its LinFusion modules (mounted), random weights, eval, fp32."""
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-    unet = UNetModel(**config, dtype=torch.float32, device="cpu")
+    extra = {"operations": operations} if operations is not None else {}
+    unet = UNetModel(**config, dtype=torch.float32, device="cpu", **extra)
     for path, mod in linfusion_modules(unet, skip_middle).items():
         parent, attr = path.rsplit(".", 1)
         setattr(unet.get_submodule(parent), attr, mod)
@@ -107,10 +102,13 @@ def rel_err(a, b):
 
 @pytest.fixture(scope="module")
 def unets(host):
-    return {"sd15": build_unet(SD15_SMALL, 0, skip_middle=True), "sdxl": build_unet(SDXL_SMALL, 1)}
+    import comfy.ops
+    return {"sd15": build_unet(SD15_SMALL, 0, skip_middle=True), "sdxl": build_unet(SDXL_SMALL, 1),
+            # Layers that ComfyUI casts on every call: the convs run through their own forward.
+            "sd15_cast": build_unet(SD15_SMALL, 2, skip_middle=True, operations=comfy.ops.manual_cast)}
 
 
-CONFIGS = {"sd15": SD15_SMALL, "sdxl": SDXL_SMALL}
+CONFIGS = {"sd15": SD15_SMALL, "sdxl": SDXL_SMALL, "sd15_cast": SD15_SMALL}
 
 
 @pytest.mark.parametrize("family,h,w,tile", [
@@ -118,6 +116,7 @@ CONFIGS = {"sd15": SD15_SMALL, "sdxl": SDXL_SMALL}
     ("sd15", 36, 28, 10),   # they do not, and the deepest levels have odd sizes (upsampling to output_shape)
     ("sdxl", 32, 48, 16),
     ("sdxl", 36, 28, 12),
+    ("sd15_cast", 36, 28, 10),
 ])
 def test_tiled_forward_equals_untiled(core, unets, family, h, w, tile):
     unet, config = unets[family], CONFIGS[family]
@@ -131,7 +130,7 @@ def test_tiled_forward_equals_untiled(core, unets, family, h, w, tile):
     # More than one tile really ran at the top level (the test would be vacuous otherwise), and only the
     # softmax self-attention left on purpose (SD1.5 middle block) ran untiled.
     assert len(runner._tiles(h, w, unet.model_channels)) > 1
-    expected = [(("middle", 0), "BasicTransformerBlock: softmax self-attention")] if family == "sd15" else []
+    expected = [(("middle", 0), "BasicTransformerBlock: softmax self-attention")] if family != "sdxl" else []
     assert runner.untiled_layers == expected
 
 

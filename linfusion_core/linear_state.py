@@ -1,40 +1,42 @@
 """LinFusion's global attention state, additive over tokens (LINFUSION_FACTS.md section 2).
 
-state = (sum_n K_n^T V_n, sum_n K_n, N) with K = elu(k) + 1, per head, accumulated in fp32. Computed
-tile by tile and merged by addition it equals the state of the whole map, so a tile's output
-out = (Q S / N) / (Q sum(K) / N + 1e-4) is exactly the untiled one.
-TEMPORARY: the tiled UNet's own copy until linfusion_core/attention.py (core helper) lands with the same
-compute / merge / apply API; then this file should forward to it.
+TEMPORARY stand-in, same names and semantics as linfusion_core/attention.py of the core branch
+(`LinearAttentionState`, `linear_attention_state`, `apply_linear_attention_state`): delete this file and
+import from .attention once that lands on main.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+EPS = 1e-4
+
 
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     b, n, c = t.shape
-    return t.reshape(b, n, heads, c // heads).transpose(1, 2)
+    return t.reshape(b, n, heads, c // heads).transpose(1, 2).float()
 
 
-def compute_state(k: torch.Tensor, v: torch.Tensor, heads: int):
-    """(kv: B x h x d x d, k_sum: B x h x d, count) of these tokens, fp32."""
-    kf = F.elu(_heads(k, heads).float()) + 1.0
-    vf = _heads(v, heads).float()
-    return kf.transpose(-1, -2) @ vf, kf.sum(dim=-2), k.shape[1]
+@dataclass
+class LinearAttentionState:
+    kv_sum: torch.Tensor  # B x h x d x d, sum of phi(k)^T v, fp32
+    k_sum: torch.Tensor   # B x h x d, sum of phi(k), fp32
+    count: int
+
+    def __add__(self, other: "LinearAttentionState") -> "LinearAttentionState":
+        return LinearAttentionState(self.kv_sum + other.kv_sum, self.k_sum + other.k_sum, self.count + other.count)
 
 
-def merge_state(a, b):
-    if a is None:
-        return b
-    return a[0] + b[0], a[1] + b[1], a[2] + b[2]
+def linear_attention_state(k: torch.Tensor, v: torch.Tensor, heads: int) -> LinearAttentionState:
+    kf = F.elu(_heads(k, heads)) + 1.0
+    return LinearAttentionState(kf.transpose(-1, -2) @ _heads(v, heads), kf.sum(dim=-2), k.shape[1])
 
 
-def apply_state(q: torch.Tensor, state, heads: int) -> torch.Tensor:
-    """Linear attention of queries q (B x n x C) against a (merged) global state; B x n x C in q.dtype."""
-    kv, k_sum, count = state
-    qf = F.elu(_heads(q, heads).float()) + 1.0
-    z = qf @ (k_sum / count).unsqueeze(-1) + 1e-4
-    out = (qf @ (kv / count)) / z
+def apply_linear_attention_state(q: torch.Tensor, state: LinearAttentionState, heads: int) -> torch.Tensor:
+    qf = F.elu(_heads(q, heads)) + 1.0
+    z = qf @ (state.k_sum / state.count).unsqueeze(-1) + EPS
+    out = (qf @ (state.kv_sum / state.count)) / z
     b, h, n, d = out.shape
     return out.transpose(1, 2).reshape(b, n, h * d).to(q.dtype)

@@ -24,7 +24,7 @@ from comfy.ldm.modules.attention import BasicTransformerBlock, SpatialTransforme
 from comfy.ldm.modules.diffusionmodules.openaimodel import (Downsample, ResBlock, Upsample,
                                                              forward_timestep_embed, timestep_embedding)
 
-from . import linear_state
+from .linear_state import apply_linear_attention_state, linear_attention_state
 from .group_norm_stats import GroupStats, group_norm_with_stats
 
 log = logging.getLogger("LinFusion")
@@ -45,6 +45,30 @@ def tile_ranges(size: int, tile: int) -> list[tuple[int, int]]:
 def is_linfusion_attention(module) -> bool:
     """Duck-typed: LinFusion modules carry the hub's submodule names (BRIEF.md, linfusion_core/module.py)."""
     return all(hasattr(module, n) for n in ("to_q", "to_k", "to_v", "to_out", "to_q_", "to_k_"))
+
+
+def linfusion_for(attn1, n_tokens: int):
+    """The LinFusion module that this attn1 runs for a map of n_tokens, or None when softmax runs.
+
+    Apply LinFusion injects an instance-level forward carrying `.linfusion` and the hybrid threshold
+    `.min_tokens` (below it the original softmax attn1 runs); a LinFusion module mounted as attn1 itself
+    (object patch) is recognised too."""
+    forward = attn1.__dict__.get("forward")
+    if forward is not None and hasattr(forward, "linfusion"):
+        return None if n_tokens < getattr(forward, "min_tokens", 0) else forward.linfusion
+    return attn1 if is_linfusion_attention(attn1) else None
+
+
+def _kv_state(lin, n, heads):
+    if hasattr(lin, "compute_state"):
+        return lin.compute_state(n)
+    return linear_attention_state(lin.to_k(n + lin.to_k_(n)), lin.to_v(n), heads)
+
+
+def _attend(lin, n, state, heads):
+    if hasattr(lin, "attend"):
+        return lin.attend(n, state)
+    return lin.to_out(apply_linear_attention_state(lin.to_q(n + lin.to_q_(n)), state, heads))
 
 
 def _cast_weight_bias(module, like):
@@ -255,19 +279,20 @@ class TiledUNetRunner:
         # attn1 patches (HyperTile, SAG, PAG, ...) and the patches around it may look at the whole token
         # sequence; attn2 patches and replaces (IP-Adapter) are per query token and run per tile.
         token_patches = {"attn1_patch", "attn1_output_patch", "middle_patch"} & set(patches)
+        lin = linfusion_for(attn1, t.shape[2] * t.shape[3])
         tileable = (type(block) is BasicTransformerBlock and not block.ff_in and not block.disable_self_attn
-                    and is_linfusion_attention(attn1) and not token_patches and not (keys & set(replace)))
+                    and lin is not None and not token_patches and not (keys & set(replace)))
         if not tileable:
-            why = "softmax self-attention" if not is_linfusion_attention(attn1) else "an attn1 patch"
+            why = "softmax self-attention" if lin is None else "an attn1 patch"
+            self.untiled_layers.append((to.get("block"), "BasicTransformerBlock: " + why))
             _warn_once(("attn1", why), "tiled UNet: a transformer block with %s runs untiled on the full "
                        "activation (exact, not memory-bounded)", why)
-            self.untiled_layers.append((to.get("block"), "BasicTransformerBlock: " + why))
             h, w = t.shape[2:]
             y = block(_to_tokens(t.to(self.dev)), context=context, transformer_options=to)
             self.ticks += len(self._tiles(h, w, t.shape[1]))
             return _to_image(y, h, w).to(self.park)
 
-        heads = getattr(attn1, "heads", block.n_heads)
+        heads = getattr(lin, "heads", block.n_heads)
         key = (id(block), tuple(t.shape), tuple(to.get("cond_or_uncond", ())))
         sigma = float(to["sigmas"].max()) if "sigmas" in to else None
         stale = self.stale.get(key) if self.stale is not None else None
@@ -277,8 +302,8 @@ class TiledUNetRunner:
             state = None
             for r0, r1, c0, c1 in self._tiles(*t.shape[2:], t.shape[1]):
                 n = block.norm1(_to_tokens(t[:, :, r0:r1, c0:c1].to(self.dev)))
-                k = attn1.to_k(n + attn1.to_k_(n))
-                state = linear_state.merge_state(state, linear_state.compute_state(k, attn1.to_v(n), heads))
+                part = _kv_state(lin, n, heads)
+                state = part if state is None else state + part
                 comfy.model_management.throw_exception_if_processing_interrupted()
         else:
             state = stale[1]
@@ -287,11 +312,10 @@ class TiledUNetRunner:
         def apply(tt, r):
             x = _to_tokens(tt)
             n = block.norm1(x)
-            if self.stale is not None:
-                k = attn1.to_k(n + attn1.to_k_(n))
-                fresh[0] = linear_state.merge_state(fresh[0], linear_state.compute_state(k, attn1.to_v(n), heads))
-            a = linear_state.apply_state(attn1.to_q(n + attn1.to_q_(n)), state, heads)
-            x = self._block_tail(block, x, attn1.to_out(a), context, to)
+            if self.stale is not None:  # fast mode: this step's state, for the next step
+                part = _kv_state(lin, n, heads)
+                fresh[0] = part if fresh[0] is None else fresh[0] + part
+            x = self._block_tail(block, x, _attend(lin, n, state, heads), context, to)
             return _to_image(x, r[1] - r[0], r[3] - r[2])
         out = self.pointwise(t, apply)
         if self.stale is not None:

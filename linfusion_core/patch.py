@@ -1,0 +1,176 @@
+"""Installing LinFusion into a ComfyUI MODEL (a ModelPatcher clone), and taking it out again.
+
+Design (why not object patches): ComfyUI's module tree and state dict stay exactly as loaded.
+  - The LinFusion weights live in their own nn.Module (`LinFusionModules`, comfy.ops layers) wrapped in
+    their own ModelPatcher, registered with `set_additional_models("linfusion", ...)`. ComfyUI then loads,
+    offloads, casts and counts them like any model it manages (low-VRAM, fp8 storage, memory estimates).
+  - A `PatcherInjection` is the switch: inject() gives each chosen attn1 an instance-level `forward` that
+    runs its LinFusion module; eject() deletes it. ComfyUI injects after loading a patcher and ejects before
+    it unloads, detaches or switches to another clone of the same model, so the plain clone never sees
+    LinFusion. `injections` and `additional_models` keys are part of `clone_has_same_weights()`, so newer
+    ComfyUI's "same weights, skip reload" shortcut cannot confuse a LinFusion clone with a plain one.
+  - Because the tree is untouched, saving a checkpoint, model merging and ControlLoRA read the base model's
+    own attn1 weights, and LoRA deltas land on those weights. LinFusion runs its own distilled weights and
+    ignores attn1 LoRA deltas (logged with their count): the released modules were trained from scratch,
+    not from attn1, so a LoRA delta for attn1 has no meaning for them.
+  - attn1_replace users (SAG, PAG) call attn1.to_q/to_k/to_v/to_out themselves and never reach forward():
+    on those blocks their softmax attention runs with the base model's weights (logged when visible).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from torch import nn
+
+from .checkpoint import LinFusionWeights
+from .module import LinFusionAttention
+from .placement import Placement, model_label, place_modules
+
+log = logging.getLogger("LinFusion")
+
+INJECTION_KEY = "linfusion"
+BLOCK_CHOICES = ("all", "highest resolution only")
+
+
+class LinFusionModules(nn.Module):
+    """The LinFusion modules of one patched model (ComfyUI loads/offloads this as an additional model)."""
+
+    def __init__(self, modules: list[LinFusionAttention]):
+        super().__init__()
+        self.blocks = nn.ModuleList(modules)
+
+
+class LinFusionForward:
+    """The instance-level forward an injected attn1 gets. Below `min_tokens` it runs the attn1 it replaced
+    (softmax, exact SD at native sizes); at or above, the LinFusion module."""
+
+    def __init__(self, linfusion: LinFusionAttention, min_tokens: int, previous):
+        self.linfusion = linfusion
+        self.min_tokens = min_tokens
+        self.previous = previous  # bound forward that was there before (normally the class forward)
+
+    def __call__(self, x, context=None, value=None, mask=None, transformer_options={}, **kwargs):
+        if mask is not None or x.shape[1] < self.min_tokens:
+            return self.previous(x, context=context, value=value, mask=mask,
+                                 transformer_options=transformer_options, **kwargs)
+        return self.linfusion(x, context=context, value=value)
+
+
+@dataclass
+class LinFusionInstall:
+    """What one ApplyLinFusion installs: the placements, their modules, and the switch."""
+    placements: list[Placement]
+    modules: LinFusionModules
+    min_tokens: int
+
+    def inject(self, patcher) -> None:
+        import comfy.utils
+
+        diffusion_model = patcher.model.diffusion_model
+        for placement, module in zip(self.placements, self.modules.blocks):
+            attn1 = comfy.utils.get_attr(diffusion_model, placement.site.comfy_path)
+            current = attn1.__dict__.get("forward")
+            if isinstance(current, LinFusionForward):
+                if current.linfusion is module:
+                    continue
+                current = current.previous_instance_forward
+            forward = LinFusionForward(module, self.min_tokens, current or attn1.forward)
+            forward.previous_instance_forward = current
+            attn1.forward = forward
+        self._log_bypassed(patcher)
+
+    def eject(self, patcher) -> None:
+        import comfy.utils
+
+        diffusion_model = patcher.model.diffusion_model
+        for placement in self.placements:
+            attn1 = comfy.utils.get_attr(diffusion_model, placement.site.comfy_path)
+            current = attn1.__dict__.get("forward")
+            if isinstance(current, LinFusionForward):
+                if current.previous_instance_forward is None:
+                    del attn1.forward
+                else:
+                    attn1.forward = current.previous_instance_forward
+
+    def _log_bypassed(self, patcher) -> None:
+        prefixes = tuple(f"diffusion_model.{p.site.comfy_path}." for p in self.placements)
+        lora_keys = sum(1 for k in patcher.patches if k.startswith(prefixes))
+        replaced = patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+        message = (lora_keys, tuple(sorted(map(str, replaced))))
+        if message == getattr(self, "_last_logged", (0, ())):
+            return
+        self._last_logged = message
+        if lora_keys:
+            log.warning("[LinFusion] %d LoRA/weight patches target self-attention (attn1) weights that LinFusion "
+                        "replaces; LinFusion runs its own distilled weights, so they have no effect there "
+                        "(they still apply to the rest of the model)", lora_keys)
+        if replaced:
+            log.warning("[LinFusion] another node replaces attn1 on blocks %s (e.g. Self-Attention Guidance); "
+                        "there its own softmax attention runs with the base model's attn1 weights instead of "
+                        "LinFusion", ", ".join(message[1]))
+
+
+def select_placements(placements: list[Placement], blocks: str) -> list[Placement]:
+    if blocks == "all":
+        return placements
+    if blocks == "highest resolution only":
+        # The smallest attention width is the level with the most tokens: where quadratic cost bites.
+        dim = min(p.site.dim for p in placements)
+        return [p for p in placements if p.site.dim == dim]
+    raise ValueError(f"blocks must be one of {BLOCK_CHOICES}, got {blocks!r}")
+
+
+def build_modules(weights: LinFusionWeights, placements: list[Placement], dtype, compute_dtype,
+                  device=None) -> LinFusionModules:
+    """LinFusion modules in the model's storage dtype, on comfy.ops layers that cast like the UNet's."""
+    import comfy.ops
+
+    operations = comfy.ops.manual_cast if compute_dtype is not None else comfy.ops.disable_weight_init
+    modules = []
+    for p in placements:
+        module = LinFusionAttention(p.spec.dim, p.site.heads, p.spec.projection_mid_dim, dtype=dtype,
+                                    device=device, operations=operations)
+        module.load_state_dict(weights.module_state_dict(p.spec.index), strict=True)
+        modules.append(module)
+    return LinFusionModules(modules).eval().requires_grad_(False)
+
+
+def apply_linfusion(model, weights: LinFusionWeights, blocks: str = "all", min_tokens: int = 0):
+    """A clone of `model` (ModelPatcher) running LinFusion; returns (clone, human-readable summary).
+    All checks run before the clone exists, so a bad file leaves nothing half-patched."""
+    import comfy.model_patcher
+    import comfy.patcher_extension
+
+    base_model = model.model
+    every = place_modules(weights, base_model)
+    placements = select_placements(every, blocks)
+    modules = build_modules(weights, placements, base_model.get_dtype(), base_model.manual_cast_dtype,
+                            device=model.offload_device)
+    install = LinFusionInstall(placements, modules, int(min_tokens))
+    modules_patcher = comfy.model_patcher.ModelPatcher(modules, load_device=model.load_device,
+                                                       offload_device=model.offload_device)
+
+    patched = model.clone()
+    if patched.get_injections(INJECTION_KEY):
+        log.info("[LinFusion] the model already had LinFusion applied; replacing it")
+    patched.set_additional_models(INJECTION_KEY, [modules_patcher])
+    patched.set_injections(INJECTION_KEY, [comfy.patcher_extension.PatcherInjection(install.inject, install.eject)])
+
+    summary = (f"LinFusion {os.path.basename(weights.source.rstrip('/'))} ({weights.family}, config from "
+               f"{weights.config_source}) on {model_label(base_model)}: {len(placements)} of {len(every)} self-attention "
+               f"modules patched" + (f"; softmax kept below {min_tokens} tokens" if min_tokens > 0 else ""))
+    log.info("[LinFusion] %s", summary)
+    return patched, summary
+
+
+def linfusion_install(model) -> LinFusionInstall | None:
+    """The LinFusionInstall of a patched MODEL, for nodes built on top (tiled UNet, low-memory mode)."""
+    injections = model.get_injections(INJECTION_KEY) or []
+    for inj in injections:
+        owner = getattr(inj.inject, "__self__", None)
+        if isinstance(owner, LinFusionInstall):
+            return owner
+    return None
+

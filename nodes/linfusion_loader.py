@@ -1,0 +1,30 @@
+"""Load LinFusion: weights from models/linfusion (hub folder, or one .safetensors with or without config)."""
+from ..linfusion_core.checkpoint import load_linfusion
+from .model_folder import list_linfusion_entries, resolve_linfusion_entry
+
+
+class LinFusionLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "linfusion_name": (list_linfusion_entries(), {
+                "tooltip": "LinFusion weights in models/linfusion: a hub folder (config.json + "
+                           "diffusion_pytorch_model.safetensors) or a single .safetensors. Use "
+                           "LinFusion-1-5 for SD 1.x, LinFusion-2-1 for SD 2.x, LinFusion-XL for SDXL."}),
+        }}
+
+    RETURN_TYPES = ("LINFUSION", "STRING")
+    RETURN_NAMES = ("linfusion", "info")
+    OUTPUT_TOOLTIPS = ("The LinFusion weights, for Apply LinFusion.",
+                       "What was loaded: module count, channel widths, model family, where the config came from.")
+    FUNCTION = "load"
+    CATEGORY = "LinFusion"
+    DESCRIPTION = "Loads LinFusion linear-attention weights (arXiv 2409.02097) for Apply LinFusion."
+
+    def load(self, linfusion_name):
+        weights = load_linfusion(resolve_linfusion_entry(linfusion_name), display_name=linfusion_name)
+        return (weights, weights.describe())
+
+
+NODE_CLASS_MAPPINGS = {"LinFusionLoader": LinFusionLoader}
+NODE_DISPLAY_NAME_MAPPINGS = {"LinFusionLoader": "Load LinFusion"}

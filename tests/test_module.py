@@ -1,0 +1,108 @@
+"""LinFusionAttention (comfy.ops layers, chunked) against an independent functional spelling of the module."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+def reference_module_forward(sd: dict, x, context, value, heads):
+    """FACTS section 2 written with plain torch functionals and the reference attention."""
+    def mlp(prefix, t):
+        if f"{prefix}.0.weight" not in sd:
+            return t  # projection_mid_dim -1: the official module uses nn.Identity, so q = to_q(2x)
+        h = F.linear(t, sd[f"{prefix}.0.weight"], sd[f"{prefix}.0.bias"])
+        h = F.layer_norm(h, h.shape[-1:], sd[f"{prefix}.1.weight"], sd[f"{prefix}.1.bias"], eps=1e-5)
+        h = F.leaky_relu(h, 0.01)
+        return F.linear(h, sd[f"{prefix}.3.weight"], sd[f"{prefix}.3.bias"])
+
+    q = F.linear(x + mlp("to_q_", x), sd["to_q.weight"])
+    k = F.linear(context + mlp("to_k_", context), sd["to_k.weight"])
+    v = F.linear(value, sd["to_v.weight"])
+    b, n, c = q.shape
+    d = c // heads
+    q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, d).transpose(1, 2).double() for t in (q, k, v))
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    nk = k.shape[2]
+    s = (k.transpose(-1, -2) * nk ** -0.5) @ (v * nk ** -0.5)
+    out = (q @ s) / (q @ k.mean(2, keepdim=True).transpose(-1, -2) + 1e-4)
+    out = out.transpose(1, 2).reshape(b, n, c).float()
+    return F.linear(out, sd["to_out.0.weight"], sd["to_out.0.bias"])
+
+
+def random_module(core, dim, heads, mid, seed=0):
+    module = core.module.LinFusionAttention(dim, heads, mid)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.1 * r if name.endswith(".1.weight") else r / math.sqrt(p.shape[-1]) if p.ndim == 2 else 0.02 * r)
+    return module
+
+
+HUB_KEYS = {"to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight", "to_out.0.bias"} | {
+    f"{b}.{i}.{p}" for b in ("to_q_", "to_k_") for i in (0, 1, 3) for p in ("weight", "bias")}
+
+
+def test_submodule_names_are_the_hub_keys(core):
+    assert set(core.module.LinFusionAttention(64, 4).state_dict()) == HUB_KEYS
+    assert set(core.module.LinFusionAttention(64, 4, -1).state_dict()) == {k for k in HUB_KEYS if "_." not in k}
+    import comfy.ops
+    assert isinstance(core.module.LinFusionAttention(64, 4).to_q, comfy.ops.CastWeightBiasOp)
+
+
+@pytest.mark.parametrize("dim,heads,mid,n,chunk", [(320, 8, None, 256, 100), (640, 10, 40, 300, 4096),
+                                                   (64, 2, -1, 513, 128)])
+def test_module_fp32_matches_reference(core, dim, heads, mid, n, chunk):
+    module = random_module(core, dim, heads, mid)
+    module.chunk_size = chunk
+    sd = {k: v.float() for k, v in module.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, n, dim, generator=g)
+    with torch.no_grad():
+        out = module(x)
+    ref = reference_module_forward(sd, x, x, x, heads)
+    assert (out - ref).abs().max().item() <= 1e-5
+
+
+def test_module_takes_keys_from_context_and_values_from_value(core):
+    """attn1_patch passes context and value explicitly (HyperTile, reference-only nodes...)."""
+    module = random_module(core, 64, 4, None)
+    g = torch.Generator().manual_seed(2)
+    x, ctx, val = (torch.randn(2, 40, 64, generator=g) for _ in range(3))
+    with torch.no_grad():
+        out = module(x, context=ctx, value=val)
+        plain = module(x)
+    ref = reference_module_forward(module.state_dict(), x, ctx, val, 4)
+    assert (out - ref).abs().max().item() <= 1e-5
+    assert (out - plain).abs().max().item() > 1e-3
+
+
+def test_module_state_merges_over_tiles(core):
+    module = random_module(core, 64, 4, None)
+    x = torch.randn(1, 900, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        state = module.compute_state(x[:, :400]) + module.compute_state(x[:, 400:])
+        tiles = torch.cat([module.attend(x[:, :400], state), module.attend(x[:, 400:], state)], dim=1)
+        whole = module(x)
+    assert (tiles - whole).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.bfloat16, 5e-2)])
+def test_module_half_precision(core, dtype, tol):
+    """Weights and activations in half precision (comfy.ops casting), state in fp32: stated tolerance is
+    relative to the output scale, covering half-precision projections (the attention itself adds ~1e-3)."""
+    module = random_module(core, 320, 8, None)
+    ref_sd = module.state_dict()
+    half = module.to(dtype)
+    x = torch.randn(2, 1024, 320, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = half(x.to(dtype))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    ref = reference_module_forward(ref_sd, x, x, x, 8)
+    assert ((out.float() - ref).abs().max() / ref.abs().max()).item() <= tol
+
+
+def test_bad_heads(core):
+    with pytest.raises(ValueError, match="heads"):
+        core.module.LinFusionAttention(320, 7)

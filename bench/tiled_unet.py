@@ -2,9 +2,9 @@
 
     python3 scripts/comfy_host.py python bench/tiled_unet.py [--width 64] [--sizes 64,128,192,256] [--tile 32]
 
-Each measurement runs in its own process (peak RSS is a process-wide high-water mark): the model is built
-first, then the resident size is read, then one warm-up and `--repeat` timed UNet evaluations run; the
-peak extra memory is max RSS minus the RSS before the first evaluation. Model: the SD1.5 UNet structure
+Each measurement runs in its own process: the model is built first, freed heap is returned to the OS and
+the resident size read, then one warm-up and `--repeat` timed UNet evaluations run; the peak extra memory
+is the peak RSS during them (1 ms poller + kernel high-water mark) minus that baseline. Model: the SD1.5 UNet structure
 (4 levels, 2 res blocks, transformers on the first 3 levels and the middle, conv proj_in/out) at a
 reduced width (`--width`, 320 in SD1.5) with LinFusion self-attention on every transformer block, random
 weights, fp32, batch 1. On a CPU-only machine the park device and the compute device are the same memory,
@@ -14,11 +14,13 @@ set; the parked part is printed too.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,6 +30,35 @@ REPO = Path(__file__).resolve().parent.parent
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Peak resident size during a block: max of a 1 ms poller and the kernel's high-water mark (when that
+    rose during the block). Freed heap is handed back first (malloc_trim) so the baseline is honest."""
+
+    def __enter__(self):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        self.base, self.peak, self.done = rss_bytes(), 0, False
+        self.hwm_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def _poll(self):
+        while not self.done:
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self.done = True
+        self.thread.join()
+        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if hwm > self.hwm_before:
+            self.peak = max(self.peak, hwm)
+        self.extra = max(self.peak - self.base, 0)
 
 
 def boot_comfy():
@@ -53,10 +84,11 @@ def worker(args) -> dict:
     boot_comfy()
     import torch
     from test_tiled_unet import build_unet  # the tests' random-weight builder with LinFusion mounted
+    from linfusion_core.module import LinFusionAttention
     from linfusion_core.tiled_unet import TiledUNetRunner
 
     torch.set_num_threads(args.threads)
-    unet = build_unet(sd15_config(args.width), 0)
+    unet = build_unet(sd15_config(args.width), LinFusionAttention, 0)
     n = args.latent
     x = torch.randn(1, 4, n, n)
     t = torch.tensor([500.0])
@@ -70,9 +102,8 @@ def worker(args) -> dict:
             if any(type(m).__name__ == "Downsample" for m in blk.children()):
                 h = (h + 1) // 2
             parked += ch * h * h * 4
-    base = rss_bytes()
     times = []
-    with torch.no_grad():
+    with torch.no_grad(), PeakRSS() as mem:
         for i in range(args.repeat + 1):
             t0 = time.perf_counter()
             if args.mode == "untiled":
@@ -80,10 +111,9 @@ def worker(args) -> dict:
             else:
                 TiledUNetRunner(unet, args.tile, "cpu", "cpu", progress=False).forward(x, t, ctx, transformer_options={})
             times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return dict(mode=args.mode, latent=n, px=n * 8, tile=args.tile, width=args.width,
                 time_s=min(times[1:]) if len(times) > 1 else times[0],
-                peak_extra_mb=(peak - base) / 2**20, skips_mb=parked / 2**20)
+                peak_extra_mb=mem.extra / 2**20, skips_mb=parked / 2**20)
 
 
 def main():

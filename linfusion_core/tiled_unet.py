@@ -5,7 +5,7 @@ reads tiles of it (with the halo a convolution needs, zero-filled outside the ma
 convolution would zero-pad), computes on the compute device and writes the tile's core back. Where a layer
 needs a global reduction, a first pass over all tiles accumulates it:
 - GroupNorm: per-group count / mean / M2, merged exactly (group_norm_stats.py);
-- LinFusion self-attention: the additive state (sum K^T V, sum K, N) (linear_state.py).
+- LinFusion self-attention: the additive state (sum K^T V, sum K, N) (attention.py, module.py).
 Cross-attention, feed-forward, LayerNorm, linear and 1x1 layers are per token and tile freely. Anything
 that cannot be tiled exactly (softmax self-attention, attn1 patches, unknown layers, block patches) runs
 untiled on the full activation: still exact, only not memory-bounded.
@@ -24,7 +24,6 @@ from comfy.ldm.modules.attention import BasicTransformerBlock, SpatialTransforme
 from comfy.ldm.modules.diffusionmodules.openaimodel import (Downsample, ResBlock, Upsample,
                                                              forward_timestep_embed, timestep_embedding)
 
-from .linear_state import apply_linear_attention_state, linear_attention_state
 from .group_norm_stats import GroupStats, group_norm_with_stats
 
 log = logging.getLogger("LinFusion")
@@ -43,8 +42,8 @@ def tile_ranges(size: int, tile: int) -> list[tuple[int, int]]:
 
 
 def is_linfusion_attention(module) -> bool:
-    """Duck-typed: LinFusion modules carry the hub's submodule names (BRIEF.md, linfusion_core/module.py)."""
-    return all(hasattr(module, n) for n in ("to_q", "to_k", "to_v", "to_out", "to_q_", "to_k_"))
+    """A LinFusion module with the additive-state API (module.LinFusionAttention: compute_state / attend)."""
+    return callable(getattr(module, "compute_state", None)) and callable(getattr(module, "attend", None))
 
 
 def linfusion_for(attn1, n_tokens: int):
@@ -57,18 +56,6 @@ def linfusion_for(attn1, n_tokens: int):
     if forward is not None and hasattr(forward, "linfusion"):
         return None if n_tokens < getattr(forward, "min_tokens", 0) else forward.linfusion
     return attn1 if is_linfusion_attention(attn1) else None
-
-
-def _kv_state(lin, n, heads):
-    if hasattr(lin, "compute_state"):
-        return lin.compute_state(n)
-    return linear_attention_state(lin.to_k(n + lin.to_k_(n)), lin.to_v(n), heads)
-
-
-def _attend(lin, n, state, heads):
-    if hasattr(lin, "attend"):
-        return lin.attend(n, state)
-    return lin.to_out(apply_linear_attention_state(lin.to_q(n + lin.to_q_(n)), state, heads))
 
 
 def _cast_weight_bias(module, like):
@@ -292,7 +279,6 @@ class TiledUNetRunner:
             self.ticks += len(self._tiles(h, w, t.shape[1]))
             return _to_image(y, h, w).to(self.park)
 
-        heads = getattr(lin, "heads", block.n_heads)
         key = (id(block), tuple(t.shape), tuple(to.get("cond_or_uncond", ())))
         sigma = float(to["sigmas"].max()) if "sigmas" in to else None
         stale = self.stale.get(key) if self.stale is not None else None
@@ -302,7 +288,7 @@ class TiledUNetRunner:
             state = None
             for r0, r1, c0, c1 in self._tiles(*t.shape[2:], t.shape[1]):
                 n = block.norm1(_to_tokens(t[:, :, r0:r1, c0:c1].to(self.dev)))
-                part = _kv_state(lin, n, heads)
+                part = lin.compute_state(n)
                 state = part if state is None else state + part
                 comfy.model_management.throw_exception_if_processing_interrupted()
         else:
@@ -313,9 +299,9 @@ class TiledUNetRunner:
             x = _to_tokens(tt)
             n = block.norm1(x)
             if self.stale is not None:  # fast mode: this step's state, for the next step
-                part = _kv_state(lin, n, heads)
+                part = lin.compute_state(n)
                 fresh[0] = part if fresh[0] is None else fresh[0] + part
-            x = self._block_tail(block, x, _attend(lin, n, state, heads), context, to)
+            x = self._block_tail(block, x, lin.attend(n, state), context, to)
             return _to_image(x, r[1] - r[0], r[3] - r[2])
         out = self.pointwise(t, apply)
         if self.stale is not None:

@@ -3,7 +3,8 @@
 Small SD1.5-family and SDXL-family UNets are built directly from ComfyUI unet_configs (reduced widths, the
 same block structure: conv vs linear proj, adm, transformer depths, odd-size upsampling), filled with
 random std 1/sqrt(fan_in) weights, and get LinFusion self-attention modules mounted on their attn1
-(a plain reference implementation of the formula, LINFUSION_FACTS.md section 2).
+(core's module.LinFusionAttention mounted as attn1 for the direct UNet tests; installed by the core's
+Apply LinFusion path, injected forwards and hybrid threshold included, for the sampler tests).
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fixture_models import fill_random_
 
@@ -31,58 +31,22 @@ SDXL_SMALL = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spati
                   use_temporal_attention=False, use_temporal_resblock=False)
 
 
-class RefLinFusionAttention(torch.nn.Module):
-    """Obviously-correct LinFusion attn1 (hub submodule names), whole sequence at once."""
-
-    def __init__(self, dim, heads, mid):
-        super().__init__()
-        self.heads = heads
-        lin = torch.nn.Linear
-        self.to_q, self.to_k, self.to_v = lin(dim, dim, bias=False), lin(dim, dim, bias=False), lin(dim, dim, bias=False)
-        self.to_out = torch.nn.Sequential(lin(dim, dim), torch.nn.Dropout(0.0))
-        mlp = lambda: torch.nn.Sequential(lin(dim, mid), torch.nn.LayerNorm(mid), torch.nn.LeakyReLU(0.01), lin(mid, dim))  # noqa: E731
-        self.to_q_, self.to_k_ = mlp(), mlp()
-
-    def forward(self, x, context=None, value=None, **kwargs):
-        context = x if context is None else context
-        value = context if value is None else value
-        q = self.to_q(x + self.to_q_(x))
-        k = self.to_k(context + self.to_k_(context))
-        v = self.to_v(value)
-        b, n, c = q.shape
-        h = self.heads
-        Q, K, V = (t.reshape(b, -1, h, c // h).transpose(1, 2) for t in (q, k, v))
-        Q, K = F.elu(Q) + 1, F.elu(K) + 1
-        z = Q @ K.mean(dim=2, keepdim=True).transpose(-1, -2) + 1e-4
-        S = (K.transpose(-1, -2) * K.shape[2] ** -0.5) @ (V * K.shape[2] ** -0.5)
-        out = ((Q @ S) / z).transpose(1, 2).reshape(b, n, c)
-        return self.to_out(out)
-
-
 def fill_random(module, seed):
     return fill_random_(module, torch.Generator().manual_seed(seed))
 
 
-def linfusion_modules(unet, skip_middle=False):
-    """{attn1 path: module} for every BasicTransformerBlock (SDXL-like MLP width C/16, SD1.5-like C)."""
+def build_unet(config, linfusion_cls, seed=0, skip_middle=False, operations=None):
+    """UNetModel with a LinFusion module (linfusion_cls, core's module.LinFusionAttention) mounted as every
+    attn1 (but the middle block's with skip_middle), random weights, eval, fp32."""
     from comfy.ldm.modules.attention import BasicTransformerBlock
-    out = {}
-    for name, m in unet.named_modules():
-        if isinstance(m, BasicTransformerBlock) and not (skip_middle and name.startswith("middle_block")):
-            dim = m.attn1.to_q.in_features
-            mid = dim // 16 if unet.num_classes is not None else dim  # SDXL family: LinFusion-XL MLP width
-            out[name + ".attn1"] = RefLinFusionAttention(dim, m.n_heads, mid)
-    return out
-
-
-def build_unet(config, seed=0, skip_middle=False, operations=None):
-    """UNetModel + its LinFusion modules (mounted), random weights, eval, fp32."""
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     extra = {"operations": operations} if operations is not None else {}
     unet = UNetModel(**config, dtype=torch.float32, device="cpu", **extra)
-    for path, mod in linfusion_modules(unet, skip_middle).items():
-        parent, attr = path.rsplit(".", 1)
-        setattr(unet.get_submodule(parent), attr, mod)
+    for name, m in list(unet.named_modules()):
+        if isinstance(m, BasicTransformerBlock) and not (skip_middle and name.startswith("middle_block")):
+            dim = m.attn1.to_q.in_features
+            mid = dim // 16 if unet.num_classes is not None else None  # SDXL family: LinFusion-XL MLP width
+            m.attn1 = linfusion_cls(dim, m.n_heads, mid, **extra)
     fill_random(unet, seed)
     return unet.eval()
 
@@ -101,11 +65,12 @@ def rel_err(a, b):
 
 
 @pytest.fixture(scope="module")
-def unets(host):
+def unets(host, core):
     import comfy.ops
-    return {"sd15": build_unet(SD15_SMALL, 0, skip_middle=True), "sdxl": build_unet(SDXL_SMALL, 1),
+    lin = core.module.LinFusionAttention
+    return {"sd15": build_unet(SD15_SMALL, lin, 0, skip_middle=True), "sdxl": build_unet(SDXL_SMALL, lin, 1),
             # Layers that ComfyUI casts on every call: the convs run through their own forward.
-            "sd15_cast": build_unet(SD15_SMALL, 2, skip_middle=True, operations=comfy.ops.manual_cast)}
+            "sd15_cast": build_unet(SD15_SMALL, lin, 2, skip_middle=True, operations=comfy.ops.manual_cast)}
 
 
 CONFIGS = {"sd15": SD15_SMALL, "sdxl": SDXL_SMALL, "sd15_cast": SD15_SMALL}
@@ -145,23 +110,21 @@ def test_tiling_is_not_a_no_op(core, unets):
 
 
 # ---------------------------------------------------------------- through ComfyUI's sampler and patcher
-def model_patcher(family, seed, skip_middle=False):
+def model_patcher(core, family, seed, min_tokens=0):
+    """A ModelPatcher of the small UNet with LinFusion installed by the core's own Apply LinFusion path
+    (injected attn1 forwards, weights as an additional model); min_tokens > 0 keeps softmax on small levels."""
     import comfy.model_patcher
     import comfy.supported_models
-    config = dict(CONFIGS[family])
+    from linfusion_models import linfusion_for
     cls = comfy.supported_models.SD15 if family == "sd15" else comfy.supported_models.SDXL
-    model_config = cls(config)
+    model_config = cls(dict(CONFIGS[family]))
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({})
-    unet = model.diffusion_model
-    fill_random(unet, seed)
+    fill_random(model.diffusion_model, seed)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
                                                offload_device=torch.device("cpu"))
-    modules = linfusion_modules(unet, skip_middle)
-    for i, (path, mod) in enumerate(modules.items()):
-        fill_random(mod, 100 + i)
-        patcher.add_object_patch("diffusion_model." + path, mod.eval())
-    return patcher
+    patched, _ = core.patch.apply_linfusion(patcher, linfusion_for(core, model, seed=seed + 1), min_tokens=min_tokens)
+    return patched
 
 
 def random_controlnet(config, seed):
@@ -204,14 +167,14 @@ def state_snapshot(patcher):
     return {k: v.clone() for k, v in patcher.model.state_dict().items()}
 
 
-@pytest.mark.parametrize("family,h,w,tile,with_control", [
-    ("sd15", 32, 24, 16, False),
-    ("sd15", 28, 36, 12, True),
-    ("sdxl", 32, 32, 20, False),
+@pytest.mark.parametrize("family,h,w,tile,with_control,min_tokens", [
+    ("sd15", 32, 24, 16, False, 0),
+    ("sd15", 28, 36, 12, True, 100),   # hybrid: softmax below 100 tokens (deepest level, middle) runs untiled
+    ("sdxl", 32, 32, 20, False, 0),
 ])
-def test_sampler_step_equals_untiled(core, host, family, h, w, tile, with_control):
+def test_sampler_step_equals_untiled(core, host, family, h, w, tile, with_control, min_tokens):
     nodes = host.extension_module.NODE_CLASS_MAPPINGS
-    base = model_patcher(family, 11, skip_middle=(family == "sd15"))
+    base = model_patcher(core, family, 11, min_tokens)
     control = random_controlnet(CONFIGS[family], 12) if with_control else None
     ref = one_step(base, family, h, w, control)
     if with_control:  # the ControlNet really contributes, so its per-tile residuals are checked too
@@ -231,7 +194,7 @@ def test_sampler_step_equals_untiled(core, host, family, h, w, tile, with_contro
 def test_wrapper_chains_with_other_wrappers(core, host):
     """Wrappers set before and after ours still run; ours only replaces the innermost forward."""
     from comfy.patcher_extension import WrappersMP
-    base = model_patcher("sd15", 21)
+    base = model_patcher(core, "sd15", 21)
     calls = []
 
     def outer(executor, *args, **kwargs):
@@ -255,7 +218,7 @@ def test_wrapper_chains_with_other_wrappers(core, host):
 
 def test_progress_and_interruption_leave_model_clean(core, host):
     import comfy.model_management
-    base = model_patcher("sd15", 31)
+    base = model_patcher(core, "sd15", 31)
     before = state_snapshot(base)
     tiled = core.tiled_unet_patch.apply_tiled_unet(base, 8)
     host.progress = []
@@ -297,3 +260,44 @@ def test_bad_settings_are_refused(core):
         core.tiled_unet_patch.TiledUNetWrapper(16, "gpu0")
     with pytest.raises(ValueError, match="tile size"):
         core.tiled_unet_patch.TiledUNetWrapper(1)
+
+
+@pytest.mark.slow
+def test_prompt_with_lora_and_controlnet_through_comfy_executor(host, fixtures):
+    """The user's graph: checkpoint + LoRA + LinFusion + ControlNet, KSampler with and without the node."""
+    def prompt(tiled):
+        p = {
+            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": fixtures.checkpoint["sd15"]}},
+            "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "strength_model": 1.0,
+                                                         "strength_clip": 1.0, "lora_name": fixtures.lora_sd15}},
+            "3": {"class_type": "LinFusionLoader", "inputs": {"linfusion_name": fixtures.linfusion_folder["sd15"]}},
+            "4": {"class_type": "ApplyLinFusion", "inputs": {"model": ["2", 0], "linfusion": ["3", 0],
+                                                             "blocks": "all", "min_tokens": 0}},
+            "5": {"class_type": "LinFusionTiledUNet", "inputs": {"model": ["4", 0], "tile_size": 16,
+                                                                 "park_device": "cpu", "mode": "exact"}},
+            "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse at dusk", "clip": ["2", 1]}},
+            "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["2", 1]}},
+            "8": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": fixtures.controlnet_sd15}},
+            "9": {"class_type": "EmptyImage", "inputs": {"width": 256, "height": 192, "batch_size": 1,
+                                                         "color": 0x3366CC}},
+            "10": {"class_type": "ControlNetApplyAdvanced", "inputs": {
+                "positive": ["6", 0], "negative": ["7", 0], "control_net": ["8", 0], "image": ["9", 0],
+                "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}},
+            "11": {"class_type": "EmptyLatentImage", "inputs": {"width": 256, "height": 192, "batch_size": 1}},
+            "12": {"class_type": "KSampler", "inputs": {
+                "model": ["5" if tiled else "4", 0], "positive": ["10", 0], "negative": ["10", 1],
+                "latent_image": ["11", 0], "seed": 0, "steps": 1, "cfg": 5.0, "sampler_name": "euler",
+                "scheduler": "normal", "denoise": 1.0}},
+            "13": {"class_type": "LinFusionTest_Capture", "inputs": {"value": ["12", 0]}},
+        }
+        if not tiled:
+            del p["5"]
+        return p
+
+    ref = host.run(prompt(False)).captured["13"]["samples"]
+    result = host.run(prompt(True))
+    out = result.captured["13"]["samples"]
+    assert out.shape == ref.shape == (1, 4, 24, 32)
+    assert rel_err(out, ref) <= TOL
+    # Per-tile progress reached ComfyUI's progress hook for the sampler node.
+    assert sum(1 for node, _, _ in result.progress if node == "12") > 16

@@ -188,7 +188,9 @@ def test_sampler_step_equals_untiled(core, host, family, h, w, tile, with_contro
     # The patch lives on the clone only: the model is bit-identical and samples bit-identically.
     after = state_snapshot(base)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert torch.equal(one_step(base, family, h, w, control), ref)
+    # Re-sampling the base model gives its result again. Not asserted bitwise: ComfyUI's CPU cross-attention
+    # picks its chunking from the free memory at call time, which may differ between two runs.
+    assert rel_err(one_step(base, family, h, w, control), ref) <= 1e-6
 
 
 def test_wrapper_chains_with_other_wrappers(core, host):

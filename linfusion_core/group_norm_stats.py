@@ -1,13 +1,24 @@
-"""GroupNorm over a whole image that is only ever seen one tile at a time.
+"""GroupNorm over a feature map that is only ever seen one tile at a time.
 
-Statistics are kept per channel (count, mean, M2 in fp32) and merged with Chan's parallel formula, so
-any partition of the image into tiles gives the same numbers as one pass over the full tensor (up to
-fp32 rounding). Per-channel statistics of equal counts merge into per-group statistics exactly, so the
-producer of an activation does not need to know the group count of the norm that will read it.
+Statistics (count, mean, M2 in fp32) are merged with Chan's parallel formula, so any partition of the
+map into tiles gives the same numbers as one pass over the full tensor (up to fp32 rounding); GroupNorm
+uses the biased variance M2 / count. Two granularities share that merge:
+- `ChannelStats` (tiled VAE, batch 1): per channel, so the producer of an activation need not know the
+  group count of the norm that reads it (channels of equal counts merge into groups exactly);
+- `GroupStats` (tiled UNet): per (batch, group), for batched UNet calls.
 """
 from __future__ import annotations
 
 import torch
+
+
+def chan_merge(count: int, mean, m2, n: int, tile_mean, tile_m2):
+    """Chan et al.: exact merge of a running (count, mean, M2) with a tile's (n, mean, M2)."""
+    if count == 0:
+        return n, tile_mean, tile_m2
+    total = count + n
+    delta = tile_mean - mean
+    return total, mean + delta * (n / total), m2 + tile_m2 + delta.square() * (count * n / total)
 
 
 class ChannelStats:
@@ -26,13 +37,8 @@ class ChannelStats:
             return
         mean = x.mean(dim=1)
         m2 = (x - mean[:, None]).square().sum(dim=1)
-        mean, m2 = mean.to(self.mean.device), m2.to(self.m2.device)
-        total = self.count + n
-        delta = mean - self.mean
-        # Chan et al.: exact merge of two partial (count, mean, M2) summaries.
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + m2 + delta.square() * (self.count * n / total)
-        self.count = total
+        self.count, self.mean, self.m2 = chan_merge(self.count, self.mean, self.m2, n,
+                                                    mean.to(self.mean.device), m2.to(self.m2.device))
 
     def group_mean_rstd(self, num_groups: int, eps: float):
         """Per-channel mean and 1/sqrt(var + eps) of each channel's group (biased variance, as GroupNorm)."""
@@ -65,3 +71,46 @@ def apply_group_norm(tile: torch.Tensor, stats: ChannelStats, norm: torch.nn.Gro
     if silu:
         x = torch.nn.functional.silu(x)
     return x
+
+
+class GroupStats:
+    """Running per-(batch, group) count / mean / M2, merged exactly across tiles."""
+
+    def __init__(self, num_groups: int):
+        self.num_groups = num_groups
+        self.count = 0
+        self.mean = None
+        self.m2 = None
+
+    def add(self, tile: torch.Tensor) -> None:
+        """Fold one tile (B x C x h x w, any dtype) into the statistics."""
+        b = tile.shape[0]
+        g = tile.float().reshape(b, self.num_groups, -1)
+        n = g.shape[-1]
+        if n == 0:
+            return
+        mean = g.mean(dim=-1)
+        m2 = (g - mean.unsqueeze(-1)).square().sum(dim=-1)
+        if self.mean is not None:
+            mean, m2 = mean.to(self.mean.device), m2.to(self.mean.device)
+        self.count, self.mean, self.m2 = chan_merge(self.count, self.mean, self.m2, n, mean, m2)
+
+    def mean_rstd(self, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per (batch, group) mean and 1/sqrt(biased var + eps), fp32."""
+        var = self.m2 / self.count
+        return self.mean, torch.rsqrt(var + eps)
+
+
+def group_norm_with_stats(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, num_groups: int,
+                          weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """GroupNorm of a tile using statistics of the whole map (computed in fp32, returned in x.dtype)."""
+    b, c = x.shape[:2]
+    g = x.float().reshape(b, num_groups, -1)
+    g = (g - mean.to(g.device).unsqueeze(-1)) * rstd.to(g.device).unsqueeze(-1)
+    y = g.reshape(x.shape)
+    shape = (1, c) + (1,) * (x.ndim - 2)
+    if weight is not None:
+        y = y * weight.float().reshape(shape)
+    if bias is not None:
+        y = y + bias.float().reshape(shape)
+    return y.to(x.dtype)

@@ -1,0 +1,445 @@
+"""Run a ComfyUI UNetModel (SD1.x / SD2.x / SDXL family) spatially tile by tile, equal to the untiled forward.
+
+Every block's full-size activation lives on a "park" device (CPU memory or the accelerator); each layer
+reads tiles of it (with the halo a convolution needs, zero-filled outside the map exactly where the
+convolution would zero-pad), computes on the compute device and writes the tile's core back. Where a layer
+needs a global reduction, a first pass over all tiles accumulates it:
+- GroupNorm: per-group count / mean / M2, merged exactly (group_norm_stats.py);
+- LinFusion self-attention: the additive state (sum K^T V, sum K, N) (attention.py, module.py).
+Cross-attention, feed-forward, LayerNorm, linear and 1x1 layers are per token and tile freely. Anything
+that cannot be tiled exactly (softmax self-attention, attn1 patches, unknown layers, block patches) runs
+untiled on the full activation: still exact, only not memory-bounded.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+import comfy.model_management
+import comfy.ops
+import comfy.utils
+from comfy.ldm.modules.attention import BasicTransformerBlock, SpatialTransformer
+from comfy.ldm.modules.diffusionmodules.openaimodel import (Downsample, ResBlock, Upsample,
+                                                             forward_timestep_embed, timestep_embedding)
+
+from .group_norm_stats import GroupStats, group_norm_with_stats
+
+log = logging.getLogger("LinFusion")
+_warned: set = set()
+MIN_TILE = 4  # smaller tiles cost more in per-call overhead and halos than they save
+
+
+def _warn_once(key, message, *args):
+    if key not in _warned:
+        _warned.add(key)
+        log.warning("[LinFusion] " + message, *args)
+
+
+def tile_ranges(size: int, tile: int) -> list[tuple[int, int]]:
+    return [(s, min(s + tile, size)) for s in range(0, size, tile)]
+
+
+def is_linfusion_attention(module) -> bool:
+    """A LinFusion module with the additive-state API (module.LinFusionAttention: compute_state / attend)."""
+    return callable(getattr(module, "compute_state", None)) and callable(getattr(module, "attend", None))
+
+
+def linfusion_for(attn1, n_tokens: int):
+    """The LinFusion module that this attn1 runs for a map of n_tokens, or None when softmax runs.
+
+    Apply LinFusion injects an instance-level forward carrying `.linfusion` and the hybrid threshold
+    `.min_tokens` (below it the original softmax attn1 runs); a LinFusion module mounted as attn1 itself
+    (object patch) is recognised too."""
+    forward = attn1.__dict__.get("forward")
+    if forward is not None and hasattr(forward, "linfusion"):
+        return None if n_tokens < getattr(forward, "min_tokens", 0) else forward.linfusion
+    return attn1 if is_linfusion_attention(attn1) else None
+
+
+def _cast_weight_bias(module, like):
+    if getattr(module, "comfy_cast_weights", False):
+        return comfy.ops.cast_bias_weight(module, like)[:2]
+    return module.weight, module.bias
+
+
+def _plain_conv(conv) -> bool:
+    """True when the conv's forward is torch's own on its stored weights (mirrors comfy.ops' dispatch)."""
+    if type(conv).forward is torch.nn.Conv2d.forward:
+        return True
+    return (isinstance(conv, comfy.ops.CastWeightBiasOp) and not conv.comfy_cast_weights
+            and not conv.weight_function and not conv.bias_function)
+
+
+def _to_tokens(t):
+    return t.movedim(1, 3).flatten(1, 2)
+
+
+def _to_image(tokens, h, w):
+    return tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1]).movedim(3, 1)
+
+
+class TiledUNetRunner:
+    """One tiled forward pass of `unet`. Holds nothing of the model; safe to drop at any time."""
+
+    def __init__(self, unet, tile: int, park_device, compute_device, stale_state_cache: dict | None = None,
+                 progress: bool = True, expected_ticks: int | None = None):
+        self.unet = unet
+        self.tile = int(tile)
+        self.park = torch.device(park_device)
+        self.dev = torch.device(compute_device)
+        self.stale = stale_state_cache  # None: exact two-pass attention; dict: one-step-stale state (fast mode)
+        self.progress = progress
+        self.expected_ticks = expected_ticks  # tile steps of the last call at this shape, for the bar's total
+        self.ticks = 0
+        self.pbar = None
+        self.untiled_layers = []  # (block, layer class) that ran on the full activation, for tests and logs
+
+    # ---------------------------------------------------------------- tiles
+    def _tiles(self, h: int, w: int, channels: int):
+        """Tiles of a map at some UNet level, holding about as many values as a `tile` x `tile` tile of the
+        UNet's first level: deeper levels (more channels, fewer pixels) get fewer, not tinier, tiles."""
+        side = self.tile * math.sqrt(self.unet.model_channels / max(channels, 1))
+        t = max(MIN_TILE, math.ceil(side))
+        return [(r0, r1, c0, c1) for r0, r1 in tile_ranges(h, t) for c0, c1 in tile_ranges(w, t)]
+
+    def _tick(self):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        self.ticks += 1
+        if self.pbar is not None:
+            self.pbar.update_absolute(min(self.ticks, self.pbar.total), self.pbar.total)
+
+    def _window(self, full, r0, r1, c0, c1, pre=None, rows=None, cols=None):
+        """Rows [r0, r1) x cols [c0, c1) of pre(full) (optionally nearest-upsampled through index maps),
+        on the compute device, zero where the window leaves the map (= the convolution's zero padding)."""
+        H = full.shape[2] if rows is None else rows.numel()
+        W = full.shape[3] if cols is None else cols.numel()
+        a0, a1, b0, b1 = max(r0, 0), min(r1, H), max(c0, 0), min(c1, W)
+        if rows is None:
+            t = full[:, :, a0:a1, b0:b1]
+        else:
+            ri, ci = rows[a0:a1], cols[b0:b1]
+            t = full[:, :, int(ri[0]):int(ri[-1]) + 1, int(ci[0]):int(ci[-1]) + 1]
+            t = t.index_select(2, (ri - ri[0]).to(t.device)).index_select(3, (ci - ci[0]).to(t.device))
+        t = t.to(self.dev)
+        if pre is not None:
+            t = pre(t)
+        if (a0, a1, b0, b1) != (r0, r1, c0, c1):
+            t = torch.nn.functional.pad(t, (b0 - c0, c1 - b1, a0 - r0, r1 - a1))
+        return t
+
+    def _empty(self, like, channels, h, w):
+        return torch.empty((like.shape[0], channels, h, w), dtype=like.dtype, device=self.park)
+
+    # ---------------------------------------------------------------- tiled primitives
+    def group_norm_pre(self, full, norm, act=None, extra=()):
+        """Pass 1 over `full`: exact GroupNorm statistics; returns the per-tile pre-op norm(+act, +extra)."""
+        stats = GroupStats(norm.num_groups)
+        for r0, r1, c0, c1 in self._tiles(*full.shape[2:], full.shape[1]):
+            stats.add(full[:, :, r0:r1, c0:c1].to(self.dev))
+            comfy.model_management.throw_exception_if_processing_interrupted()
+        mean, rstd = stats.mean_rstd(norm.eps)
+        affine = norm.affine
+
+        def pre(t):
+            w, b = _cast_weight_bias(norm, t) if affine else (None, None)
+            t = group_norm_with_stats(t, mean, rstd, norm.num_groups, w, b)
+            for m in ((act,) if act is not None else ()) + tuple(extra):
+                t = m(t)
+            return t
+        return pre
+
+    def conv(self, full, conv, pre=None, post=None, up_shape=None):
+        """conv(pre(full)) tile by tile; up_shape: nearest-upsample the input to that size first.
+
+        A plain conv (weights as stored, the usual case) runs as F.conv2d on exactly the window each output
+        tile needs, with padding 0. A conv that ComfyUI casts or patches on the fly (low-VRAM LoRA weight
+        functions, manual cast, quantized weights) runs through its own forward, so ComfyUI keeps doing
+        that: the window then starts m*stride rows early and the outputs it pads for itself are cropped."""
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            return None
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+        rows = cols = None
+        H, W = full.shape[2:]
+        if up_shape is not None:
+            # The exact source indices of F.interpolate(mode="nearest"), taken from the function itself.
+            idx = lambda n, m: torch.nn.functional.interpolate(  # noqa: E731
+                torch.arange(n, dtype=torch.float64).reshape(1, 1, n), size=m, mode="nearest").reshape(m).long()
+            H, W = up_shape
+            rows, cols = idx(full.shape[2], H), idx(full.shape[3], W)
+        Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        Wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        functional = _plain_conv(conv)
+        mh, mw = (0, 0) if functional else (-(-ph // sh), -(-pw // sw))
+        out = None
+        for o0, o1, q0, q1 in self._tiles(Ho, Wo, max(full.shape[1], conv.out_channels)):
+            r1 = (o1 - 1) * sh - ph + dh * (kh - 1) + 1
+            c1 = (q1 - 1) * sw - pw + dw * (kw - 1) + 1
+            if functional:
+                win = self._window(full, o0 * sh - ph, r1, q0 * sw - pw, c1, pre, rows, cols)
+                y = torch.nn.functional.conv2d(win, conv.weight, conv.bias, conv.stride, 0, conv.dilation,
+                                               conv.groups)
+            else:
+                win = self._window(full, (o0 - mh) * sh, r1, (q0 - mw) * sw, c1, pre, rows, cols)
+                y = conv(win)[:, :, mh:mh + o1 - o0, mw:mw + q1 - q0]
+            if post is not None:
+                y = post(y, (o0, o1, q0, q1))
+            if out is None:
+                out = self._empty(full, y.shape[1], Ho, Wo)
+            out[:, :, o0:o1, q0:q1] = y.to(self.park)
+            self._tick()
+        return out
+
+    def pointwise(self, full, fn, channels=None):
+        """fn(tile, region) per tile of a per-pixel computation."""
+        out = None
+        for r in self._tiles(*full.shape[2:], full.shape[1]):
+            r0, r1, c0, c1 = r
+            y = fn(full[:, :, r0:r1, c0:c1].to(self.dev), r)
+            if out is None:
+                out = self._empty(full, y.shape[1], *full.shape[2:])
+            out[:, :, r0:r1, c0:c1] = y.to(self.park)
+            self._tick()
+        return out
+
+    def untiled(self, layer, full, emb, context, to, output_shape, extra):
+        """Exact fallback: the layer's own forward on the whole activation."""
+        self.untiled_layers.append((to.get("block"), type(layer).__name__))
+        _warn_once(type(layer).__name__, "tiled UNet: %s runs untiled on the full activation (exact, not "
+                   "memory-bounded)", type(layer).__name__)
+        y = forward_timestep_embed([layer], full.to(self.dev), emb, context, to, output_shape, **extra)
+        self.ticks += len(self._tiles(*full.shape[2:], full.shape[1]))
+        return y.to(self.park)
+
+    # ---------------------------------------------------------------- layers
+    def resblock(self, blk, x, emb):
+        il, ol = blk.in_layers, blk.out_layers
+        if (blk.updown or blk.use_scale_shift_norm or blk.exchange_temb_dims or x.ndim != 4
+                or len(il) != 3 or len(ol) != 4 or not isinstance(il[0], torch.nn.GroupNorm)
+                or not isinstance(ol[0], torch.nn.GroupNorm)
+                or (isinstance(blk.skip_connection, torch.nn.Conv2d) and blk.skip_connection.kernel_size != (1, 1))):
+            return None  # a variant this executor does not tile: exact untiled fallback
+        emb_out = None
+        if not getattr(blk, "skip_t_emb", False):
+            emb_out = blk.emb_layers(emb).type(x.dtype)[:, :, None, None]
+        post_in = (lambda y, r: y + emb_out) if emb_out is not None else None
+        h = self.conv(x, il[2], pre=self.group_norm_pre(x, il[0], il[1]), post=post_in)
+        if h is None:
+            return None
+        skip = blk.skip_connection
+
+        def post_out(y, r):
+            r0, r1, c0, c1 = r
+            return skip(x[:, :, r0:r1, c0:c1].to(self.dev)) + y
+        return self.conv(h, ol[3], pre=self.group_norm_pre(h, ol[0], ol[1], extra=(ol[2],)), post=post_out)
+
+    def spatial_transformer(self, st, x, context, to):
+        if not isinstance(context, list):
+            context = [context] * len(st.transformer_blocks)
+        h, w = x.shape[2:]
+        to["activations_shape"] = list(x.shape)
+        norm_pre = self.group_norm_pre(x, st.norm)
+        if st.use_linear:
+            t = self.pointwise(x, lambda t, r: _to_image(st.proj_in(_to_tokens(norm_pre(t))), r[1] - r[0], r[3] - r[2]))
+        else:
+            t = self.conv(x, st.proj_in, pre=norm_pre)
+        for i, block in enumerate(st.transformer_blocks):
+            to["block_index"] = i
+            t = self.transformer_block(block, t, context[i], to)
+
+        def out(tt, r):
+            hh, ww = r[1] - r[0], r[3] - r[2]
+            if st.use_linear:
+                tt = _to_image(st.proj_out(_to_tokens(tt)), hh, ww)
+            else:
+                tt = st.proj_out(tt)
+            return tt + x[:, :, r[0]:r[1], r[2]:r[3]].to(self.dev)
+        return self.pointwise(t, out)
+
+    def transformer_block(self, block, t, context, to):
+        patches = to.get("patches", {})
+        replace = to.get("patches_replace", {}).get("attn1", {})
+        blk = to.get("block")
+        keys = {blk, (blk[0], blk[1], to.get("block_index", 0))} if blk is not None else set()
+        attn1 = block.attn1
+        # attn1 patches (HyperTile, SAG, PAG, ...) and the patches around it may look at the whole token
+        # sequence; attn2 patches and replaces (IP-Adapter) are per query token and run per tile.
+        token_patches = {"attn1_patch", "attn1_output_patch", "middle_patch"} & set(patches)
+        lin = linfusion_for(attn1, t.shape[2] * t.shape[3])
+        tileable = (type(block) is BasicTransformerBlock and not block.ff_in and not block.disable_self_attn
+                    and lin is not None and not token_patches and not (keys & set(replace)))
+        if not tileable:
+            why = "softmax self-attention" if lin is None else "an attn1 patch"
+            self.untiled_layers.append((to.get("block"), "BasicTransformerBlock: " + why))
+            _warn_once(("attn1", why), "tiled UNet: a transformer block with %s runs untiled on the full "
+                       "activation (exact, not memory-bounded)", why)
+            h, w = t.shape[2:]
+            y = block(_to_tokens(t.to(self.dev)), context=context, transformer_options=to)
+            self.ticks += len(self._tiles(h, w, t.shape[1]))
+            return _to_image(y, h, w).to(self.park)
+
+        key = (id(block), tuple(t.shape), tuple(to.get("cond_or_uncond", ())))
+        sigma = float(to["sigmas"].max()) if "sigmas" in to else None
+        stale = self.stale.get(key) if self.stale is not None else None
+        if stale is not None and sigma is not None and sigma > stale[0]:
+            stale = None  # a new sampling run: its first step is exact again
+        if stale is None:
+            state = None
+            for r0, r1, c0, c1 in self._tiles(*t.shape[2:], t.shape[1]):
+                n = block.norm1(_to_tokens(t[:, :, r0:r1, c0:c1].to(self.dev)))
+                part = lin.compute_state(n)
+                state = part if state is None else state + part
+                comfy.model_management.throw_exception_if_processing_interrupted()
+        else:
+            state = stale[1]
+        fresh = [None]
+
+        def apply(tt, r):
+            x = _to_tokens(tt)
+            n = block.norm1(x)
+            if self.stale is not None:  # fast mode: this step's state, for the next step
+                part = lin.compute_state(n)
+                fresh[0] = part if fresh[0] is None else fresh[0] + part
+            x = self._block_tail(block, x, lin.attend(n, state), context, to)
+            return _to_image(x, r[1] - r[0], r[3] - r[2])
+        out = self.pointwise(t, apply)
+        if self.stale is not None:
+            self.stale[key] = (sigma if sigma is not None else float("inf"), fresh[0])
+        return out
+
+    def _block_tail(self, block, x, n, context, to):
+        """BasicTransformerBlock.forward after attn1 (ComfyUI 0.3.x control flow), on one tile's tokens."""
+        patches = to.get("patches", {})
+        extra = {k: v for k, v in to.items() if k not in ("patches", "patches_replace")}
+        extra.update(n_heads=block.n_heads, dim_head=block.d_head, attn_precision=block.attn_precision)
+        blk = to.get("block")
+        tblock = (blk[0], blk[1], to.get("block_index", 0)) if blk is not None else None
+        for p in patches.get("attn1_output_patch", []):
+            n = p(n, extra)
+        x = n + x
+        for p in patches.get("middle_patch", []):
+            x = p(x, extra)
+        if block.attn2 is not None:
+            n = block.norm2(x)
+            ctx = n if block.switch_temporal_ca_to_sa else context
+            value = None
+            if "attn2_patch" in patches:
+                value = ctx
+                for p in patches["attn2_patch"]:
+                    n, ctx, value = p(n, ctx, value, extra)
+            rep = to.get("patches_replace", {}).get("attn2", {})
+            key = tblock if tblock in rep else blk
+            if key in rep:
+                value = ctx if value is None else value
+                n = block.attn2.to_out(rep[key](block.attn2.to_q(n), block.attn2.to_k(ctx),
+                                                block.attn2.to_v(value), extra))
+            else:
+                n = block.attn2(n, context=ctx, value=value, transformer_options=to)
+        for p in patches.get("attn2_output_patch", []):
+            n = p(n, extra)
+        x = n + x
+        if block.is_res:
+            return x + block.ff(block.norm3(x))
+        return block.ff(block.norm3(x))
+
+    def layer(self, layer, x, emb, context, to, output_shape, extra):
+        patched = [c for c, _ in to.get("patches", {}).get("forward_timestep_embed_patch", [])]
+        y = None
+        if type(layer) is ResBlock:
+            y = self.resblock(layer, x, emb)
+        elif type(layer) is SpatialTransformer:
+            y = self.spatial_transformer(layer, x, context, to)
+            if "transformer_index" in to:
+                to["transformer_index"] += 1
+            return y
+        elif type(layer) is Upsample and layer.dims == 2 and layer.use_conv:
+            shape = tuple(output_shape[2:4]) if output_shape is not None else (x.shape[2] * 2, x.shape[3] * 2)
+            y = self.conv(x, layer.conv, up_shape=shape)
+        elif type(layer) is Downsample and layer.dims == 2 and layer.use_conv:
+            y = self.conv(x, layer.op)
+        elif isinstance(layer, torch.nn.Conv2d) and not any(isinstance(layer, c) for c in patched):
+            y = self.conv(x, layer)
+        if y is None:
+            y = self.untiled(layer, x, emb, context, to, output_shape, extra)
+        return y
+
+    def block(self, seq, x, emb, context, to, output_shape, extra):
+        for layer in seq:
+            x = self.layer(layer, x, emb, context, to, output_shape, extra)
+        return x
+
+    # ---------------------------------------------------------------- the UNet
+    def add_control(self, h, control, name):
+        """openaimodel.apply_control, added on the parked activation tile by tile."""
+        if control is not None and name in control and len(control[name]) > 0:
+            ctrl = control[name].pop()
+            if ctrl is not None:
+                if ctrl.shape != h.shape:
+                    _warn_once("ctrl", "control could not be applied %s %s", h.shape, ctrl.shape)
+                    return h
+                for r0, r1, c0, c1 in self._tiles(*h.shape[2:], h.shape[1]):
+                    h[:, :, r0:r1, c0:c1] += ctrl[:, :, r0:r1, c0:c1].to(h.device)
+        return h
+
+    def forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
+        """Mirror of UNetModel._forward (ComfyUI 0.3.x) with every block run through the tiled layers."""
+        unet, to = self.unet, transformer_options
+        to["original_shape"] = list(x.shape)
+        to["transformer_index"] = 0
+        tp = to.get("patches", {})
+        extra = dict(time_context=kwargs.get("time_context", None),
+                     num_video_frames=kwargs.get("num_video_frames", unet.default_num_video_frames),
+                     image_only_indicator=kwargs.get("image_only_indicator", None))
+        assert (y is not None) == (unet.num_classes is not None), \
+            "must specify y if and only if the model is class-conditional"
+        if self.progress:
+            self.pbar = comfy.utils.ProgressBar(self.expected_ticks or 1)
+        t_emb = timestep_embedding(timesteps, unet.model_channels, repeat_only=False).to(x.dtype)
+        emb = unet.time_embed(t_emb)
+        for p in tp.get("emb_patch", []):
+            emb = p(emb, unet.model_channels, to)
+        if unet.num_classes is not None:
+            emb = emb + unet.label_emb(y)
+
+        hs = []
+        h = x.to(self.park)
+        for i, module in enumerate(unet.input_blocks):
+            to["block"] = ("input", i)
+            h = self.block(module, h, emb, context, to, None, extra)
+            h = self.add_control(h, control, "input")
+            for p in tp.get("input_block_patch", []):
+                h = p(h.to(self.dev), to).to(self.park)
+            hs.append(h)
+            for p in tp.get("input_block_patch_after_skip", []):
+                h = p(h.to(self.dev), to).to(self.park)
+        to["block"] = ("middle", 0)
+        if unet.middle_block is not None:
+            h = self.block(unet.middle_block, h, emb, context, to, None, extra)
+        h = self.add_control(h, control, "middle")
+        for i, module in enumerate(unet.output_blocks):
+            to["block"] = ("output", i)
+            hsp = self.add_control(hs.pop(), control, "output")
+            for p in tp.get("output_block_patch", []):
+                h, hsp = p(h.to(self.dev), hsp.to(self.dev), to)
+                h, hsp = h.to(self.park), hsp.to(self.park)
+            h = torch.cat([h, hsp], dim=1)
+            del hsp
+            output_shape = hs[-1].shape if len(hs) > 0 else None
+            h = self.block(module, h, emb, context, to, output_shape, extra)
+        h = h.type(x.dtype)
+        norm, act, conv = unet.out
+        out = self.conv(h, conv, pre=self.group_norm_pre(h, norm, act))
+        return out.to(x.device)
+
+
+def supports(unet) -> str | None:
+    """None when `unet` can run tiled, else why not."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    if not isinstance(unet, UNetModel):
+        return f"{type(unet).__name__} is not a UNet of the SD1.x/SD2.x/SDXL family"
+    if unet.predict_codebook_ids:
+        return "codebook-predicting UNets are not supported"
+    if len(unet.out) != 3 or not isinstance(unet.out[0], torch.nn.GroupNorm):
+        return "unexpected output head"
+    return None

@@ -1,0 +1,58 @@
+"""Install the tiled UNet on a ModelPatcher clone as a DIFFUSION_MODEL wrapper.
+
+The wrapper sits in ComfyUI's wrapper chain under its own key (other wrappers are kept, never overwritten)
+and swaps only the innermost call, UNetModel._forward, for the tiled executor: wrappers added before or
+after ours still run around it. Nothing on the model is modified, so removing the clone (or the key)
+leaves the model exactly as it was, also after an interruption.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from comfy.patcher_extension import WrapperExecutor, WrappersMP
+
+from .tiled_unet import TiledUNetRunner, supports
+
+log = logging.getLogger("LinFusion")
+WRAPPER_KEY = "linfusion_tiled_unet"
+PARK_DEVICES = ("cpu", "accelerator")
+
+
+class TiledUNetWrapper:
+    """Callable DIFFUSION_MODEL wrapper; holds the settings and the fast mode's stale state."""
+
+    def __init__(self, tile: int, park: str = "cpu", fast_stale_state: bool = False, progress: bool = True):
+        if park not in PARK_DEVICES:
+            raise ValueError(f"[LinFusion] park device must be one of {PARK_DEVICES}, got {park!r}")
+        if tile < 2:
+            raise ValueError(f"[LinFusion] tile size must be at least 2 latent pixels, got {tile}")
+        self.tile, self.park, self.progress = int(tile), park, progress
+        self.stale_states = {} if fast_stale_state else None
+        self.ticks_by_shape = {}
+
+    def __call__(self, executor, x, timesteps=None, context=None, y=None, control=None, transformer_options={},
+                 **kwargs):
+        unet = executor.class_obj
+        why = supports(unet) or (None if x.ndim == 4 else "only 2D latents can be tiled")
+        if why is not None:
+            log.warning("[LinFusion] tiled UNet skipped: %s", why)
+            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        park = torch.device("cpu") if self.park == "cpu" else x.device
+        runner = TiledUNetRunner(unet, self.tile, park, x.device, self.stale_states, self.progress,
+                                 self.ticks_by_shape.get(tuple(x.shape)))
+        # The rest of the chain runs as usual; only its innermost function is the tiled forward.
+        rest = WrapperExecutor.new_class_executor(runner.forward, unet, executor.wrappers, executor.idx + 1)
+        out = rest.execute(x, timesteps, context, y, control, transformer_options, **kwargs)
+        self.ticks_by_shape[tuple(x.shape)] = runner.ticks
+        return out
+
+
+def apply_tiled_unet(model, tile: int, park: str = "cpu", fast_stale_state: bool = False, progress: bool = True):
+    """A clone of `model` (ModelPatcher) whose UNet evaluations run tile by tile."""
+    m = model.clone()
+    m.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)  # re-applying replaces our own only
+    m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
+                           TiledUNetWrapper(tile, park, fast_stale_state, progress))
+    return m

@@ -1,0 +1,305 @@
+"""The tiled UNet equals the untiled UNet (fp32, <= 1e-4 relative) and leaves the model untouched.
+
+Small SD1.5-family and SDXL-family UNets are built directly from ComfyUI unet_configs (reduced widths, the
+same block structure: conv vs linear proj, adm, transformer depths, odd-size upsampling), filled with
+random std 1/sqrt(fan_in) weights, and get LinFusion self-attention modules mounted on their attn1
+(core's module.LinFusionAttention mounted as attn1 for the direct UNet tests; installed by the core's
+Apply LinFusion path, injected forwards and hybrid threshold included, for the sampler tests).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fixture_models import fill_random_
+
+TOL = 1e-4
+
+SD15_SMALL = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+                  adm_in_channels=None, in_channels=4, model_channels=64, num_res_blocks=[1, 1, 1],
+                  transformer_depth=[1, 1, 0], channel_mult=[1, 2, 2], transformer_depth_middle=1,
+                  use_linear_in_transformer=False, context_dim=768, num_heads=8,
+                  transformer_depth_output=[1, 1, 1, 1, 0, 0], use_temporal_attention=False,
+                  use_temporal_resblock=False)
+SDXL_SMALL = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+                  num_classes="sequential", adm_in_channels=2816, in_channels=4, model_channels=64,
+                  num_res_blocks=[1, 1, 1], transformer_depth=[0, 1, 2], channel_mult=[1, 2, 2],
+                  transformer_depth_middle=2, use_linear_in_transformer=True, context_dim=2048,
+                  num_head_channels=32, transformer_depth_output=[0, 0, 1, 1, 2, 2],
+                  use_temporal_attention=False, use_temporal_resblock=False)
+
+
+def fill_random(module, seed):
+    return fill_random_(module, torch.Generator().manual_seed(seed))
+
+
+def build_unet(config, linfusion_cls, seed=0, skip_middle=False, operations=None):
+    """UNetModel with a LinFusion module (linfusion_cls, core's module.LinFusionAttention) mounted as every
+    attn1 (but the middle block's with skip_middle), random weights, eval, fp32."""
+    from comfy.ldm.modules.attention import BasicTransformerBlock
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    extra = {"operations": operations} if operations is not None else {}
+    unet = UNetModel(**config, dtype=torch.float32, device="cpu", **extra)
+    for name, m in list(unet.named_modules()):
+        if isinstance(m, BasicTransformerBlock) and not (skip_middle and name.startswith("middle_block")):
+            dim = m.attn1.to_q.in_features
+            mid = dim // 16 if unet.num_classes is not None else None  # SDXL family: LinFusion-XL MLP width
+            m.attn1 = linfusion_cls(dim, m.n_heads, mid, **extra)
+    fill_random(unet, seed)
+    return unet.eval()
+
+
+def inputs(config, b, h, w, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 4, h, w, generator=g)
+    t = torch.tensor([999.0, 500.0][:b])
+    ctx = torch.randn(b, 77, config["context_dim"], generator=g)
+    y = torch.randn(b, config["adm_in_channels"], generator=g) if config.get("adm_in_channels") else None
+    return x, t, ctx, y
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def unets(host, core):
+    import comfy.ops
+    lin = core.module.LinFusionAttention
+    return {"sd15": build_unet(SD15_SMALL, lin, 0, skip_middle=True), "sdxl": build_unet(SDXL_SMALL, lin, 1),
+            # Layers that ComfyUI casts on every call: the convs run through their own forward.
+            "sd15_cast": build_unet(SD15_SMALL, lin, 2, skip_middle=True, operations=comfy.ops.manual_cast)}
+
+
+CONFIGS = {"sd15": SD15_SMALL, "sdxl": SDXL_SMALL, "sd15_cast": SD15_SMALL}
+
+
+@pytest.mark.parametrize("family,h,w,tile", [
+    ("sd15", 32, 48, 16),   # tiles divide the latent at every level
+    ("sd15", 36, 28, 10),   # they do not, and the deepest levels have odd sizes (upsampling to output_shape)
+    ("sdxl", 32, 48, 16),
+    ("sdxl", 36, 28, 12),
+    ("sd15_cast", 36, 28, 10),
+])
+def test_tiled_forward_equals_untiled(core, unets, family, h, w, tile):
+    unet, config = unets[family], CONFIGS[family]
+    x, t, ctx, y = inputs(config, 2, h, w)
+    with torch.no_grad():
+        ref = unet(x, t, ctx, y, transformer_options={})
+        runner = core.tiled_unet.TiledUNetRunner(unet, tile, "cpu", "cpu", progress=False)
+        out = runner.forward(x, t, ctx, y, transformer_options={})
+    assert out.shape == ref.shape
+    assert rel_err(out, ref) <= TOL
+    # More than one tile really ran at the top level (the test would be vacuous otherwise), and only the
+    # softmax self-attention left on purpose (SD1.5 middle block) ran untiled.
+    assert len(runner._tiles(h, w, unet.model_channels)) > 1
+    expected = [(("middle", 0), "BasicTransformerBlock: softmax self-attention")] if family != "sdxl" else []
+    assert runner.untiled_layers == expected
+
+
+def test_tiling_is_not_a_no_op(core, unets):
+    """A plain per-tile forward (no exact statistics) must NOT match: the test above can fail."""
+    unet = unets["sd15"]
+    x, t, ctx, _ = inputs(SD15_SMALL, 1, 32, 32)
+    with torch.no_grad():
+        ref = unet(x, t, ctx, transformer_options={})
+        naive = unet(x[:, :, :, :16], t, ctx, transformer_options={})
+    assert rel_err(naive, ref[:, :, :, :16]) > 1e-2
+
+
+# ---------------------------------------------------------------- through ComfyUI's sampler and patcher
+def model_patcher(core, family, seed, min_tokens=0):
+    """A ModelPatcher of the small UNet with LinFusion installed by the core's own Apply LinFusion path
+    (injected attn1 forwards, weights as an additional model); min_tokens > 0 keeps softmax on small levels."""
+    import comfy.model_patcher
+    import comfy.supported_models
+    from linfusion_models import linfusion_for
+    cls = comfy.supported_models.SD15 if family == "sd15" else comfy.supported_models.SDXL
+    model_config = cls(dict(CONFIGS[family]))
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    fill_random(model.diffusion_model, seed)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
+                                               offload_device=torch.device("cpu"))
+    patched, _ = core.patch.apply_linfusion(patcher, linfusion_for(core, model, seed=seed + 1), min_tokens=min_tokens)
+    return patched
+
+
+def random_controlnet(config, seed):
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+    cfg = {k: v for k, v in config.items() if k not in ("out_channels",)}
+    cfg.update(hint_channels=3, operations=comfy.ops.disable_weight_init, dtype=torch.float32, device="cpu")
+    control_model = comfy.cldm.cldm.ControlNet(**cfg)
+    fill_random(control_model, seed)
+    return comfy.controlnet.ControlNet(control_model.eval(), load_device=torch.device("cpu"))
+
+
+def conds(family, b_ctx, controlnet=None, hint=None):
+    g = torch.Generator().manual_seed(7 + b_ctx)
+    ctx = torch.randn(1, 77, CONFIGS[family]["context_dim"], generator=g)
+    extra = {"pooled_output": torch.randn(1, 1280, generator=g)} if family == "sdxl" else {}
+    if controlnet is not None:
+        extra["control"] = controlnet.copy().set_cond_hint(hint, 1.0, (0.0, 1.0))
+        extra["control_apply_to_uncond"] = True
+    return [[ctx, extra]]
+
+
+def one_step(model, family, h, w, controlnet=None):
+    import comfy.sample
+    g = torch.Generator().manual_seed(3)
+    latent = torch.zeros(1, 4, h, w)
+    noise = torch.randn(1, 4, h, w, generator=g)
+    hint = torch.rand(1, 3, h * 8, w * 8, generator=g) if controlnet is not None else None
+    pos, neg = conds(family, 0, controlnet, hint), conds(family, 1, controlnet, hint)
+    with torch.no_grad():
+        return comfy.sample.sample(model, noise, 2, 3.0, "euler", "normal", pos, neg, latent, last_step=1,
+                                   disable_pbar=True, seed=3)
+
+
+def state_snapshot(patcher):
+    """The model's weights at rest (ComfyUI keeps a sampled model loaded, object patches applied)."""
+    import comfy.model_management
+    comfy.model_management.unload_all_models()
+    return {k: v.clone() for k, v in patcher.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("family,h,w,tile,with_control,min_tokens", [
+    ("sd15", 32, 24, 16, False, 0),
+    ("sd15", 28, 36, 12, True, 100),   # hybrid: softmax below 100 tokens (deepest level, middle) runs untiled
+    ("sdxl", 32, 32, 20, False, 0),
+])
+def test_sampler_step_equals_untiled(core, host, family, h, w, tile, with_control, min_tokens):
+    nodes = host.extension_module.NODE_CLASS_MAPPINGS
+    base = model_patcher(core, family, 11, min_tokens)
+    control = random_controlnet(CONFIGS[family], 12) if with_control else None
+    ref = one_step(base, family, h, w, control)
+    if with_control:  # the ControlNet really contributes, so its per-tile residuals are checked too
+        assert rel_err(one_step(base, family, h, w), ref) > 1e-2
+    before = state_snapshot(base)
+    (tiled,) = nodes["LinFusionTiledUNet"]().patch(base, tile, "cpu", "exact")
+    host.progress = []
+    out = one_step(tiled, family, h, w, control)
+    assert rel_err(out, ref) <= TOL
+    assert not torch.equal(out, torch.zeros_like(out))
+    # The patch lives on the clone only: the model is bit-identical and samples bit-identically.
+    after = state_snapshot(base)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    # Re-sampling the base model gives its result again. Not asserted bitwise: ComfyUI's CPU cross-attention
+    # picks its chunking from the free memory at call time, which may differ between two runs.
+    assert rel_err(one_step(base, family, h, w, control), ref) <= 1e-6
+
+
+def test_wrapper_chains_with_other_wrappers(core, host):
+    """Wrappers set before and after ours still run; ours only replaces the innermost forward."""
+    from comfy.patcher_extension import WrappersMP
+    base = model_patcher(core, "sd15", 21)
+    calls = []
+
+    def outer(executor, *args, **kwargs):
+        calls.append("outer")
+        return executor(*args, **kwargs)
+
+    def inner(executor, *args, **kwargs):
+        calls.append("inner")
+        return executor(*args, **kwargs)
+
+    m = base.clone()
+    m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "test_outer", outer)
+    m = core.tiled_unet_patch.apply_tiled_unet(m, 16)
+    m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "test_inner", inner)
+    ref = one_step(base, "sd15", 32, 32)
+    out = one_step(m, "sd15", 32, 32)
+    assert calls and set(calls) == {"outer", "inner"}
+    assert rel_err(out, ref) <= TOL
+    assert not base.wrappers.get(WrappersMP.DIFFUSION_MODEL)
+
+
+def test_progress_and_interruption_leave_model_clean(core, host):
+    import comfy.model_management
+    base = model_patcher(core, "sd15", 31)
+    before = state_snapshot(base)
+    tiled = core.tiled_unet_patch.apply_tiled_unet(base, 8)
+    host.progress = []
+    one_step(tiled, "sd15", 32, 32)
+    assert len(host.progress) > 16, "no per-tile progress was reported"
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            one_step(tiled, "sd15", 32, 32)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    after = state_snapshot(base)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_fast_mode_reuses_previous_state(core, unets):
+    unet = unets["sd15"]
+    x, t, ctx, _ = inputs(SD15_SMALL, 1, 32, 32)
+    cache = {}
+    to = lambda s: {"sigmas": torch.tensor([s])}  # noqa: E731
+    with torch.no_grad():
+        ref = unet(x, t, ctx, transformer_options={})
+        first = core.tiled_unet.TiledUNetRunner(unet, 16, "cpu", "cpu", cache, progress=False)
+        out1 = first.forward(x, t, ctx, transformer_options=to(5.0))
+        # Same input, same sigma: the stale state is the exact one, and its pass is skipped.
+        second = core.tiled_unet.TiledUNetRunner(unet, 16, "cpu", "cpu", cache, progress=False)
+        out2 = second.forward(x, t, ctx, transformer_options=to(5.0))
+        # A different input: the state of the previous call is used, so the result is no longer exact.
+        x3 = x.flip(-1)
+        ref3 = unet(x3, t, ctx, transformer_options={})
+        out3 = core.tiled_unet.TiledUNetRunner(unet, 16, "cpu", "cpu", cache, progress=False).forward(
+            x3, t, ctx, transformer_options=to(4.0))
+    assert rel_err(out1, ref) <= TOL and rel_err(out2, ref) <= TOL
+    assert rel_err(out3, ref3) > TOL
+
+
+def test_bad_settings_are_refused(core):
+    with pytest.raises(ValueError, match="park device"):
+        core.tiled_unet_patch.TiledUNetWrapper(16, "gpu0")
+    with pytest.raises(ValueError, match="tile size"):
+        core.tiled_unet_patch.TiledUNetWrapper(1)
+
+
+@pytest.mark.slow
+def test_prompt_with_lora_and_controlnet_through_comfy_executor(host, fixtures):
+    """The user's graph: checkpoint + LoRA + LinFusion + ControlNet, KSampler with and without the node."""
+    def prompt(tiled):
+        p = {
+            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": fixtures.checkpoint["sd15"]}},
+            "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "strength_model": 1.0,
+                                                         "strength_clip": 1.0, "lora_name": fixtures.lora_sd15}},
+            "3": {"class_type": "LinFusionLoader", "inputs": {"linfusion_name": fixtures.linfusion_folder["sd15"]}},
+            "4": {"class_type": "ApplyLinFusion", "inputs": {"model": ["2", 0], "linfusion": ["3", 0],
+                                                             "blocks": "all", "min_tokens": 0}},
+            "5": {"class_type": "LinFusionTiledUNet", "inputs": {"model": ["4", 0], "tile_size": 16,
+                                                                 "park_device": "cpu", "mode": "exact"}},
+            "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse at dusk", "clip": ["2", 1]}},
+            "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["2", 1]}},
+            "8": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": fixtures.controlnet_sd15}},
+            "9": {"class_type": "EmptyImage", "inputs": {"width": 256, "height": 192, "batch_size": 1,
+                                                         "color": 0x3366CC}},
+            "10": {"class_type": "ControlNetApplyAdvanced", "inputs": {
+                "positive": ["6", 0], "negative": ["7", 0], "control_net": ["8", 0], "image": ["9", 0],
+                "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}},
+            "11": {"class_type": "EmptyLatentImage", "inputs": {"width": 256, "height": 192, "batch_size": 1}},
+            "12": {"class_type": "KSampler", "inputs": {
+                "model": ["5" if tiled else "4", 0], "positive": ["10", 0], "negative": ["10", 1],
+                "latent_image": ["11", 0], "seed": 0, "steps": 1, "cfg": 5.0, "sampler_name": "euler",
+                "scheduler": "normal", "denoise": 1.0}},
+            "13": {"class_type": "LinFusionTest_Capture", "inputs": {"value": ["12", 0]}},
+        }
+        if not tiled:
+            del p["5"]
+        return p
+
+    ref = host.run(prompt(False)).captured["13"]["samples"]
+    result = host.run(prompt(True))
+    out = result.captured["13"]["samples"]
+    assert out.shape == ref.shape == (1, 4, 24, 32)
+    assert rel_err(out, ref) <= TOL
+    # Per-tile progress reached ComfyUI's progress hook for the sampler node.
+    assert sum(1 for node, _, _ in result.progress if node == "12") > 16

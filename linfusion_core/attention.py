@@ -40,17 +40,65 @@ def linear_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return out.transpose(1, 2).reshape(b, n, c)
 
 
-def _phi_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """B x n x C (any dtype) -> phi(t) as fp32 B x heads x n x d (one fp32 copy of this chunk)."""
-    b, n, c = t.shape
-    t = t.reshape(b, n, heads, c // heads).transpose(1, 2).float()
-    # .float() of an fp32 tensor is the same storage: elu is out of place, so +1 lands on its fresh output.
-    return F.elu(t).add_(1.0)
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
-    b, n, c = t.shape
-    return t.reshape(b, n, heads, c // heads).transpose(1, 2).float()
+def _phi_rows(t: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+    """n x C tokens of one image (any dtype) -> phi(t) = elu(t) + 1 in fp32, n x C.
+
+    In place whenever the fp32 tensor is ours to change: a fresh fp32 copy of half input, or `overwrite`
+    (the caller hands over a fresh projection). Never in place on a caller's tensor or when autograd
+    would need the overwritten values."""
+    t32 = t.float()
+    if _needs_grad(t):
+        return F.elu(t32) + 1.0
+    if t32 is not t or overwrite:
+        return F.elu_(t32).add_(1.0)
+    return F.elu(t32).add_(1.0)
+
+
+def _head_views(rows: torch.Tensor, heads: int) -> torch.Tensor:
+    """n x C -> heads x n x d as a strided view (no copy): batched GEMMs read it in place."""
+    return rows.unflatten(-1, (heads, rows.shape[-1] // heads)).transpose(0, 1)
+
+
+def accumulate_state_rows(kv_sum: torch.Tensor, k_sum: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
+                          heads: int, overwrite: bool = False) -> None:
+    """Add the keys/values of one image's tokens (n x C each) to its state (kv_sum h x d x d_v, k_sum h x d).
+
+    phi is applied to all channels at once before the head split; the per-head K^T V is one batched GEMM
+    on strided views, so no head-split copy is made. `overwrite`: k_rows may be changed in place."""
+    k_phi = _phi_rows(k_rows, overwrite)
+    v32 = v_rows.float()
+    k_heads = _head_views(k_phi, heads)
+    if _needs_grad(kv_sum, k_phi, v32):
+        kv_sum.add_(k_heads.transpose(-1, -2) @ _head_views(v32, heads))
+    else:
+        kv_sum.baddbmm_(k_heads.transpose(-1, -2), _head_views(v32, heads))
+    k_sum.add_(k_phi.sum(dim=0).view_as(k_sum))
+
+
+def normalized_state(state: "LinearAttentionState") -> torch.Tensor:
+    """B x h x d x (d_v + 1): [K^T V / N | mean(K)]. Dividing the tiny sums once, not the big tensors; mean(K)
+    rides along as one extra column so numerator and normaliser come from a single GEMM over the queries."""
+    return torch.cat([state.kv_sum, state.k_sum.unsqueeze(-1)], dim=-1) / state.count
+
+
+def attend_rows(q_rows: torch.Tensor, s_aug: torch.Tensor, heads: int, out_rows: torch.Tensor,
+                overwrite: bool = False) -> torch.Tensor:
+    """One image's queries (n x C) against its normalized state (h x d x (d_v + 1)), written into out_rows
+    (n x h*d_v, any float dtype). `overwrite`: q_rows may be changed in place."""
+    d_v = s_aug.shape[-1] - 1
+    q_phi = _phi_rows(q_rows, overwrite)
+    num = _head_views(q_phi, heads) @ s_aug                                   # h x n x (d_v + 1), fp32
+    out_heads = _head_views(out_rows, heads)
+    if _needs_grad(num, out_rows):
+        out_heads.copy_(num[..., :d_v] / (num[..., d_v:] + EPS))
+    else:
+        # Divide, merge heads and cast to the output dtype in one pass.
+        torch.div(num[..., :d_v], num[..., d_v:].add_(EPS), out=out_heads)
+    return out_rows
 
 
 @dataclass
@@ -100,11 +148,11 @@ def linear_attention_state(k: torch.Tensor, v: torch.Tensor, heads: int,
     d = c // heads
     kv_sum = torch.zeros(b, heads, d, v.shape[-1] // heads, dtype=torch.float32, device=k.device)
     k_sum = torch.zeros(b, heads, d, dtype=torch.float32, device=k.device)
-    for start in range(0, n, chunk_size):
-        kc = _phi_heads(k[:, start:start + chunk_size], heads)
-        vc = _heads(v[:, start:start + chunk_size], heads)
-        kv_sum.add_(kc.transpose(-1, -2) @ vc)
-        k_sum.add_(kc.sum(dim=2))
+    # One image at a time: k[i, a:b] of a contiguous batch is contiguous, so nothing below copies it.
+    for i in range(b):
+        for start in range(0, n, chunk_size):
+            accumulate_state_rows(kv_sum[i], k_sum[i], k[i, start:start + chunk_size], v[i, start:start + chunk_size],
+                                  heads)
     return LinearAttentionState(kv_sum, k_sum, n)
 
 
@@ -116,18 +164,12 @@ def apply_linear_attention_state(q: torch.Tensor, state: LinearAttentionState, h
     if state.kv_sum.shape[:2] != (b, heads):
         raise ValueError(f"state for batch x heads {tuple(state.kv_sum.shape[:2])} does not fit queries "
                          f"of batch {b} with {heads} heads")
-    # Divide the tiny sums once, not the big tensors: S = K^T V / N and mean(K). mean(K) rides along as
-    # one extra column of S, so numerator and normaliser come from a single pass over the queries.
-    d_v = state.kv_sum.shape[-1]
-    s_aug = torch.cat([state.kv_sum, state.k_sum.unsqueeze(-1)], dim=-1) / state.count   # B x h x d x (d_v + 1)
+    s_aug = normalized_state(state)
     if out is None:
-        out = torch.empty(b, n, heads * d_v, dtype=q.dtype, device=q.device)
-    out_heads = out.view(b, n, heads, d_v)
-    for start in range(0, n, chunk_size):
-        qc = _phi_heads(q[:, start:start + chunk_size], heads)    # B x h x n x d, fp32
-        num = qc @ s_aug                                           # B x h x n x (d_v + 1)
-        attn = num[..., :d_v].div_(num[..., d_v:].add_(EPS))
-        out_heads[:, start:start + chunk_size].copy_(attn.transpose(1, 2))
+        out = torch.empty(b, n, heads * (s_aug.shape[-1] - 1), dtype=q.dtype, device=q.device)
+    for i in range(b):
+        for start in range(0, n, chunk_size):
+            attend_rows(q[i, start:start + chunk_size], s_aug[i], heads, out[i, start:start + chunk_size])
     return out
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import DEFAULT_CHUNK_SIZE, LinearAttentionState, apply_linear_attention_state, linear_attention_state
+from .attention import (DEFAULT_CHUNK_SIZE, LinearAttentionState, accumulate_state_rows, attend_rows,
+                        normalized_state)
 
 
 def default_operations():
@@ -26,7 +27,7 @@ def _projection_mlp(dim: int, mid_dim: int, dtype, device, operations) -> nn.Mod
     return nn.Sequential(
         operations.Linear(dim, mid_dim, dtype=dtype, device=device),
         operations.LayerNorm(mid_dim, dtype=dtype, device=device),
-        nn.LeakyReLU(0.01),
+        nn.LeakyReLU(0.01, inplace=True),   # on LayerNorm's fresh output, which its backward does not need
         operations.Linear(mid_dim, dim, dtype=dtype, device=device),
     )
 
@@ -54,36 +55,61 @@ class LinFusionAttention(nn.Module):
         self.to_q_ = _projection_mlp(dim, mid, dtype, device, operations)
         self.to_k_ = _projection_mlp(dim, mid, dtype, device, operations)
 
+    @staticmethod
+    def _plus_mlp(t: torch.Tensor, mlp: nn.Module) -> torch.Tensor:
+        """t + mlp(t), adding into the MLP's fresh output when nothing needs the values it replaces."""
+        h = mlp(t)
+        if h is t or (torch.is_grad_enabled() and (t.requires_grad or h.requires_grad)):
+            return t + h   # Identity (projection_mid_dim -1) returns t itself: never change the caller's tensor
+        return h.add_(t)
+
     def project_q(self, x: torch.Tensor) -> torch.Tensor:
-        return self.to_q(x + self.to_q_(x))
+        return self.to_q(self._plus_mlp(x, self.to_q_))
 
     def project_k(self, context: torch.Tensor) -> torch.Tensor:
-        return self.to_k(context + self.to_k_(context))
+        return self.to_k(self._plus_mlp(context, self.to_k_))
 
     def compute_state(self, context: torch.Tensor, value: torch.Tensor | None = None) -> LinearAttentionState:
         """The additive key/value state of these tokens (merge states of tiles with `+`)."""
         value = context if value is None else value
-        state = None
-        # Project chunk by chunk: the MLP activations of a 16K canvas never exist all at once.
-        for start in range(0, context.shape[1], self.chunk_size):
-            end = start + self.chunk_size
-            part = linear_attention_state(self.project_k(context[:, start:end]), self.to_v(value[:, start:end]),
-                                          self.heads, self.chunk_size)
-            state = part if state is None else state + part
-        return state
+        if context.shape[:2] != value.shape[:2]:
+            raise ValueError(f"LinFusion: keys {tuple(context.shape)} and values {tuple(value.shape)} have "
+                             f"different token counts")
+        b, n, _ = context.shape
+        d = self.dim // self.heads
+        kv_sum = torch.zeros(b, self.heads, d, d, dtype=torch.float32, device=context.device)
+        k_sum = torch.zeros(b, self.heads, d, dtype=torch.float32, device=context.device)
+        # One image and one token chunk at a time: context[i, a:b] of a contiguous batch is contiguous, so
+        # the Linear layers do not copy their input, and the MLP activations of a 16K canvas never exist at
+        # once. The projections are fresh, so phi may overwrite them.
+        for i in range(b):
+            for start in range(0, n, self.chunk_size):
+                end = start + self.chunk_size
+                accumulate_state_rows(kv_sum[i], k_sum[i], self.project_k(context[i, start:end]),
+                                      self.to_v(value[i, start:end]), self.heads, overwrite=True)
+        return LinearAttentionState(kv_sum, k_sum, n)
 
     def attend(self, x: torch.Tensor, state: LinearAttentionState) -> torch.Tensor:
         """Queries from x attend to a (possibly merged) state; returns the module output for x."""
+        b, n, _ = x.shape
+        if state.kv_sum.shape[:2] != (b, self.heads):
+            raise ValueError(f"LinFusion: state for batch x heads {tuple(state.kv_sum.shape[:2])} does not fit "
+                             f"queries of batch {b} with {self.heads} heads")
+        s_aug = normalized_state(state)
         out = None
-        for start in range(0, x.shape[1], self.chunk_size):
-            end = start + self.chunk_size
-            attn = apply_linear_attention_state(self.project_q(x[:, start:end]), state, self.heads, self.chunk_size)
-            part = self.to_out(attn)
-            if out is None:
-                if end >= x.shape[1]:
-                    return part
-                out = torch.empty(x.shape[0], x.shape[1], part.shape[-1], dtype=part.dtype, device=part.device)
-            out[:, start:end] = part
+        for i in range(b):
+            for start in range(0, n, self.chunk_size):
+                end = start + self.chunk_size
+                q = self.project_q(x[i, start:end])
+                # q is a fresh projection: phi and the division land in its own storage when dtypes allow.
+                attn = attend_rows(q, s_aug[i], self.heads, q if not torch.is_grad_enabled() else torch.empty_like(q),
+                                   overwrite=True)
+                part = self.to_out(attn)
+                if out is None:
+                    if b == 1 and end >= n:
+                        return part.unsqueeze(0)
+                    out = torch.empty(b, n, part.shape[-1], dtype=part.dtype, device=part.device)
+                out[i, start:end] = part
         return out
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, value: torch.Tensor | None = None,

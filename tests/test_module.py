@@ -119,3 +119,24 @@ def test_queries_folded_into_batch_attend_to_their_images_state(core):
     assert (tiled - whole).abs().max().item() <= 1e-5
     with pytest.raises(ValueError, match="cannot be grouped"):
         module(x[:1, :5].repeat(3, 1, 1), context=x, value=x)   # 3 query rows, 2 images
+
+
+@pytest.mark.parametrize("mid", [None, -1])
+def test_in_place_shortcuts_leave_inputs_and_gradients_intact(core, mid):
+    """The fast path overwrites its own fresh projections: the caller's tensor must stay as it was, and with
+    autograd on (training, guidance through the model) it falls back to out-of-place and gradients are exact."""
+    module = random_module(core, 64, 4, mid)
+    module.chunk_size = 7
+    sd = {k: v.detach() for k, v in module.state_dict().items()}
+    x = torch.randn(2, 20, 64, generator=torch.Generator().manual_seed(6))
+    x_before = x.clone()
+    with torch.inference_mode():
+        module(x)
+    assert torch.equal(x, x_before)
+    x.requires_grad_()
+    module(x).square().sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    reference_module_forward(sd, x, x, x, 4).square().sum().backward()
+    assert torch.equal(x.detach(), x_before)
+    assert (grad - x.grad).abs().max().item() <= 1e-5 * max(1.0, x.grad.abs().max().item())

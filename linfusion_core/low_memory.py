@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .patch import LINEAR_ATTENTION_CHUNK_KEY
+
 log = logging.getLogger("LinFusion")
 
 WRAPPER_KEY = "linfusion_low_memory"
-# transformer_options key LinFusion attention reads for its token chunk size (0: its own default).
-LINEAR_ATTENTION_CHUNK_KEY = "linfusion_chunk_size"
 _PARK_FLAG = "linfusion_park_skips"
 _PARKED_DEVICE_COPY = "linfusion_parked_h"
 

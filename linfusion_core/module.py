@@ -69,8 +69,10 @@ class LinFusionAttention(nn.Module):
     def project_k(self, context: torch.Tensor) -> torch.Tensor:
         return self.to_k(self._plus_mlp(context, self.to_k_))
 
-    def compute_state(self, context: torch.Tensor, value: torch.Tensor | None = None) -> LinearAttentionState:
+    def compute_state(self, context: torch.Tensor, value: torch.Tensor | None = None,
+                      chunk_size: int | None = None) -> LinearAttentionState:
         """The additive key/value state of these tokens (merge states of tiles with `+`)."""
+        chunk = chunk_size or self.chunk_size
         value = context if value is None else value
         if context.shape[:2] != value.shape[:2]:
             raise ValueError(f"LinFusion: keys {tuple(context.shape)} and values {tuple(value.shape)} have "
@@ -83,14 +85,15 @@ class LinFusionAttention(nn.Module):
         # the Linear layers do not copy their input, and the MLP activations of a 16K canvas never exist at
         # once. The projections are fresh, so phi may overwrite them.
         for i in range(b):
-            for start in range(0, n, self.chunk_size):
-                end = start + self.chunk_size
+            for start in range(0, n, chunk):
+                end = start + chunk
                 accumulate_state_rows(kv_sum[i], k_sum[i], self.project_k(context[i, start:end]),
                                       self.to_v(value[i, start:end]), self.heads, overwrite=True)
         return LinearAttentionState(kv_sum, k_sum, n)
 
-    def attend(self, x: torch.Tensor, state: LinearAttentionState) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, state: LinearAttentionState, chunk_size: int | None = None) -> torch.Tensor:
         """Queries from x attend to a (possibly merged) state; returns the module output for x."""
+        chunk = chunk_size or self.chunk_size
         b, n, _ = x.shape
         if state.kv_sum.shape[:2] != (b, self.heads):
             raise ValueError(f"LinFusion: state for batch x heads {tuple(state.kv_sum.shape[:2])} does not fit "
@@ -98,8 +101,8 @@ class LinFusionAttention(nn.Module):
         s_aug = normalized_state(state)
         out = None
         for i in range(b):
-            for start in range(0, n, self.chunk_size):
-                end = start + self.chunk_size
+            for start in range(0, n, chunk):
+                end = start + chunk
                 q = self.project_q(x[i, start:end])
                 # q is a fresh projection: phi and the division land in its own storage when dtypes allow.
                 attn = attend_rows(q, s_aug[i], self.heads, q if not torch.is_grad_enabled() else torch.empty_like(q),
@@ -113,12 +116,13 @@ class LinFusionAttention(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, value: torch.Tensor | None = None,
-                **kwargs) -> torch.Tensor:
+                chunk_size: int | None = None, **kwargs) -> torch.Tensor:
+        """chunk_size: tokens per chunk (None: the module's default); it bounds the temporaries, not the result."""
         # attn1_patch users (HyperTile, ...) pass context and value explicitly: keys from context,
         # values from value, exactly as ComfyUI's CrossAttention does.
         context = x if context is None else context
         value = context if value is None else value
-        state = self.compute_state(context, value)
+        state = self.compute_state(context, value, chunk_size)
         if context.shape[0] != x.shape[0]:
             # HyperTile tiles only the queries, folding tiles into the batch. Linear attention needs no
             # tiling (each query only reads the global state), so each tile gets its image's full state:
@@ -127,4 +131,4 @@ class LinFusionAttention(nn.Module):
                 raise ValueError(f"LinFusion: {x.shape[0]} query rows cannot be grouped over {context.shape[0]} "
                                  f"key/value rows")
             state = state.repeat_interleave(x.shape[0] // context.shape[0])
-        return self.attend(x, state)
+        return self.attend(x, state, chunk_size)

@@ -31,6 +31,8 @@ from .placement import Placement, model_label, place_modules
 log = logging.getLogger("LinFusion")
 
 INJECTION_KEY = "linfusion"
+# transformer_options key for LinFusion's token chunk size (set by LinFusion Low-Memory Mode).
+LINEAR_ATTENTION_CHUNK_KEY = "linfusion_chunk_size"
 BLOCK_CHOICES = ("all", "highest resolution only")
 
 
@@ -55,7 +57,9 @@ class LinFusionForward:
         if mask is not None or x.shape[1] < self.min_tokens:
             return self.previous(x, context=context, value=value, mask=mask,
                                  transformer_options=transformer_options, **kwargs)
-        return self.linfusion(x, context=context, value=value)
+        # Low-memory mode sets a token chunk size for the whole model call (0 or absent: the default).
+        return self.linfusion(x, context=context, value=value,
+                              chunk_size=transformer_options.get(LINEAR_ATTENTION_CHUNK_KEY) or None)
 
 
 @dataclass

@@ -140,3 +140,27 @@ def test_in_place_shortcuts_leave_inputs_and_gradients_intact(core, mid):
     reference_module_forward(sd, x, x, x, 4).square().sum().backward()
     assert torch.equal(x.detach(), x_before)
     assert (grad - x.grad).abs().max().item() <= 1e-5 * max(1.0, x.grad.abs().max().item())
+
+
+def test_chunk_size_from_transformer_options_reaches_the_module(core):
+    """Low-memory mode's attention_chunk_tokens travels in transformer_options to every injected attn1:
+    the module then works in chunks of that many tokens, with the same result."""
+    import importlib
+
+    patch = importlib.import_module(core.__name__ + ".patch")
+    module = random_module(core, 64, 4, None, seed=3)
+    x = torch.randn(2, 50, 64)
+    seen = []
+    attend = module.attend
+
+    def spy(x_, state, chunk_size=None):
+        seen.append(chunk_size)
+        return attend(x_, state, chunk_size)
+
+    module.attend = spy
+    forward = patch.LinFusionForward(module, 0, previous=None)
+    with torch.inference_mode():
+        default = forward(x, transformer_options={})
+        chunked = forward(x, transformer_options={patch.LINEAR_ATTENTION_CHUNK_KEY: 7})
+    assert seen == [None, 7]
+    assert torch.allclose(chunked, default, atol=1e-6, rtol=1e-5)

@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from workflow_build import UIGraph  # noqa: E402
+from workflow_build import NODE_WIDTH, UIGraph  # noqa: E402
 
 OUT_DIR = REPO / "example_workflows"
 
@@ -116,8 +116,9 @@ def wf_sd15_16k_ladder(g: UIGraph):
         g.note("## SD 1.5 + LinFusion: 16K (16384 x 8192)\n\nThe paper's SDEdit ladder: txt2img at 1024 x 512, "
                "then four x2 stages (2048 x 1024, 4096 x 2048, 8192 x 4096, 16384 x 8192) with strengths "
                "0.4 / 0.3 / 0.2 / 0.1 and ceil(50 x strength) steps each. The VAE works in tiles from the "
-               "start (exact, seamless). Lower `stages` for 4K or 8K.\n\n" + LINFUSION_FOLDER_NOTE,
-               title="About this workflow", width=420, height=470)
+               "start (exact, seamless). The ladder's UNet runs in tiles (LinFusion Tiled UNet, exact). Lower "
+               "`stages` for 4K or 8K.\n\n" + LINFUSION_FOLDER_NOTE,
+               title="About this workflow", width=420, height=490)
         model, clip, vae = checkpoint_and_linfusion(g, SD15_CKPT, LINFUSION_SD15)
         model = g.node("LinFusionLowMemory", model=model)[0]
     with g.group("2. Prompt", 1):
@@ -126,8 +127,14 @@ def wf_sd15_16k_ladder(g: UIGraph):
         latent = g.node("EmptyLatentImage", width=1024, height=512, batch_size=1)[0]
         base = sampler(g, model, pos, neg, latent)
     with g.group("4. Ladder to 16384 x 8192", 3):
-        big = g.node("LinFusionProgressiveUpscale", model=model, positive=pos, negative=neg, vae=vae, latent=base,
-                     seed=SEED, stages=4, ladder="sd15", base_steps=STEPS, cfg=CFG, **SAMPLER,
+        g.note("**Tiled UNet** (exact: same result as untiled). At 8K and 16K the UNet's own activations no longer "
+               "fit; this runs every step in 512 x 512 px tiles (`tile_size` 64 latent px) with the full-size "
+               "activations parked in CPU memory (`park_device` cpu), bounding GPU memory by the tile. Keep it "
+               "for the largest sizes; bypass it (Ctrl+B) at 4K or when memory is plentiful, since tiling "
+               "costs time.", title="When to use the tiled UNet", width=NODE_WIDTH, height=230)
+        ladder_model = g.node("LinFusionTiledUNet", model=model, tile_size=64, park_device="cpu", mode="exact")[0]
+        big = g.node("LinFusionProgressiveUpscale", model=ladder_model, positive=pos, negative=neg, vae=vae,
+                     latent=base, seed=SEED, stages=4, ladder="sd15", base_steps=STEPS, cfg=CFG, **SAMPLER,
                      upscale_in="pixels", vae_tile_size=1024)[0]
         image = g.node("LinFusionVAEDecodeTiled", samples=big, vae=vae, tile_size=1024)[0]
         g.node("SaveImage", images=image, filename_prefix="LinFusion/sd15_16k")
@@ -239,6 +246,34 @@ def wf_super_resolution(g: UIGraph):
         g.node("SaveImage", images=out, filename_prefix="LinFusion/super_resolution")
 
 
+def wf_demofusion_ksampler(g: UIGraph):
+    with g.group("1. Models", 0):
+        g.note("## Super-resolution x2 with your own sampler (SDXL + LinFusion-XL)\n\nThe recipe of workflow 7 "
+               "as separate nodes you can rewire: bicubic x2 of your image, VAE encode, **DemoFusion Refine** "
+               "(skip residual to the noised upscaled latent, dilated global branch, cosine blend; dilation "
+               "`0` = auto, 2 for a 1024 px input) patching the model of a plain KSampler, then **Match Latent "
+               "Mean/Std** against the upscaled latent so colours do not drift.\n\nKSampler: denoise 0.32 and "
+               "16 steps = the last ceil(50 x 0.32) steps of the paper's 50-step schedule. Keep DemoFusion's "
+               "`reference` on the latent the KSampler starts from; chain more x2 stages by copying group 4 "
+               "(strengths 0.24, 0.16, ...).\n\n" + LINFUSION_FOLDER_NOTE, title="About this workflow",
+               width=420, height=600)
+        model, clip, vae = checkpoint_and_linfusion(g, SDXL_CKPT, LINFUSION_SDXL)
+    with g.group("2. Your image, x2 bicubic", 1):
+        image = g.node("LoadImage", image=INPUT_IMAGE)[0]
+        bigger = g.node("ImageScaleBy", image=image, upscale_method="bicubic", scale_by=2.0)[0]
+        latent = g.node("VAEEncode", pixels=bigger, vae=vae)[0]
+    with g.group("3. Prompt (describe the image)", 2):
+        pos, neg = prompts(g, clip, text="a detailed, sharp, high resolution photograph")
+    with g.group("4. DemoFusion refine", 3):
+        refine = g.node("LinFusionDemoFusion", model=model, reference=latent, dilation_ratio=0, seed=SEED,
+                        skip_residual=True, blur_sigma=0.8, cosine_scale_1=3.0, cosine_scale_2=1.0,
+                        cosine_scale_3=1.0)[0]
+        samples = sampler(g, refine, pos, neg, latent, steps=16, denoise=0.32)
+        anchored = g.node("LinFusionMatchLatentStats", latent=samples, reference=latent)[0]
+        out = g.node("LinFusionVAEDecodeTiled", samples=anchored, vae=vae, tile_size=1024)[0]
+        g.node("SaveImage", images=out, filename_prefix="LinFusion/demofusion_x2")
+
+
 # File name -> recipe. The numbers order them in the template browser.
 RECIPES = {
     "1_sd15_txt2img_2048.json": wf_sd15_txt2img_2048,
@@ -248,6 +283,7 @@ RECIPES = {
     "5_ipadapter.json": wf_ipadapter,
     "6_lora_2048.json": wf_lora,
     "7_super_resolution.json": wf_super_resolution,
+    "8_demofusion_ksampler.json": wf_demofusion_ksampler,
 }
 
 

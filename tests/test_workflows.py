@@ -4,10 +4,13 @@ Every file in example_workflows/ is converted to an API prompt with the live nod
 frontend would) and validated by ComfyUI. The end-to-end runs shrink the graphs with a test-only override
 (`shrink`: small latents, few steps, small tiles, fixture model names) and run them through the real
 executor; workflow 5 runs with a stand-in for ComfyUI_IPAdapter_plus that patches the model as the pack does.
+A run also checks that the engine behind each patch node in its graph ran (the tiled UNet on more than one
+tile, the DemoFusion wrapper), not only that an image came out.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import importlib.util
 from pathlib import Path
@@ -152,6 +155,35 @@ class LinFusionCalls:
         return False
 
 
+class MethodCalls:
+    """Records the shape of the first tensor argument (the latent) of every call of one of our engine's methods
+    (a spy: the method still runs)."""
+
+    def __init__(self, cls, method):
+        self.cls, self.method, self.shapes = cls, method, []
+
+    def __enter__(self):
+        original = self.original = getattr(self.cls, self.method)
+
+        def spy(obj, *args, **kwargs):
+            self.shapes.append(next(tuple(a.shape) for a in args if isinstance(a, torch.Tensor)))
+            return original(obj, *args, **kwargs)
+        setattr(self.cls, self.method, spy)
+        return self
+
+    def __exit__(self, *exc):
+        setattr(self.cls, self.method, self.original)
+        return False
+
+
+def engine_spies(core, prompt):
+    """For the patch nodes in `prompt`: node type -> a spy on the engine code that node installs."""
+    targets = {"LinFusionTiledUNet": (core.tiled_unet.TiledUNetRunner, "forward"),
+               "LinFusionDemoFusion": (core.demofusion.DemoFusionWrapper, "__call__")}
+    kinds = {n["class_type"] for n in prompt.values()}
+    return {kind: MethodCalls(*target) for kind, target in targets.items() if kind in kinds}
+
+
 RUNNABLE = [n for n in WORKFLOWS]
 
 
@@ -161,9 +193,12 @@ def test_workflow_runs_on_fixtures(name, host, core, fixtures, object_info, inpu
     defs = definitions(name, object_info)
     prompt = shrink(workflow_to_api(load(name), defs), fixtures, input_image[0])
     capture = capture_saved_images(prompt)
+    spies = engine_spies(core, prompt)
     host.reset_cache()
     with registered_stand_ins() if name in NEEDS_THIRD_PARTY else _nothing() as ipadapter, \
-            LinFusionCalls(core) as calls:
+            LinFusionCalls(core) as calls, contextlib.ExitStack() as stack:
+        for spy in spies.values():
+            stack.enter_context(spy)
         result = host.run(prompt)
     image = result.captured[capture]
     w, h = expected_size(prompt, input_image[1])
@@ -171,6 +206,12 @@ def test_workflow_runs_on_fixtures(name, host, core, fixtures, object_info, inpu
     assert torch.isfinite(image).all() and image.min() >= 0 and image.max() <= 1
     assert image.std() > 0, f"{name}: a flat image"
     assert calls.count > 0, f"{name}: LinFusion's attention never ran"
+    for kind, spy in spies.items():
+        assert spy.shapes, f"{name}: {kind} is in the graph but its engine never ran"
+    if "LinFusionTiledUNet" in spies:
+        tile = next(n["inputs"]["tile_size"] for n in prompt.values() if n["class_type"] == "LinFusionTiledUNet")
+        assert max(max(s[-2:]) for s in spies["LinFusionTiledUNet"].shapes) > tile, \
+            f"{name}: the tiled UNet never saw a latent larger than one tile"
     if ipadapter is not None:
         blocks = {c[0] for c in ipadapter.calls}
         assert ("input", 1) in blocks and ("output", 3) in blocks, blocks

@@ -14,6 +14,8 @@ TEST_BASE_STEPS = 4        # a stage of strength s runs ceil(4 * s) steps
 TEST_MAX_STAGES = 2
 TEST_TILE = 64             # px, LinFusion tiled VAE: the 256 px final image is 4 x 2 tiles
 TEST_LADDER_TILE = 256     # px, the ladder's VAE tiles: ComfyUI's tiled encode needs tile / 2 > overlap (64)
+TEST_UNET_TILE = 8         # latent px, tiled UNet: the last ladder stage (32 x 16 latent) is 4 x 2 tiles
+DEMOFUSION_TEST_DILATION = 2   # what "auto" resolves to for the full-size x2 of a 1024 px image
 
 
 def load(name: str) -> dict:
@@ -51,16 +53,24 @@ def shrink(prompt: dict, fixtures, input_image: str) -> dict:
             inputs["vae_tile_size"] = TEST_LADDER_TILE if inputs["vae_tile_size"] else 0
         elif kind == "LinFusionVAEDecodeTiled":
             inputs["tile_size"] = TEST_TILE
+        elif kind == "LinFusionTiledUNet":
+            inputs["tile_size"] = TEST_UNET_TILE
+        elif kind == "LinFusionDemoFusion" and inputs["dilation_ratio"] == 0:
+            # Auto would give 1 on the tiny test image; the dilated branch is what the full-size run uses.
+            inputs["dilation_ratio"] = DEMOFUSION_TEST_DILATION
     return prompt
 
 
 def expected_size(prompt: dict, image_size) -> tuple[int, int]:
-    """(width, height) of the saved image: the base size doubled once per upscale stage."""
+    """(width, height) of the saved image: the base size doubled once per upscale stage, scaled by any
+    ImageScaleBy."""
     latents = [n["inputs"] for n in prompt.values() if n["class_type"] == "EmptyLatentImage"]
     w, h = (latents[0]["width"], latents[0]["height"]) if latents else image_size
     for n in prompt.values():
         if n["class_type"] == "LinFusionProgressiveUpscale":
             w, h = w * 2 ** n["inputs"]["stages"], h * 2 ** n["inputs"]["stages"]
+        elif n["class_type"] == "ImageScaleBy":
+            w, h = round(w * n["inputs"]["scale_by"]), round(h * n["inputs"]["scale_by"])
     return w, h
 
 

@@ -50,8 +50,10 @@ class ComfyHost:
         sys.path.insert(0, str(self.comfy_path))
         # comfy.cli_args parses sys.argv once, at its first import.
         saved_argv = sys.argv
-        sys.argv = ["main.py", "--cpu", "--disable-auto-launch", "--output-directory",
-                    tempfile.mkdtemp(prefix="linfusion-out-")]
+        # Outputs and inputs in folders of this session: never the host's own, which other runs share.
+        sys.argv = ["main.py", "--cpu", "--disable-auto-launch",
+                    "--output-directory", tempfile.mkdtemp(prefix="linfusion-out-"),
+                    "--input-directory", tempfile.mkdtemp(prefix="linfusion-in-")]
         import comfy.options
         comfy.options.enable_args_parsing()
         import comfy.cli_args  # noqa: F401  (parses the argv above)

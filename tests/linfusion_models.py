@@ -29,20 +29,10 @@ UNET_CONFIGS = {
 
 
 def fill_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Weights std 1/sqrt(fan_in), norm scales ~1, vectors std 0.02 (ComfyUI layers skip init)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in module.modules():
-            for name, p in mod.named_parameters(recurse=False):
-                r = torch.randn(p.shape, generator=g)
-                if isinstance(mod, (torch.nn.LayerNorm, torch.nn.GroupNorm)) and name == "weight":
-                    r = 1.0 + 0.1 * r
-                elif p.ndim >= 2:
-                    r = r / math.sqrt(p[0].numel())
-                else:
-                    r = 0.02 * r
-                p.copy_(r)
-    return module
+    """The fixtures' variance-preserving random weights (ComfyUI layers skip init), from a seed."""
+    from fixture_models import fill_random_
+
+    return fill_random_(module, torch.Generator().manual_seed(seed))
 
 
 def build_base_model(family: str, dtype=torch.float32, seed: int = 1):

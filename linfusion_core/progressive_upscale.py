@@ -27,40 +27,22 @@ DEMOFUSION_WRAPPER_KEY = "linfusion_demofusion"
 @dataclass
 class VaeCodec:
     """How the ladder crosses between latent and pixel space. Tile size 0 uses the VAE untiled; otherwise
-    the exact tiled VAE (linfusion_core.tiled_vae: equal to the untiled VAE, no seams), or ComfyUI's own
-    tiled VAE for architectures the exact one does not handle."""
+    the exact tiled VAE (linfusion_core.tiled_vae: equal to the untiled VAE, no seams), which itself falls
+    back to ComfyUI's tiled VAE for architectures it does not handle."""
     vae: object
     tile_size: int = 0  # pixels
-
-    def _fallback_overlap(self) -> int:
-        # ComfyUI's tiled VAE steps by (tile - 2 * overlap): keep a quarter of the tile so it stays positive.
-        return max(1, min(64, self.tile_size // 4))
-
-    def _exact(self) -> bool:
-        reason = tiled_vae.unsupported_reason(self.vae)
-        if reason is not None:
-            log.info("[LinFusion] ladder VAE: %s; using ComfyUI's tiled VAE", reason)
-        return reason is None
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         if self.tile_size <= 0:
             images = self.vae.decode(samples)
-        elif self._exact():
-            images = tiled_vae.decode(self.vae, samples, tile_size=self.tile_size)
         else:
-            ratio = self.vae.spacial_compression_decode()
-            t = max(1, self.tile_size // ratio)
-            images = self.vae.decode_tiled(samples, tile_x=t, tile_y=t,
-                                           overlap=max(1, self._fallback_overlap() // ratio))
+            images, _ = tiled_vae.decode_or_fallback(self.vae, samples, self.tile_size)
         return images.reshape((-1,) + tuple(images.shape[-3:]))
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         if self.tile_size <= 0:
             return self.vae.encode(images[..., :3])
-        if self._exact():
-            return tiled_vae.encode(self.vae, images[..., :3], tile_size=self.tile_size)
-        return self.vae.encode_tiled(images[..., :3], tile_x=self.tile_size, tile_y=self.tile_size,
-                                     overlap=self._fallback_overlap())
+        return tiled_vae.encode_or_fallback(self.vae, images, self.tile_size)[0]
 
 
 def resize_image(images: torch.Tensor, width: int, height: int) -> torch.Tensor:

@@ -223,3 +223,31 @@ def encode(vae, pixels: torch.Tensor, tile_size: int = 512, park: str = "cpu", o
     vae.throw_exception_if_invalid()
     pixels = vae.vae_encode_crop_pixels(pixels)[..., :3].movedim(-1, 1)
     return encode_raw(vae, vae.process_input(pixels), tile_size, park, on_progress)
+
+
+def _fallback_note(vae, what: str) -> str:
+    note = (f"[LinFusion] exact tiled {what} does not handle this VAE ({unsupported_reason(vae)}); "
+            f"used ComfyUI's own tiled {what} instead (blended tiles, not exact).")
+    log.warning(note)
+    return note
+
+
+def decode_or_fallback(vae, samples: torch.Tensor, tile_size: int, park: str = "cpu", on_progress=None):
+    """(IMAGE, note): the exact tiled decode, or for VAEs it does not handle ComfyUI's own tiled decode and a
+    note saying so (None when exact)."""
+    if unsupported_reason(vae) is None and samples.ndim == 4:
+        return decode(vae, samples, tile_size, park, on_progress), None
+    note = _fallback_note(vae, "decode")
+    tile = max(8, tile_size // vae.spacial_compression_decode())
+    images = vae.decode_tiled(samples, tile_x=tile, tile_y=tile, overlap=tile // 4)
+    if images.ndim == 5:   # video VAEs: frames into the batch, as VAEDecodeTiled does
+        images = images.reshape(-1, images.shape[-3], images.shape[-2], images.shape[-1])
+    return images, note
+
+
+def encode_or_fallback(vae, pixels: torch.Tensor, tile_size: int, park: str = "cpu", on_progress=None):
+    """(latent, note): the exact tiled encode, or ComfyUI's own tiled encode and a note for other VAEs."""
+    if unsupported_reason(vae) is None:
+        return encode(vae, pixels, tile_size, park, on_progress), None
+    note = _fallback_note(vae, "encode")
+    return vae.encode_tiled(pixels[:, :, :, :3], tile_x=tile_size, tile_y=tile_size, overlap=tile_size // 8), note

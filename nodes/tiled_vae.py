@@ -4,13 +4,9 @@ The work is in linfusion_core/tiled_vae.py; these nodes wire it to ComfyUI (prog
 VAEs the exact path does not handle (video, Flux-style 16-channel...) go through ComfyUI's own tiled
 decode/encode, and the node says so in the log and the UI output.
 """
-import logging
-
 import comfy.utils
 
 from ..linfusion_core import tiled_vae
-
-log = logging.getLogger("LinFusion")
 
 TILE_TOOLTIP = ("Tile side in pixels at full resolution (layers with more channels use proportionally "
                 "fewer pixels, so every tile holds about the same memory). Smaller = less accelerator "
@@ -23,14 +19,6 @@ PARK_TOOLTIP = ("Where the whole-image activations between layers wait: 'cpu' ke
 def _progress_bar():
     bar = comfy.utils.ProgressBar(1)
     return lambda done, total: bar.update_absolute(done, total)
-
-
-def _fallback_note(vae, what: str) -> str:
-    reason = tiled_vae.unsupported_reason(vae)
-    note = (f"[LinFusion] exact tiled {what} does not handle this VAE ({reason}); "
-            f"used ComfyUI's own tiled {what} instead (blended tiles, not exact).")
-    log.warning(note)
-    return note
 
 
 class LinFusionVAEDecodeTiled:
@@ -52,16 +40,8 @@ class LinFusionVAEDecodeTiled:
                    "borders and full-image attention: seamless by construction, memory bounded by the tile.")
 
     def decode(self, samples, vae, tile_size, park_device):
-        latent = samples["samples"]
-        if tiled_vae.unsupported_reason(vae) is None and latent.ndim == 4:
-            return (tiled_vae.decode(vae, latent, tile_size, park_device, _progress_bar()),)
-        note = _fallback_note(vae, "decode")
-        compression = vae.spacial_compression_decode()
-        tile = max(8, tile_size // compression)
-        images = vae.decode_tiled(latent, tile_x=tile, tile_y=tile, overlap=tile // 4)
-        if images.ndim == 5:   # video VAEs: frames into the batch, as VAEDecodeTiled does
-            images = images.reshape(-1, images.shape[-3], images.shape[-2], images.shape[-1])
-        return {"ui": {"text": [note]}, "result": (images,)}
+        images, note = tiled_vae.decode_or_fallback(vae, samples["samples"], tile_size, park_device, _progress_bar())
+        return (images,) if note is None else {"ui": {"text": [note]}, "result": (images,)}
 
 
 class LinFusionVAEEncodeTiled:
@@ -84,11 +64,9 @@ class LinFusionVAEEncodeTiled:
                    "borders and full-image attention: same latent as VAE Encode, memory bounded by the tile.")
 
     def encode(self, pixels, vae, tile_size, park_device):
-        if tiled_vae.unsupported_reason(vae) is None:
-            return ({"samples": tiled_vae.encode(vae, pixels, tile_size, park_device, _progress_bar())},)
-        note = _fallback_note(vae, "encode")
-        latent = vae.encode_tiled(pixels[:, :, :, :3], tile_x=tile_size, tile_y=tile_size, overlap=tile_size // 8)
-        return {"ui": {"text": [note]}, "result": ({"samples": latent},)}
+        latent, note = tiled_vae.encode_or_fallback(vae, pixels, tile_size, park_device, _progress_bar())
+        result = ({"samples": latent},)
+        return result if note is None else {"ui": {"text": [note]}, "result": result}
 
 
 NODE_CLASS_MAPPINGS = {

@@ -81,6 +81,27 @@ def step_table(rows, family) -> list[str]:
     return out
 
 
+def machine_note(res: dict) -> str:
+    """Whether other work shared the machine, read from the load averages the run recorded."""
+    m = res["machine"]
+    start, end = (m.get(f"load average (1 min) at {when}") for when in ("start", "end"))
+    cores = int(m.get("cpu_cores") or 1)
+    counting = ("every time is the median of the repeats shown as n=..., a time without n is a single run, "
+                "and every ratio compares numbers from this one run.")
+    try:
+        # The run itself keeps `cores` threads busy; the 1-minute average still carries setup before it.
+        quiet = float(start) < 1.0 and float(end) <= cores + 0.5
+    except (TypeError, ValueError):
+        quiet = False
+    if start is None or end is None:
+        return "Load average not recorded for this run: " + counting
+    if quiet:
+        return (f"Nothing else ran on the machine (1-minute load average {start} at the start, {end} at the end, "
+                f"with the benchmark itself busy on {cores} cores): " + counting)
+    return (f"Other jobs shared the machine (1-minute load average {start} at the start, {end} at the end, on "
+            f"{cores} cores), so absolute times are inflated and drift: " + counting)
+
+
 def write(res: dict, out_dir: Path, command: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "benchmarks.json").write_text(json.dumps(res, indent=1, default=str))
@@ -102,7 +123,7 @@ def write(res: dict, out_dir: Path, command: str) -> Path:
     samples = g.get("samples") or [g["peak_flops"]]
     lines += [f"| measured fp32 GEMM peak | {g['peak_flops'] / 1e9:.1f} GFLOP/s (best of {len(samples)} "
               f"measurements: {', '.join(f'{v / 1e9:.1f}' for v in samples)}) |", ""]
-    lines += [res["shared_machine_note"], "", "## Headline", ""] + [f"- {h}" for h in res["headline"]]
+    lines += [machine_note(res), "", "## Headline", ""] + [f"- {h}" for h in res["headline"]]
     lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {t['met']} |" for t in res["targets"]]
     lines += ["", "## 1. One attn1 call", "", res["notes"]["attn1"]] + attention_tables(res)

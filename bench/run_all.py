@@ -25,11 +25,6 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 log = logging.getLogger("LinFusion")
 
-SHARED_NOTE = ("The benchmark machine is shared with other jobs (2 cores, several agents): every time is "
-               "the median of the repeats shown as n=..., single runs are marked by the absence of n, and "
-               "ratios compare numbers taken minutes apart in the same run.")
-
-
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
@@ -96,7 +91,7 @@ def main(argv=None) -> int:
     attn_device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     cpu = torch.device("cpu")
     res = {"mode": "quick" if quick else "full", "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "machine": machine.describe(attn_device), "shared_machine_note": SHARED_NOTE,
+           "machine": machine.describe(attn_device),
            "attn1": [], "steps": [], "sampling": [], "exponents": {},
            "limits": {"max_call_s": max_call_s, "max_step_s": max_step_s}}
     res["machine"]["code measured"] = args.label or machine.code_version(REPO)

@@ -13,6 +13,9 @@ Design (why not object patches): ComfyUI's module tree and state dict stay exact
     own attn1 weights, and LoRA deltas land on those weights. LinFusion runs its own distilled weights and
     ignores attn1 LoRA deltas (logged with their count): the released modules were trained from scratch,
     not from attn1, so a LoRA delta for attn1 has no meaning for them.
+  - Multi-GPU (newer ComfyUI): a per-GPU deep clone of the MODEL rebuilds every additional model from its
+    `cached_patcher_init` factory, so the LinFusion patcher carries one (`modules_patcher`), and inject()
+    runs the modules of the patcher it is injected into, not the ones it was built with.
   - attn1_replace users (SAG, PAG) call attn1.to_q/to_k/to_v/to_out themselves and never reach forward():
     on those blocks their softmax attention runs with the base model's weights (logged when visible).
 """
@@ -73,7 +76,7 @@ class LinFusionInstall:
         import comfy.utils
 
         diffusion_model = patcher.model.diffusion_model
-        for placement, module in zip(self.placements, self.modules.blocks):
+        for placement, module in zip(self.placements, self.modules_of(patcher).blocks):
             attn1 = comfy.utils.get_attr(diffusion_model, placement.site.comfy_path)
             current = attn1.__dict__.get("forward")
             if isinstance(current, LinFusionForward):
@@ -84,6 +87,14 @@ class LinFusionInstall:
             forward.previous_instance_forward = current
             attn1.forward = forward
         self._log_bypassed(patcher)
+
+    def modules_of(self, patcher) -> LinFusionModules:
+        """The modules `patcher` registered as its LinFusion additional model: a multi-GPU copy of the MODEL
+        has its own, on its own device. Falls back to the modules this install was built with."""
+        for extra in patcher.get_additional_models_with_key(INJECTION_KEY):
+            if isinstance(extra.model, LinFusionModules) and len(extra.model.blocks) == len(self.placements):
+                return extra.model
+        return self.modules
 
     def eject(self, patcher) -> None:
         import comfy.utils
@@ -141,25 +152,35 @@ def build_modules(weights: LinFusionWeights, placements: list[Placement], dtype,
     return LinFusionModules(modules).eval().requires_grad_(False)
 
 
+def modules_patcher(weights: LinFusionWeights, placements: list[Placement], dtype, compute_dtype, load_device,
+                    offload_device, disable_dynamic: bool = False):
+    """A ModelPatcher holding freshly built LinFusion modules. It is also that patcher's `cached_patcher_init`
+    factory: newer ComfyUI calls it to give each GPU of a multi-GPU run its own untouched copy."""
+    import comfy.model_patcher
+
+    modules = build_modules(weights, placements, dtype, compute_dtype, device=offload_device)
+    patcher = comfy.model_patcher.ModelPatcher(modules, load_device=load_device, offload_device=offload_device)
+    patcher.cached_patcher_init = (modules_patcher, (weights, placements, dtype, compute_dtype, load_device,
+                                                     offload_device))
+    return patcher
+
+
 def apply_linfusion(model, weights: LinFusionWeights, blocks: str = "all", min_tokens: int = 0):
     """A clone of `model` (ModelPatcher) running LinFusion; returns (clone, human-readable summary).
     All checks run before the clone exists, so a bad file leaves nothing half-patched."""
-    import comfy.model_patcher
     import comfy.patcher_extension
 
     base_model = model.model
     every = place_modules(weights, base_model)
     placements = select_placements(every, blocks)
-    modules = build_modules(weights, placements, base_model.get_dtype(), base_model.manual_cast_dtype,
-                            device=model.offload_device)
-    install = LinFusionInstall(placements, modules, int(min_tokens))
-    modules_patcher = comfy.model_patcher.ModelPatcher(modules, load_device=model.load_device,
-                                                       offload_device=model.offload_device)
+    linfusion_patcher = modules_patcher(weights, placements, base_model.get_dtype(), base_model.manual_cast_dtype,
+                                        model.load_device, model.offload_device)
+    install = LinFusionInstall(placements, linfusion_patcher.model, int(min_tokens))
 
     patched = model.clone()
     if patched.get_injections(INJECTION_KEY):
         log.info("[LinFusion] the model already had LinFusion applied; replacing it")
-    patched.set_additional_models(INJECTION_KEY, [modules_patcher])
+    patched.set_additional_models(INJECTION_KEY, [linfusion_patcher])
     patched.set_injections(INJECTION_KEY, [comfy.patcher_extension.PatcherInjection(install.inject, install.eject)])
 
     summary = (f"LinFusion {os.path.basename(weights.source.rstrip('/'))} ({weights.family}, config from "

@@ -148,6 +148,36 @@ def test_highest_resolution_only(core, sd15):
     assert {p.site.dim for p in install.placements} == {64}
 
 
+def test_multi_gpu_copy_runs_its_own_linfusion_modules(core, sd15):
+    """Newer ComfyUI's multi-GPU deep clone rebuilds each additional model from its `cached_patcher_init`
+    factory and injects the copy: the copy must run its own LinFusion modules (on its own device), not the
+    modules of the MODEL it was copied from. Done here by hand with the same public patcher calls."""
+    base, weights = sd15
+    patched, _ = core.patch.apply_linfusion(base, weights)
+    inputs = unet_inputs(base.model, hw=(8, 8))
+    expected = run_unet(patched, inputs)
+    original = patched.get_additional_models_with_key("linfusion")[0]
+    factory, args = original.cached_patcher_init
+    fresh = factory(*args, disable_dynamic=True)
+    assert fresh.model is not original.model
+    before = original.model.state_dict()
+    assert all(torch.equal(v, before[k]) for k, v in fresh.model.state_dict().items())
+
+    copy_ = patched.clone()
+    copy_.set_additional_models("linfusion", [fresh])
+    calls = {"fresh": 0, "original": 0}
+    hooks = [m.register_forward_hook(lambda *a, key=key: calls.__setitem__(key, calls[key] + 1))
+             for key, owner in (("fresh", fresh), ("original", original)) for m in owner.model.blocks]
+    try:
+        run_unet(base, inputs)                      # the plain clone ejects the first install
+        out = run_unet(copy_, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls["fresh"] == len(fresh.model.blocks) and calls["original"] == 0
+    assert torch.equal(out, expected)
+
+
 def test_fifty_apply_sample_unpatch_cycles_do_not_grow_memory(core, sd15):
     import comfy.model_management
 

@@ -6,12 +6,14 @@ Real SD 1.5 UNet architecture (860 M params, random weights, fp32) through Comfy
 Peak memory: on CUDA torch.cuda.max_memory_allocated; on CPU the process's peak RSS (VmHWM, reset through
 /proc/self/clear_refs before each run) minus the RSS before it.
 
-    python3 scripts/comfy_host.py python bench/highres_memory.py --sizes 512 1024 2048 --attention softmax linear
+    python3 scripts/comfy_host.py python bench/highres_memory.py --sizes 512 1024 2048 --attention linear softmax
+
+takes ~45 min on 2 idle CPU cores (the two softmax steps at 2048 px are most of it); on a GPU add --device cuda
+and larger sizes.
 """
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -65,32 +67,12 @@ def peak_since(device, start: int) -> int:
     return read_status("VmHWM") - start
 
 
-def plain_linear_attn1(chunk_tokens: int = 4096):
-    """attn1 replacement on the projected q, k, v: phi = elu + 1 linear attention (no LinFusion MLPs, no N x N),
-    used when the core's linear_attention is not in this checkout yet."""
-    import torch
-    import torch.nn.functional as F
+def linear_attn1():
+    """attn1 replacement on the projected q, k, v: the core's linear attention (phi = elu + 1, fp32 state,
+    chunked), without LinFusion's query/key MLPs: the memory and time of the attention itself."""
+    from linfusion_core.attention import linear_attention
 
-    try:
-        from linfusion_core.attention import linear_attention  # the project's kernel, once it has landed
-        return lambda q, k, v, extra: linear_attention(q, k, v, extra["n_heads"]), "linfusion_core.linear_attention"
-    except ImportError:
-        pass
-
-    def attn(q, k, v, extra):
-        h = extra["n_heads"]
-        b, n, c = q.shape
-        q, k, v = (t.view(b, n, h, c // h).transpose(1, 2) for t in (q, k, v))
-        k = F.elu(k.float()) + 1
-        kv = torch.einsum("bhnd,bhne->bhde", k / n, v.float())
-        k_mean = k.mean(dim=2, keepdim=True)
-        out = torch.empty_like(q)
-        for s in range(0, n, chunk_tokens):
-            qc = F.elu(q[:, :, s:s + chunk_tokens].float()) + 1
-            z = (qc * k_mean).sum(-1, keepdim=True) + 1e-4
-            out[:, :, s:s + chunk_tokens] = ((qc @ kv) / z).to(q.dtype)
-        return out.transpose(1, 2).reshape(b, n, c)
-    return attn, "bench-local plain linear attention"
+    return lambda q, k, v, extra: linear_attention(q, k, v, extra["n_heads"]), "linfusion_core.linear_attention"
 
 
 def with_linear_attn1(model, attn):
@@ -126,8 +108,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
     parser.add_argument("--attention", nargs="+", default=["softmax", "linear"], choices=["softmax", "linear"])
-    parser.add_argument("--softmax-max-size", type=int, default=1024,
-                        help="skip softmax attention above this size (N^2 cost: minutes per step on a CPU)")
+    parser.add_argument("--softmax-max-size", type=int, default=2048,
+                        help="skip softmax attention above this size (N^2 cost: ~15 min per 2048 px step on 2 CPU "
+                             "cores)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--backend", default="sdpa", choices=["sdpa", "comfy-default"],
                         help="softmax attention: PyTorch SDPA or ComfyUI's default for the device")
@@ -143,7 +126,7 @@ def main() -> None:
     torch.manual_seed(0)
     device = comfy.model_management.get_torch_device()
     base = highres_models.unet_patcher(highres_models.SD15_UNET, seed=0)
-    linear, linear_name = plain_linear_attn1()
+    linear, linear_name = linear_attn1()
     low = LowMemoryOptions(sequential_cond=True, ff_chunk_tokens=args.ff_chunk_tokens, inplace_silu=True,
                            park_skips=device.type == "cuda")
     print(f"# device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "

@@ -1,6 +1,7 @@
 """Run every benchmark in one process inside the real ComfyUI host and write docs/benchmarks.md.
 
-    python3 scripts/comfy_host.py python bench/run_all.py            # full run, ~10-12 min on 2 CPU cores
+    python3 scripts/comfy_host.py python bench/run_all.py            # full run, ~30 min on 2 idle CPU cores
+    python3 scripts/comfy_host.py python bench/run_all.py --max-step-s 900 --max-call-s 30   # docs' run, 37 min
     python3 scripts/comfy_host.py python bench/run_all.py --quick    # < 1 min smoke run, output to a temp dir
 
 ComfyUI is booted by tests/comfy_harness.py (ComfyUI's own custom-node loader loads this checkout), so the
@@ -44,6 +45,8 @@ def parse(argv):
     p.add_argument("--sampling", type=_ints, help="px,steps of the sampling run (default 768,4)")
     p.add_argument("--label", help="what code was measured, when the checkout is not a git repository")
     p.add_argument("--from-json", type=Path, help="only rebuild the page and plots from a benchmarks.json")
+    p.add_argument("--note", help="with --from-json: a sentence for the page's opening paragraph (e.g. a "
+                   "measurement of a skipped size taken by another bench command)")
     p.add_argument("--variants", help="subset of linfusion,sdpa,no_attn1,default for the SD1.5 steps")
     p.add_argument("--sections", default="attn1,sd15,sdxl,sampling",
                    help="comma-separated subset of attn1,sd15,sdxl,sampling")
@@ -64,13 +67,15 @@ def main(argv=None) -> int:
     if args.from_json:
         from bench import summary
         res = json.loads(args.from_json.read_text())
+        if args.note:
+            res["runs_note"] = args.note
         summary.finish(res)
         page = summary.write_all(res, args.out or args.from_json.parent, res.get("command", "?"))
         print(summary.console(res))
         print(f"\nwritten: {page}")
         return 0
     max_call_s = args.max_call_s or (1.5 if quick else 12.0)
-    max_step_s = args.max_step_s or (6.0 if quick else 120.0)
+    max_step_s = args.max_step_s or (6.0 if quick else 300.0)  # 300 s: the LinFusion step at 2048 px runs
     sections = set(args.sections.split(","))
     out_dir = args.out or (Path(tempfile.mkdtemp(prefix="linfusion-bench-")) if quick else REPO / "docs")
     work = Path(tempfile.mkdtemp(prefix="linfusion-bench-models-"))

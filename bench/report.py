@@ -111,7 +111,8 @@ def write(res: dict, out_dir: Path, command: str) -> Path:
         "# Benchmarks: LinFusion attention vs ComfyUI's attention backends",
         "",
         f"Produced on {res['started']} by the command(s) under Reproduce ({res['mode']} mode, "
-        f"{res['elapsed_s'] / 60:.1f} min). Every number on this page comes from that run; "
+        f"{res['elapsed_s'] / 60:.1f} min). Every number on this page comes from that run"
+        + (" except those this paragraph names" if res.get("runs_note") else "") + "; "
         "`benchmarks.json` beside it holds the raw timings." + (f" {res['runs_note']}" if res.get("runs_note") else ""),
         "",
         "## Machine",

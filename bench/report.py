@@ -88,13 +88,13 @@ def machine_note(res: dict) -> str:
     cores = int(m.get("cpu_cores") or 1)
     counting = ("every time is the median of the repeats shown as n=..., a time without n is a single run, "
                 "and every ratio compares numbers from this one run.")
+    if start is None or end is None:
+        return "Load average not recorded for this run: " + counting
     try:
         # The run itself keeps `cores` threads busy; the 1-minute average still carries setup before it.
         quiet = float(start) < 1.0 and float(end) <= cores + 0.5
-    except (TypeError, ValueError):
+    except ValueError:      # a hand-edited value such as "11.7 (attn1) / 15.9 (UNet steps)"
         quiet = False
-    if start is None or end is None:
-        return "Load average not recorded for this run: " + counting
     if quiet:
         return (f"Nothing else ran on the machine (1-minute load average {start} at the start, {end} at the end, "
                 f"with the benchmark itself busy on {cores} cores): " + counting)

@@ -46,15 +46,22 @@ NOTES = {
 MODEL_SIZES = (1024, 2048, 4096)
 
 
-def component_model(res: dict, family: str, pixels: int, variant: str) -> float | None:
-    """Step time from parts: the measured attn1-free step at the smallest size, scaled with the pixel
-    count (convolutions, FFNs, cross-attention and norms are all linear in it), plus every attn1 call
-    at this size timed (or N^2-extrapolated) in section 1. Checked against the measured sizes."""
+def attn1_free_step(res: dict, family: str, pixels: int) -> float | None:
+    """The measured attn1-free step (`no_attn1`) at its smallest size, scaled with the pixel count
+    (convolutions, FFNs, cross-attention and norms are all linear in it)."""
     floor = [r for r in res["steps"] if r["family"] == family and r["variant"] == "no_attn1" and "median_s" in r]
     if not floor:
         return None
     base = min(floor, key=lambda r: r["pixels"])
-    total = base["median_s"] * (pixels / base["pixels"]) ** 2
+    return base["median_s"] * (pixels / base["pixels"]) ** 2
+
+
+def component_model(res: dict, family: str, pixels: int, variant: str) -> float | None:
+    """Step time from parts: the attn1-free step at this size plus every attn1 call at this size timed (or
+    N^2-extrapolated) in section 1. Checked against the measured sizes."""
+    total = attn1_free_step(res, family, pixels)
+    if total is None:
+        return None
     for tokens, dim, count in attn1_levels(family, pixels):
         r = _row(res["attn1"], dim=dim, tokens=tokens, backend=variant)
         t = r and (r.get("median_s") or r.get("predicted_s"))
@@ -165,14 +172,10 @@ def headline(res):
 
 def attn1_free_bound(res: dict, family: str, pixels: int) -> float | None:
     """SDPA step time over the attn1-free step at `pixels`: the most any attn1 replacement could gain."""
-    steps = [r for r in res["steps"] if r["family"] == family]
-    floor = [r for r in steps if r["variant"] == "no_attn1" and "median_s" in r]
-    sdpa = _row(steps, pixels=pixels, variant="sdpa")
+    sdpa = _row(res["steps"], family=family, pixels=pixels, variant="sdpa")
     sdpa_s = sdpa and (sdpa.get("median_s") or sdpa.get("estimated_s"))
-    if not floor or not sdpa_s:
-        return None
-    base = min(floor, key=lambda r: r["pixels"])
-    return sdpa_s / (base["median_s"] * (pixels / base["pixels"]) ** 2)
+    floor = attn1_free_step(res, family, pixels)
+    return sdpa_s / floor if sdpa_s and floor else None
 
 
 def _faster(s: float) -> str:

@@ -155,7 +155,8 @@ def build_modules(weights: LinFusionWeights, placements: list[Placement], dtype,
 def modules_patcher(weights: LinFusionWeights, placements: list[Placement], dtype, compute_dtype, load_device,
                     offload_device, disable_dynamic: bool = False):
     """A ModelPatcher holding freshly built LinFusion modules. It is also that patcher's `cached_patcher_init`
-    factory: newer ComfyUI calls it to give each GPU of a multi-GPU run its own untouched copy."""
+    factory: newer ComfyUI calls it to give each GPU of a multi-GPU run its own untouched copy
+    (`disable_dynamic` is part of that call; this patcher is never a dynamic one)."""
     import comfy.model_patcher
 
     modules = build_modules(weights, placements, dtype, compute_dtype, device=offload_device)

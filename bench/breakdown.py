@@ -60,7 +60,9 @@ def run(core, family, base, weights, vae, cnet, quick: bool, budget, predict_ste
             plans += [("sdpa", True), (wf["variant"], False), ("sdpa", False)]
         for variant, with_cnet in plans:
             row = dict(wf, variant=variant, controlnet=with_cnet)
-            skip = budget.refuse(predict_step(family, w * h), 1)
+            guess = predict_step(family, w * h)
+            skip = budget.refuse(guess, 1) or (None if guess is not None or quick else {
+                "skipped": f"no measured {family} step to predict its time from (run the {family} section too)"})
             if skip:
                 rows.append({**row, **skip})
                 continue

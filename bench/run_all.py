@@ -124,6 +124,7 @@ def main(argv=None) -> int:
 
 
 def measure_all(core, args, plan, key, sections, budget, work, save) -> None:
+    import comfy.model_management
     import torch
     from bench import attn1, breakdown, ladder_stage, models, peers, tiled_vae, unet_step
 
@@ -152,7 +153,7 @@ def measure_all(core, args, plan, key, sections, budget, work, save) -> None:
         if family in sections:
             steps += step(plan[family], ["linfusion", "sdpa"])
             save("unet_step", steps)
-        vae = models.vae(tiny, dtype if device.type == "cuda" else None) if family == "sd15" else None
+        vae = models.vae(tiny) if family == "sd15" else None       # ComfyUI picks the VAE's dtype, as for a user
         if family == "sd15":
             if "low_memory" in sections and plan["low_memory"]:
                 save("low_memory", step(plan["low_memory"], ["linfusion", "linfusion+low-memory"])
@@ -175,7 +176,8 @@ def measure_all(core, args, plan, key, sections, budget, work, save) -> None:
             shares += breakdown.run(core, family, base, weights, vae or models.vae(tiny), cnet, tiny, budget,
                                     predict_step)
             save("breakdown", shares)
-        del base, weights
+        del base, weights, vae
+        comfy.model_management.unload_all_models()       # ComfyUI keeps loaded MODELs; SDXL needs the room
         gc.collect()
 
 

@@ -148,8 +148,8 @@ def variant(core, base, weights, name: str, tile: int = 64):
     parts = name.split("+")
     if parts[0] == "linfusion":
         model = core.patch.apply_linfusion(model, weights)[0]
-    if "low-memory" in parts:        # Low-Memory Mode's defaults (skip parking only where it saves accelerator memory)
-        model = core.low_memory.LowMemoryOptions(park_skips=model.load_device.type == "cuda").apply(model)
+    if "low-memory" in parts:        # the node's defaults, as the shipped workflows set it
+        model = core.low_memory.LowMemoryOptions().apply(model)
     if "tiled" in parts:
         model = core.tiled_unet_patch.apply_tiled_unet(model, tile, "cpu", progress=False)
     return model

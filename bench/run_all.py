@@ -1,17 +1,19 @@
-"""Run every benchmark in one process inside the real ComfyUI host and write docs/benchmarks.md.
+"""Every benchmark number of README.md and docs/, in one process inside the real ComfyUI host, and the page.
 
-    python3 scripts/comfy_host.py python bench/run_all.py            # full run, ~30 min on 2 idle CPU cores
-    python3 scripts/comfy_host.py python bench/run_all.py --max-step-s 900 --max-call-s 30   # docs' run, 37 min
-    python3 scripts/comfy_host.py python bench/run_all.py --quick    # < 1 min smoke run, output to a temp dir
+    python3 scripts/comfy_host.py python bench/run_all.py                  # CPU, all sections: hours on 2 cores
+    python3 scripts/comfy_host.py python bench/run_all.py --quick          # tiny sizes, < 3 min, temp folder
+    python3 scripts/comfy_host.py python bench/run_all.py --device cuda    # the GPU plan (bench/gpu.sh), < 8 min
+    python3 scripts/comfy_host.py python bench/run_all.py --device cpu --smoke   # the GPU plan's code path on CPU
+    python3 scripts/comfy_host.py python bench/run_all.py --from-json docs/benchmarks.json   # page only
 
-ComfyUI is booted by tests/comfy_harness.py (ComfyUI's own custom-node loader loads this checkout), so the
-LinFusion nodes and modules measured are the ones a user's ComfyUI runs.
+Raw rows go to benchmarks.json (one entry per device: a CPU run keeps the GPU entry and vice versa), the
+page (benchmarks.md) and plots are rendered from that file only (bench/page.py). Measurements predicted to
+overrun --budget-min are skipped and say so with their predicted time, which the page calls an estimate.
 """
 from __future__ import annotations
 
 import argparse
 import gc
-import importlib
 import json
 import logging
 import os
@@ -23,167 +25,172 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
-
 log = logging.getLogger("LinFusion")
+ints = lambda text: [int(v) for v in text.split(",") if v]
 
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
+# What each plan measures: sizes in px, repeats n (the same for every variant compared), limits in seconds.
+PLANS = {
+    "cpu": dict(attn1="CPU_SIDES", dtypes=["float32"], attn1_n=5, max_call_s=30, steps_n=3, max_step_s=1200,
+                sd15=[512, 768, 1024, 1536, 2048], sdxl=[1024, 2048], low_memory=[1024, 2048],
+                tiled_unet=[512, 1024, 2048], tile=64, tiled_vae=[512, 1024, 2048], vae_tile=512,
+                peers=[1024, 2048], ladder=[], budget_min=480),
+    "quick": dict(attn1="QUICK_SIDES", dtypes=["float32"], attn1_n=3, max_call_s=5, steps_n=1, max_step_s=60,
+                  sd15=[64, 128], sdxl=[64], low_memory=[64], tiled_unet=[64], tile=4, tiled_vae=[64], vae_tile=32,
+                  peers=[64], ladder=[], budget_min=2),
+    "cuda": dict(attn1="GPU_SIDES", dtypes=["float16", "bfloat16"], attn1_n=5, max_call_s=5, steps_n=3,
+                 max_step_s=60, sd15=[1024, 2048, 4096], sdxl=[2048, 4096], low_memory=[], tiled_unet=[],
+                 tiled_vae=[], peers=[], ladder=[8192, 16384], tile=256, vae_tile=1024, budget_min=7),
+    "smoke": dict(attn1="SMOKE_SIDES", dtypes=["float16", "bfloat16"], attn1_n=1, max_call_s=20, steps_n=1,
+                  max_step_s=60, sd15=[64], sdxl=[64], low_memory=[], tiled_unet=[], tiled_vae=[], peers=[],
+                  ladder=[128], tile=4, vae_tile=32, budget_min=2),
+}
+SECTIONS = "attn1,sd15,low_memory,tiled_unet,tiled_vae,breakdown,controlnet,peers,ladder,sdxl"
 
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small sizes only (a smoke run for CI)")
-    p.add_argument("--out", type=Path, help="where benchmarks.md, plots and json go "
-                   "(default: docs/ for a full run, a temporary folder for --quick)")
-    p.add_argument("--max-call-s", type=float, help="skip attn1 calls predicted to take longer")
-    p.add_argument("--max-step-s", type=float, help="skip UNet steps predicted to take longer")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice). On a machine "
-                   "shared with other busy jobs, fewer threads than cores avoids OpenMP threads spinning at "
-                   "barriers while their partners wait to be scheduled")
-    p.add_argument("--sd15-sizes", type=_ints, help="SD1.5 step sizes in px (default 512,768,1024,1536,2048)")
-    p.add_argument("--sdxl-sizes", type=_ints, help="SDXL step sizes in px (default 512,1024)")
-    p.add_argument("--sampling", type=_ints, help="px,steps of the sampling run (default 768,4)")
-    p.add_argument("--label", help="what code was measured, when the checkout is not a git repository")
-    p.add_argument("--from-json", type=Path, help="only rebuild the page and plots from a benchmarks.json")
-    p.add_argument("--note", help="with --from-json: a sentence for the page's opening paragraph (e.g. a "
-                   "measurement of a skipped size taken by another bench command)")
-    p.add_argument("--variants", help="subset of linfusion,sdpa,no_attn1,default for the SD1.5 steps")
-    p.add_argument("--sections", default="attn1,sd15,sdxl,sampling",
-                   help="comma-separated subset of attn1,sd15,sdxl,sampling")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--quick", action="store_true", help="the CPU plan at tiny sizes and small models (< 3 min)")
+    p.add_argument("--smoke", action="store_true", help="the GPU plan at tiny sizes and small models")
+    p.add_argument("--budget-min", type=float, help="time budget in minutes (default: the plan's)")
+    p.add_argument("--sections", default=SECTIONS, help=f"subset of {SECTIONS}")
+    p.add_argument("--out", type=Path, help="folder of benchmarks.json/.md and plots (default: docs/, or a "
+                   "temporary folder with --quick/--smoke)")
+    p.add_argument("--official-linfusion", metavar="PATH", help="checkout of github.com/Huage001/LinFusion")
+    p.add_argument("--tiled-diffusion", metavar="PATH", help="checkout of github.com/shiimizu/ComfyUI-TiledDiffusion")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--from-json", type=Path, help="only render the page and plots from this benchmarks.json")
     return p.parse_args(argv)
 
 
-def boot_host(model_root: Path):
+def boot(device: str, work: Path):
+    """ComfyUI in this process with the extension loaded by its own loader (tests/comfy_harness.py). The
+    harness boots with --cpu; for a GPU run ComfyUI's arguments are parsed first, without it."""
+    if device == "cuda":
+        sys.path.insert(0, os.environ["COMFYUI_PATH"])
+        saved, sys.argv = sys.argv, ["main.py", "--disable-auto-launch"]
+        import comfy.options
+        comfy.options.enable_args_parsing()
+        import comfy.cli_args  # noqa: F401  (parsed now; the harness's own parse is then a no-op)
+        sys.argv = saved
     from comfy_harness import get_host
-    return get_host(model_root)
+    return get_host(work)
 
 
 def main(argv=None) -> int:
     args = parse(argv)
-    # ComfyUI's boot chatter stays at WARNING; the benchmark's own progress lines are INFO.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)
-    quick = args.quick
+    from bench import page
     if args.from_json:
-        from bench import summary
-        res = json.loads(args.from_json.read_text())
-        if args.note:
-            res["runs_note"] = args.note
-        summary.finish(res)
-        page = summary.write_all(res, args.out or args.from_json.parent, res.get("command", "?"))
-        print(summary.console(res))
-        print(f"\nwritten: {page}")
+        print(f"written: {page.write(json.loads(args.from_json.read_text()), args.out or args.from_json.parent)}")
         return 0
-    max_call_s = args.max_call_s or (1.5 if quick else 12.0)
-    max_step_s = args.max_step_s or (6.0 if quick else 300.0)  # 300 s: the LinFusion step at 2048 px runs
-    sections = set(args.sections.split(","))
-    out_dir = args.out or (Path(tempfile.mkdtemp(prefix="linfusion-bench-")) if quick else REPO / "docs")
+    key = "smoke" if args.smoke else "quick" if args.quick else args.device
+    plan = dict(PLANS[key])
+    if args.budget_min:
+        plan["budget_min"] = args.budget_min
+    out = args.out or (Path(tempfile.mkdtemp(prefix="linfusion-bench-")) if args.quick or args.smoke else REPO / "docs")
     work = Path(tempfile.mkdtemp(prefix="linfusion-bench-models-"))
-    started = time.time()
-
-    host = boot_host(work)
-    import folder_paths
+    host = boot(args.device, work)
     import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    from bench import attention_bench, machine, summary, unet_bench, unet_models
-    from bench.linfusion_adapter import linfusion_state_dict, write_hub_folder
-
-    core = importlib.import_module(host.extension_module.__name__ + ".linfusion_core")
-    # The host is booted with --cpu, so the UNet sections always run on the CPU; attn1 uses CUDA if present.
-    attn_device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    cpu = torch.device("cpu")
-    res = {"mode": "quick" if quick else "full", "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "machine": machine.describe(attn_device),
-           "attn1": [], "steps": [], "sampling": [], "exponents": {},
-           "limits": {"max_call_s": max_call_s, "max_step_s": max_step_s}}
-    res["machine"]["code measured"] = args.label or machine.code_version(REPO)
-    res["gemm"] = machine.gemm_peak_flops(attn_device, quick=quick)
-    res["gemm"]["samples"] = [res["gemm"]["peak_flops"]]
-    if attn_device.type == "cuda":
-        res["gemm_cpu"] = machine.gemm_peak_flops(cpu, quick=True)
-    log.info("[LinFusion] bench GEMM peak %.1f GFLOP/s", res["gemm"]["peak_flops"] / 1e9)
-
+    from bench import timing
+    if args.threads or args.quick or args.smoke:
+        # One thread for the small runs: on a shared machine, OpenMP threads spin while their partners wait.
+        torch.set_num_threads(args.threads or 1)
+    core = host.import_core()
+    device = torch.device(args.device)
     command = "python3 scripts/comfy_host.py python bench/run_all.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    res["command"] = command.strip()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    run = {"meta": {"command": command.strip(), "plan": key, "plan_settings": plan,
+                    "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                    "machine": timing.machine(device, REPO)}, "sections": {}}
+    run["meta"]["gemm_peak_flops"] = {d: timing.gemm_peak_flops(device, getattr(torch, d), key in ("quick", "smoke"))
+                                      for d in plan["dtypes"]}
+    slot = "gpu" if key in ("cuda", "smoke") else "cpu"
+    doc = json.loads((out / "benchmarks.json").read_text()) if (out / "benchmarks.json").exists() else {}
+    doc[slot] = run
+    started = time.time()
 
-    def checkpoint():
-        """Raw results so far, so a crash or a stop late in a long run loses nothing (see --from-json)."""
-        res["elapsed_s"] = time.time() - started
-        (out_dir / "benchmarks.json").write_text(json.dumps(res, indent=1, default=str))
+    def save(section, rows):
+        run["sections"][section] = rows
+        run["meta"].update(elapsed_s=time.time() - started, load_end=timing.load_average())
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "benchmarks.json").write_text(json.dumps(doc, indent=1, default=str))
 
-    if "attn1" in sections:
-        def remeasure_gemm():
-            res["gemm"]["samples"].append(machine.gemm_peak_flops(attn_device, quick=quick)["peak_flops"])
-        res["attn1"] = attention_bench.run(core, attn_device, remeasure_gemm, quick=quick, max_call_s=max_call_s)
-        remeasure_gemm()
-        checkpoint()
-    folder_paths.add_model_folder_path("linfusion", str(work / "linfusion"))
-
-    def linfusion_name(patcher, family, divisor):
-        config, sd = linfusion_state_dict(patcher, divisor)
-        write_hub_folder(work / "linfusion" / f"bench-{family}", config, sd)
-        listed = host.nodes.NODE_CLASS_MAPPINGS.get("LinFusionLoader")
-        if listed is None:
-            return None
-        names = listed.INPUT_TYPES()["required"]["linfusion_name"][0]
-        return next((n for n in names if f"bench-{family}" in n), None)
-
-    if {"sd15", "sampling"} & sections:
-        patcher = unet_models.build_model_patcher("sd15", cpu)
-        name = linfusion_name(patcher, "sd15", None)
-        sizes = args.sd15_sizes or ([256, 384] if quick else [512, 768, 1024, 1536, 2048])
-        wanted = ["linfusion", "sdpa"] if quick else ["linfusion", "sdpa", "no_attn1", "default"]
-        if args.variants:
-            wanted = [v for v in wanted if v in args.variants.split(",")]
-        models = unet_bench.variants(patcher, name, cpu, wanted)
-        only = {"default": sizes[:1], "no_attn1": sizes[:1]}
-        if "sd15" in sections:
-            unet_bench.step_sweep(models, "sd15", sizes, cpu, max_step_s=max_step_s, quick=quick, only=only,
-                                  on_row=lambda row: (res["steps"].append(row), checkpoint()))
-        if "sampling" in sections:
-            px, steps = args.sampling or ((256, 2) if quick else (768, 4))
-            res["sampling"] = unet_bench.sampling_run({k: models[k] for k in ("linfusion", "sdpa")},
-                                                      "sd15", px, steps, cpu)
-            checkpoint()
-        del models, patcher
-        gc.collect()
-
-    if "sdxl" not in sections or quick:
-        res["steps"].append({"family": "sdxl", "pixels": 1024, "variant": "linfusion",
-                             "skipped": "not part of this run"})
-    else:
-        _sdxl(res, args, cpu, linfusion_name, max_step_s, checkpoint)
-
-    res["machine"]["load average (1 min) at end"] = f"{os.getloadavg()[0]:.1f}"
-    checkpoint()
-    summary.finish(res)
-    page = summary.write_all(res, out_dir, res["command"])
-    print(summary.console(res))
-    print(f"\nwritten: {page}")
+    measure_all(core, args, plan, key, set(args.sections.split(",")), timing.Budget(plan["budget_min"] * 60),
+                work, save)
+    print(f"written: {page.write(doc, out)}")
     return 0
 
 
-def _sdxl(res, args, cpu, linfusion_name, max_step_s, checkpoint) -> None:
-    from bench import unet_bench, unet_models
+def measure_all(core, args, plan, key, sections, budget, work, save) -> None:
+    import comfy.model_management
+    import torch
+    from bench import attn1, breakdown, ladder_stage, models, peers, tiled_vae, unet_step
 
-    ok, why = unet_bench.fits_in_memory("sdxl")
-    if not ok:
-        res["steps"].append({"family": "sdxl", "pixels": 1024, "variant": "linfusion",
-                             "skipped": f"not enough memory ({why})"})
-        return
-    patcher = unet_models.build_model_patcher("sdxl", cpu)
-    name = linfusion_name(patcher, "sdxl", 16)
-    models = unet_bench.variants(patcher, name, cpu, ["linfusion", "sdpa"])
-    res["steps"] += unet_bench.step_sweep(models, "sdxl", args.sdxl_sizes or [512, 1024], cpu,
-                                          max_step_s=max_step_s, quick=False)
-    checkpoint()
-    del models, patcher
-    gc.collect()
+    tiny = key in ("quick", "smoke")
+    device = models.device()
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    n = plan["steps_n"]
+    if "attn1" in sections:
+        save("attn1", [r for d in plan["dtypes"] for r in attn1.run(core, device, getattr(torch, d),
+                       getattr(attn1, plan["attn1"]), plan["attn1_n"], budget, plan["max_call_s"])])
+    steps, shares = [], []
+
+    def predict_step(family, pixels):
+        """A step's time from the family's measured LinFusion steps, linear in the pixel count."""
+        done = [r for r in steps if r["family"] == family and r["variant"] == "linfusion" and "median_s" in r]
+        return done[-1]["median_s"] * pixels / done[-1]["px"] ** 2 if done else None
+
+    for family in ("sd15", "sdxl"):
+        if not ({family, "breakdown"} & sections or (family == "sd15" and sections & {
+                "low_memory", "tiled_unet", "peers", "ladder", "tiled_vae"})):
+            continue
+        base = models.build(family, tiny, dtype)
+        weights = models.linfusion_weights(core, base, family, work / "linfusion" / family)
+        step = lambda sizes, variants: unet_step.run(core, base, weights, family, sizes, variants, n, budget,
+                                                     plan["max_step_s"], plan["tile"])
+        if family in sections:
+            steps += step(plan[family], ["linfusion", "sdpa"])
+            save("unet_step", steps)
+        vae = models.vae(tiny) if family == "sd15" else None       # ComfyUI picks the VAE's dtype, as for a user
+        if family == "sd15":
+            if "low_memory" in sections and plan["low_memory"]:
+                save("low_memory", step(plan["low_memory"], ["linfusion", "linfusion+low-memory"])
+                     + step(plan["low_memory"][:1], ["sdpa", "sdpa+low-memory"]))
+            if "tiled_unet" in sections and plan["tiled_unet"]:
+                save("tiled_unet", step(plan["tiled_unet"], ["linfusion", "linfusion+tiled"]))
+            if "tiled_vae" in sections and plan["tiled_vae"]:
+                save("tiled_vae", tiled_vae.run(core, vae, plan["tiled_vae"], plan["vae_tile"], n, budget))
+            if "peers" in sections and plan["peers"]:
+                save("peers", peers.run({"official_linfusion": args.official_linfusion,
+                                         "tiled_diffusion": args.tiled_diffusion}, base, weights, family,
+                                        plan["peers"], n, budget, tiny))
+            if "controlnet" in sections and key not in ("cuda", "smoke"):
+                save("controlnet", controlnet_rows(plan["sd15"][:1], device))
+            if "ladder" in sections and plan["ladder"]:
+                save("ladder", ladder_stage.run(core, base, weights, vae, plan["ladder"], plan["tile"],
+                                                plan["vae_tile"], budget, predict_step))
+        if "breakdown" in sections and key not in ("cuda", "smoke"):
+            cnet = {family: models.controlnet(family, tiny, dtype)} if family == "sd15" else {}
+            shares += breakdown.run(core, family, base, weights, vae or models.vae(tiny), cnet, tiny, budget,
+                                    predict_step)
+            save("breakdown", shares)
+        del base, weights, vae
+        comfy.model_management.unload_all_models()       # ComfyUI keeps loaded MODELs; SDXL needs the room
+        gc.collect()
+
+
+def controlnet_rows(sizes, device) -> list[dict]:
+    """bench/controlnet_step.py (a LinFusion ControlNet, from another branch) when this checkout has it."""
+    if not (REPO / "bench" / "controlnet_step.py").exists():
+        return [{"skipped": "bench/controlnet_step.py is not in this checkout"}]
+    try:
+        from bench import controlnet_step
+        return controlnet_step.run(sizes, device=device)
+    except Exception as e:       # its interface is its own; a mismatch is reported on the page, not fatal
+        log.exception("[LinFusion] bench controlnet_step failed")
+        return [{"skipped": f"bench/controlnet_step failed: {type(e).__name__}: {str(e)[:160]}"}]
 
 
 if __name__ == "__main__":

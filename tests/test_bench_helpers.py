@@ -1,19 +1,22 @@
-"""The benchmark's bookkeeping: UNet configs ComfyUI recognises, attn1 call counts, fits and estimates.
-
-These are the numbers docs/benchmarks.md is built from; the timings themselves are never asserted.
+"""The benchmark's bookkeeping: model configs ComfyUI recognises, attn1 counts and FLOPs, the workflows it
+reads, the timing helpers, and the page's rules (ratios say n, fits share sizes, estimates are labelled).
+No timing is asserted; these are the numbers docs/benchmarks.md is computed from.
 """
 import math
 
-from bench.unet_bench import estimate_from_attn1, fit_exponent
-from bench.unet_models import FAMILIES, attn1_levels
-from bench.linfusion_adapter import linfusion_attn1_flops
+import torch
+
+from bench import legacy, page
+from bench.attn1 import linfusion_flops
+from bench.breakdown import workflows
+from bench.models import FAMILIES, attn1_levels
+from bench.timing import Budget, PartClock, measure
 
 
 def test_bench_unet_configs_are_detected_as_the_real_families(host):
     import comfy.model_detection
     import comfy.supported_models as sm
 
-    import torch
     sd15 = comfy.model_detection.model_config_from_unet_config(dict(FAMILIES["sd15"], dtype=torch.float32))
     sdxl = comfy.model_detection.model_config_from_unet_config(dict(FAMILIES["sdxl"], dtype=torch.float32))
     assert type(sd15) is sm.SD15
@@ -26,29 +29,91 @@ def test_attn1_levels_match_the_released_module_counts():
     assert sum(c for _, _, c in attn1_levels("sdxl", 1024)) == 70
     assert attn1_levels("sd15", 1024) == [(16384, 320, 5), (4096, 640, 5), (1024, 1280, 5), (256, 1280, 1)]
     assert attn1_levels("sdxl", 1024) == [(4096, 640, 10), (1024, 1280, 50), (1024, 1280, 10)]
+    assert attn1_levels("sd15", 1024, quick=True)[0] == (16384, 32, 5)
 
 
 def test_linfusion_flops_follow_the_facts_sheet():
     n, c, h = 16384, 320, 8
-    # ~16 N C^2 with m = C, plus the small d x d attention terms.
-    flops = linfusion_attn1_flops(1, n, c, h, None)
+    flops = linfusion_flops(1, n, c, h)          # ~16 N C^2 with m = C, plus the small d x d terms
     assert 16 * n * c * c < flops < 17 * n * c * c
-    assert linfusion_attn1_flops(1, n, c, h, -1) < 9 * n * c * c     # no q/k MLPs
+    assert linfusion_flops(1, n, c, h, -1) < 9 * n * c * c     # no q/k MLPs
 
 
-def test_exponent_fit_recovers_a_power_law():
-    rows = [{"family": "sd15", "variant": "v", "pixels": p, "median_s": 0.1 * (p * p) ** 1.25}
-            for p in (512, 1024, 2048)]
-    assert math.isclose(fit_exponent(rows, "v"), 1.25, rel_tol=1e-9)
-    assert fit_exponent(rows[:1], "v") is None
+def test_workflow_steps_are_read_from_the_shipped_graphs():
+    found = {w["workflow"]: w for w in workflows()}
+    assert found["1_sd15_txt2img_2048"].items() >= {"family": "sd15", "width": 2048, "height": 2048, "steps": 50,
+                                                    "variant": "linfusion", "controlnet": False}.items()
+    ladder = found["2_sd15_16k_ladder"]
+    assert (ladder["width"], ladder["height"], ladder["variant"]) == (16384, 8192, "linfusion+low-memory+tiled")
+    assert found["3_sdxl_demofusion_8k"]["family"] == "sdxl" and found["3_sdxl_demofusion_8k"]["width"] == 8192
+    assert found["4_controlnet_2048"]["controlnet"] is True
+    assert "skipped" in found["8_demofusion_ksampler"]
 
 
-def test_skipped_sdpa_step_is_estimated_from_attn1_swaps():
-    steps = [{"variant": "linfusion", "pixels": 1024, "median_s": 10.0}]
-    levels = [(16384, 320, 5), (4096, 640, 1)]
-    attn = [{"dim": 320, "tokens": 16384, "backend": "linfusion", "median_s": 0.5},
-            {"dim": 320, "tokens": 16384, "backend": "sdpa", "skipped": "slow", "predicted_s": 4.5},
-            {"dim": 640, "tokens": 4096, "backend": "linfusion", "median_s": 0.2},
-            {"dim": 640, "tokens": 4096, "backend": "sdpa", "median_s": 0.3}]
-    assert math.isclose(estimate_from_attn1(steps, attn, "sd15", 1024, levels), 10.0 + 5 * 4.0 + 0.1)
-    assert estimate_from_attn1(steps, attn[:1], "sd15", 1024, levels) is None
+def test_measure_runs_exactly_n_times_and_part_clock_sees_only_its_modules():
+    inner, outer = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+    calls = []
+    fn = lambda: calls.append(1) or outer(inner(torch.randn(256, 64)))
+    with PartClock(torch.device("cpu"), {"inner": [inner]}) as clock:
+        res = measure(fn, torch.device("cpu"), 3)
+    assert len(calls) == 4 and res["n"] == 3 and len(res["times_s"]) == 3      # one warm-up, three timed
+    assert res["median_s"] == sorted(res["times_s"])[1]
+    assert 0 < clock.seconds["inner"] < sum(res["times_s"]) * 2                # warm-up call is inside too
+
+
+def test_budget_refuses_what_does_not_fit_and_says_why():
+    budget = Budget(100)
+    assert budget.refuse(None, 3) is None and budget.refuse(10, 3) is None
+    assert "budget" in budget.refuse(50, 3)["skipped"]
+    assert budget.refuse(10, 1, limit_s=5)["predicted_s"] == 10
+    assert Budget(-1).refuse(None, 1)["skipped"] == "time budget spent"
+
+
+def test_page_ratios_say_n_and_estimates_are_never_measurements():
+    five, one = {"median_s": 1.0, "n": 5}, {"median_s": 16.0, "n": 1}
+    assert page.speedup(five, one) == "16.0x faster (n=5 vs 1)"
+    assert page.speedup(five, dict(one, n=5)) == "16.0x faster"
+    skipped = {"skipped": "budget", "predicted_s": 1034.0}
+    assert page.secs(skipped) == "skipped (budget; estimate 1034 s)" and page.speedup(five, skipped) == "-"
+    assert "not a headline figure" in page.headline_ratio(five, one)
+
+
+def test_page_fits_and_crossover():
+    assert math.isclose(page.fit_exponent([(p * p, 0.1 * (p * p) ** 1.25) for p in (512, 1024, 2048)]), 1.25)
+    assert page.fit_exponent([(1, 1.0)]) is None
+    row = lambda n, b, s: {"dim": 320, "dtype": "float32", "tokens": n, "backend": b, "median_s": s}
+    rows = [row(1024, "linfusion", 2.0), row(1024, "sdpa", 1.0), row(4096, "linfusion", 4.0), row(4096, "sdpa", 8.0)]
+    assert page.crossover(rows, 320, "float32") == "N ~ 2048 (between 1024 and 4096)"   # ratio 2 -> 1/2: 1 halfway
+
+
+def test_page_renders_from_json_and_fits_over_common_sizes_only():
+    step = lambda px, v, s, n=3: {"family": "sd15", "px": px, "variant": v, "median_s": s, "n": n, "peak_bytes": 2**30}
+    rows = [step(512, "linfusion", 1.0), step(512, "sdpa", 1.0), step(1024, "linfusion", 4.0),
+            step(1024, "sdpa", 8.0), step(2048, "linfusion", 16.0),
+            {"family": "sd15", "px": 2048, "variant": "sdpa", "skipped": "budget", "predicted_s": 99.0}]
+    meta = {"command": "run_all.py", "plan": "cpu", "started": "now", "elapsed_s": 60, "load_end": 9.0,
+            "machine": {"device": "cpu", "cpu_cores": 2, "load_start": 8.0, "commit": "abc123"},
+            "gemm_peak_flops": {"float32": 1e11}}
+    text = page.render({"cpu": {"meta": meta, "sections": {"unet_step": rows}}}, [])
+    assert "sd15 step at 1024 px, both measured" in text and "2.0x faster" in text
+    assert "over the same 2 sizes" in text and "sdpa exponent 1.50" in text       # 2048 px not in the fit
+    assert "estimate 99 s" in text and "NOT idle" in text and "abc123" in text
+    assert "Not measured on a GPU" in text and "re-measured" not in text
+
+
+def test_legacy_rows_keep_their_source():
+    old_row = {"times_s": [1.0, 3.0, 2.0], "median_s": 2.0, "peak_extra_bytes": 5}
+    old = {"attn1": [dict(old_row, dim=320, tokens=16384, backend="sdpa", flops=1.0)],
+           "steps": [dict(old_row, family="sd15", pixels=2048, variant="sdpa")],
+           "machine": {"cpu": "x", "cpu_cores": 2, "torch_threads": 2, "ram_gib": 1, "torch": "t", "python": "p",
+                       "device": "cpu", "comfyui": "c", "load average (1 min) at start": "0.6",
+                       "load average (1 min) at end": "1.9", "code measured": "98645bf"},
+           "command": "old", "started": "then", "elapsed_s": 1.0, "gemm": {"peak_flops": 1e11}}
+    md = "| linear | 1024 | low-memory | 47.2 | 649 | 0.50 | 0.86 |\n"
+    new = legacy.convert(old, md)["cpu"]["sections"]
+    assert new["attn1"][0].items() >= {"source": "old", "n": 3, "median_s": 2.0}.items()
+    assert {(r["px"], r["variant"], r["source"]) for r in new["unet_step"] if r["family"] == "sd15"} == {
+        (2048, "sdpa", "hand note")}
+    assert new["low_memory"] == [{"family": "sd15", "px": 1024, "variant": "linfusion+low-memory", "median_s": 47.2,
+                                  "n": 1, "times_s": [47.2], "peak_bytes": 649 * 2**20, "source": "stand-in"}]
+    assert "‡" in page.render(legacy.convert(old, md), [])

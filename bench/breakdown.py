@@ -1,0 +1,88 @@
+"""Where the time goes in the graphs we ship: the main sampling step of each example workflow at its own
+size, split into LinFusion attention (attn1), the rest of the UNet, a ControlNet (whose own self-attention
+is still softmax) and the VAE decode (its time over the workflow's step count). Workflow 4's step is also
+measured with and without its ControlNet, against SDPA.
+
+The size, family, patches, step count and decoder of each workflow are read from example_workflows/*.json.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from . import models
+from .timing import PartClock, measure
+
+log = logging.getLogger("LinFusion")
+WORKFLOWS = Path(__file__).resolve().parent.parent / "example_workflows"
+
+
+def workflows() -> list[dict]:
+    """One entry per example workflow: what its main sampling step runs, or why it has none to measure."""
+    found = []
+    for path in sorted(WORKFLOWS.glob("*.json")):
+        nodes = {n["type"]: n.get("widgets_values") or [] for n in json.loads(path.read_text())["nodes"]}
+        ckpt = str((nodes.get("CheckpointLoaderSimple") or [""])[0])
+        wf = {"workflow": path.stem, "family": "sdxl" if "xl" in ckpt.lower() else "sd15",
+              "variant": "+".join(["linfusion" if "ApplyLinFusion" in nodes else "sdpa"]
+                                  + ["low-memory"] * ("LinFusionLowMemory" in nodes)
+                                  + ["tiled"] * ("LinFusionTiledUNet" in nodes)),
+              "controlnet": "ControlNetApplyAdvanced" in nodes,
+              "tile": (nodes.get("LinFusionTiledUNet") or [64])[0],
+              "vae_tile": (nodes.get("LinFusionVAEDecodeTiled") or [None])[0]}
+        ladder = nodes.get("LinFusionProgressiveUpscale")
+        sampler = nodes.get("KSampler")
+        if "EmptyLatentImage" not in nodes:
+            wf["skipped"] = "its size is set by an input image"
+        else:
+            w, h = nodes["EmptyLatentImage"][:2]
+            scale = 2 ** ladder[2] if ladder else 1         # the ladder doubles the side at every stage
+            wf.update(width=w * scale, height=h * scale, steps=(ladder[7] if ladder else sampler[2]))
+        found.append(wf)
+    return found
+
+
+def run(core, family, base, weights, vae, cnet, quick: bool, budget, predict_step) -> list[dict]:
+    """The workflows of one family; cnet: family -> ControlNet; predict_step(family, pixels) -> seconds."""
+    device, rows = models.device(), []
+    for wf in (w for w in workflows() if w["family"] == family):
+        if "skipped" in wf:
+            rows.append(wf)
+            continue
+        div = 32 if quick else 1      # quick: the same graphs at 1/32 of the side
+        w, h = (max(64, wf["width"] // div // 64 * 64), max(64, wf["height"] // div // 64 * 64))
+        wf.update(width=w, height=h)
+        plans = [(wf["variant"], wf["controlnet"])]
+        if wf["controlnet"]:
+            plans += [("sdpa", True), (wf["variant"], False), ("sdpa", False)]
+        for variant, with_cnet in plans:
+            row = dict(wf, variant=variant, controlnet=with_cnet)
+            guess = predict_step(family, w * h)
+            skip = budget.refuse(guess, 1) or (None if guess is not None or quick else {
+                "skipped": f"no measured {family} step to predict its time from (run the {family} section too)"})
+            if skip:
+                rows.append({**row, **skip})
+                continue
+            model = models.variant(core, base, weights, variant, wf["tile"])
+            parts = {"attn1": models.attn1_modules(base)}
+            if with_cnet:
+                parts["controlnet"] = [cnet[family].control_model]
+            models.sample(model, family, 64, controlnet=cnet[family] if with_cnet else None)   # warm-up
+            with PartClock(device, parts) as clock:
+                row.update(measure(lambda: models.sample(model, family, w, controlnet=cnet[family] if with_cnet
+                                                         else None, height=h), device, 1, warmup=False))
+            row.update({f"{k}_s": v for k, v in clock.seconds.items()})
+            if "tiled" in variant:      # per-tile state passes (compute_state / attend): no hook sees them
+                row["attn1_s"] = None
+            if variant == wf["variant"] and with_cnet == wf["controlnet"]:
+                latent = torch.randn(1, 4, h // 8, w // 8, generator=torch.Generator().manual_seed(0))
+                decode = (lambda: core.tiled_vae.decode(vae, latent, tile_size=wf["vae_tile"] // div, park="cpu")) \
+                    if wf["vae_tile"] else (lambda: vae.decode(latent))
+                row["vae_s"] = measure(decode, device, 1, warmup=False)["median_s"]
+            rows.append(row)
+            log.info("[LinFusion] bench breakdown %s %s cnet=%s: %.2f s", wf["workflow"], variant, with_cnet,
+                     row["median_s"])
+    return rows

@@ -1,0 +1,368 @@
+"""docs/benchmarks.md and its plots, rendered from benchmarks.json only: every number is computed here from
+the raw rows a command wrote (ratios, fits, shares, % of GEMM), none is typed in.
+
+Rules the page keeps: a ratio compares medians and says n when the two sides ran a different number of
+times (a headline needs n >= 3 on both); a fit uses only the sizes every variant measured; a skipped
+measurement shows its predicted time as an estimate, never as a measurement; rows that did not come from
+bench/run_all.py carry their source (see SOURCES) and the command that re-measures them.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .attn1 import linfusion_flops
+from .models import attn1_levels
+
+MiB = 2**20
+SOURCES = {   # row["source"] -> (mark, what it is)
+    "old": ("†", "from the previous bench/run_all.py (2026-11-26, commit 98645bf): one SDPA run against five "
+                 "LinFusion runs in places, exponents fitted over different sizes"),
+    "hand note": ("‡", "a hand-written note on the old page (no data file): bench/highres_memory.py or a later "
+                       "run_all.py run"),
+    "stand-in": ("§", "docs/highres.md's table: a stand-in linear attention (not Apply LinFusion's modules), "
+                      "no data file"),
+}
+NOTES = {
+    "attn1": "One self-attention call, batch 2 (cond + uncond), 8 heads: the extension's LinFusionAttention "
+             "(its to_q/k/v/out and the two C -> C -> C query/key MLPs of LinFusion-1-5) against ComfyUI's "
+             "CrossAttention with each softmax backend (per-call override). FLOPs: LinFusion 16NC^2 + 4NCd, "
+             "softmax 8NC^2 + 4N^2C; % GEMM = achieved FLOP/s over the machine's measured GEMM peak.",
+    "unet_step": "One sampling step through `comfy.sample.sample` (Euler, CFG 7.5, cond + uncond batched) on "
+                 "ComfyUI's own UNet of the family's real configuration, random weights. `linfusion` = "
+                 "Apply LinFusion's core function with random LinFusion-shaped weights loaded through Load "
+                 "LinFusion's; `sdpa` = PyTorch SDPA. attn1 share and % GEMM come from the time spent inside "
+                 "the attn1 modules during the same steps (forward hooks).",
+    "low_memory": "The same step, normal vs Low-Memory Mode (the node's defaults, through its core function).",
+    "tiled_unet": "The same step, untiled vs LinFusion Tiled UNet (exact mode, fixed tile, parked on the CPU).",
+    "tiled_vae": "VAE decode of a random latent: untiled `VAE.decode`, ComfyUI's `VAE Decode (Tiled)` "
+                 "(`decode_tiled`, overlap tile/4) and VAE Decode (LinFusion tiled); error = max |x - untiled| "
+                 "on the [0, 1] image.",
+    "breakdown": "The main sampling step of each example workflow at its own size and with its own patches "
+                 "(read from example_workflows/), split by forward hooks: attn1 (LinFusion), the ControlNet "
+                 "(its own self-attention is softmax), the rest of the UNet; VAE = the workflow's decode "
+                 "divided by its step count. One run each.",
+    "peers": "Other implementations at the same output size, from checkouts given on the command line.",
+    "controlnet": "A LinFusion ControlNet step, from bench/controlnet_step.py when present.",
+    "ladder": "One high-res ladder stage: one step of SD1.5 + LinFusion + Low-Memory Mode + Tiled UNet, and "
+              "one tiled VAE decode (not a full sampling); peak = torch.cuda.max_memory_allocated on a GPU.",
+}
+METHOD = ("Times: wall clock with torch.cuda.synchronize around each call on a GPU, the median of n runs (n "
+          "shown); memory: peak allocation beyond what was allocated before the calls (CUDA "
+          "max_memory_allocated; on a CPU the resident high-water mark VmHWM, reset through "
+          "/proc/self/clear_refs). A measurement predicted (power law from the previous size) to overrun the "
+          "budget or the per-call limit is skipped; its predicted time is shown as an estimate.")
+
+
+def find(rows, **kw):
+    return next((r for r in rows if all(r.get(k) == v for k, v in kw.items())), None)
+
+
+def mark(r) -> str:
+    return SOURCES[r["source"]][0] if r and r.get("source") in SOURCES else ""
+
+
+def secs(r) -> str:
+    if r is None:
+        return "-"
+    if "median_s" not in r:
+        est = f"; estimate {r['predicted_s']:.0f} s" if r.get("predicted_s") else ""
+        return f"skipped ({r['skipped']}{est})"
+    s = r["median_s"]
+    return (f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s") + f" (n={r.get('n', 1)})" + mark(r)
+
+
+def speedup(ours, base) -> str:
+    """base / ours as "4.8x faster"; says n when the two medians come from different numbers of runs."""
+    if not (ours and base and "median_s" in ours and "median_s" in base):
+        return "-"
+    s = base["median_s"] / ours["median_s"]
+    text = f"{s:.1f}x faster" if s >= 1 else f"{1 / s:.1f}x slower"
+    if ours.get("n", 1) != base.get("n", 1):
+        text += f" (n={ours.get('n', 1)} vs {base.get('n', 1)})"
+    return text + "".join(dict.fromkeys(mark(ours) + mark(base)))
+
+
+def headline_ratio(ours, base) -> str:
+    """speedup(), flagged when a side ran fewer than 3 times."""
+    few = min(ours.get("n", 1), base.get("n", 1)) < 3
+    return speedup(ours, base) + (" (fewer than 3 runs on a side: not a headline figure)" if few else "")
+
+
+def mem(r) -> str:
+    """Peak MiB."""
+    return f"{r['peak_bytes'] / MiB:.0f}" if r and r.get("peak_bytes") is not None else "-"
+
+
+def table(head, body) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(map(str, c)) + " |"
+                                                                           for c in body]
+
+
+def fit_exponent(points) -> float | None:
+    """Least-squares slope of log(time) on log(pixel count)."""
+    if len(points) < 2:
+        return None
+    xs, ys = [math.log(p) for p, _ in points], [math.log(t) for _, t in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def crossover(rows, dim, dtype, base="sdpa") -> str:
+    """The token count where LinFusion starts to beat `base`, log-interpolated between measured sizes."""
+    pts = sorted((r["tokens"], r["median_s"] / b["median_s"]) for r in rows
+                 if r["dim"] == dim and r["dtype"] == dtype and r["backend"] == "linfusion" and "median_s" in r
+                 for b in [find(rows, dim=dim, dtype=dtype, tokens=r["tokens"], backend=base)] if b and "median_s" in b)
+    if not pts:
+        return "-"
+    if pts[0][1] < 1:
+        return f"wins at every measured N (from {pts[0][0]})"
+    for (n0, r0), (n1, r1) in zip(pts, pts[1:]):
+        if r0 >= 1 > r1:
+            f = math.log(r0) / (math.log(r0) - math.log(r1))
+            return f"N ~ {math.exp(math.log(n0) + f * (math.log(n1) - math.log(n0))):.0f} (between {n0} and {n1})"
+    return f"does not win up to N = {pts[-1][0]}"
+
+
+def attn1_section(rows, gemm) -> list[str]:
+    out = []
+    backends = list(dict.fromkeys(r["backend"] for r in rows if r["backend"] != "linfusion"))
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        peak = gemm.get(dtype)
+        for dim in sorted({r["dim"] for r in rows if r["dtype"] == dtype}):
+            get = lambda n, b: find(rows, dtype=dtype, dim=dim, tokens=n, backend=b)
+            body = []
+            for n in sorted({r["tokens"] for r in rows if r["dim"] == dim and r["dtype"] == dtype}):
+                lin, sdpa = get(n, "linfusion"), get(n, "sdpa")
+                pct = lambda r: f"{r['flops'] / r['median_s'] / peak * 100:.0f}%" if peak and r and "median_s" in r else "-"
+                body.append([f"{n} ({int(n ** 0.5) * 8} px)", secs(lin)] + [secs(get(n, b)) for b in backends]
+                            + [speedup(lin, sdpa), mem(lin), mem(sdpa), pct(lin), pct(sdpa)])
+            out += ["", f"#### {dtype}, C = {dim} (where LinFusion starts to beat SDPA: {crossover(rows, dim, dtype)})", ""]
+            out += table(["N tokens", "LinFusion", *backends, "LinFusion vs SDPA", "peak MiB LinFusion",
+                          "peak MiB SDPA", "LinFusion % GEMM", "SDPA % GEMM"], body)
+    return out
+
+
+def step_section(rows, gemm, quick) -> list[str]:
+    out, peak = [], max(gemm.values()) if gemm else None
+    for family in dict.fromkeys(r["family"] for r in rows):
+        fam = [r for r in rows if r["family"] == family]
+        variants = list(dict.fromkeys(r["variant"] for r in fam))
+        body = []
+        for px in sorted({r["px"] for r in fam}):
+            lin, sdpa = find(fam, px=px, variant="linfusion"), find(fam, px=px, variant="sdpa")
+            share = lambda r: f"{r['attn1_s'] / r['median_s'] * 100:.0f}%" if r and r.get("attn1_s") else "-"
+            flops = sum(c * linfusion_flops(2, t, d, 8) for t, d, c in attn1_levels(family, px, quick))
+            pct = f"{flops / lin['attn1_s'] / peak * 100:.0f}%" if lin and lin.get("attn1_s") and peak else "-"
+            body.append([px] + [secs(find(fam, px=px, variant=v)) for v in variants]
+                        + [speedup(lin, sdpa), mem(lin), mem(sdpa), share(lin), pct, share(sdpa)])
+        out += ["", f"#### {family}", ""]
+        out += table(["px", *variants, "LinFusion vs SDPA", "peak MiB LinFusion", "peak MiB SDPA",
+                      "attn1 share (LinFusion)", "LinFusion attn1 % GEMM", "attn1 share (SDPA)"], body)
+        measured = lambda px, v: "median_s" in (find(fam, px=px, variant=v) or {})
+        fitted = [v for v in variants if sum(measured(px, v) for px in {r["px"] for r in fam}) >= 2]
+        common = sorted(px for px in {r["px"] for r in fam} if all(measured(px, v) for v in fitted))
+        fits = {v: fit_exponent([(px * px, find(fam, px=px, variant=v)["median_s"]) for px in common]) for v in fitted}
+        if len(common) >= 2:
+            out += ["", f"Step time vs pixel count, fitted over the same {len(common)} sizes for every variant measured at 2+ sizes "
+                        f"({', '.join(map(str, common))} px): " + ", ".join(f"{v} exponent {e:.2f}" for v, e in fits.items())]
+    return out
+
+
+def pairs_section(rows) -> list[str]:
+    """Each variant beside the plain one it modifies (`x+low-memory` beside `x`)."""
+    body = []
+    for r in rows:
+        if "+" not in r["variant"]:
+            continue
+        plain = find(rows, family=r["family"], px=r["px"], variant=r["variant"].split("+")[0])
+        ratio = lambda k: (f"{r[k] / plain[k]:.2f}" if plain and r.get(k) and plain.get(k) else "-")
+        body.append([r["px"], r["variant"], secs(plain), secs(r), ratio("median_s"), mem(plain), mem(r),
+                     ratio("peak_bytes")])
+    return table(["px", "variant", "plain time", "time", "time ratio", "plain peak MiB", "peak MiB",
+                  "peak ratio"], body)
+
+
+def vae_section(rows) -> list[str]:
+    body = []
+    for px in sorted({r["px"] for r in rows}):
+        cells = [px]
+        for v in ("untiled", "comfy_tiled", "ours"):
+            r = find(rows, px=px, variant=v)
+            cells += [secs(r), mem(r)] + ([f"{r['max_err']:.2g}" if r and "max_err" in r else "-"] if v != "untiled" else [])
+        body.append(cells)
+    return table(["px", "untiled", "MiB", "ComfyUI tiled", "MiB", "max err", "LinFusion tiled", "MiB", "max err"], body)
+
+
+def breakdown_section(rows) -> list[str]:
+    body, versus = [], []
+    for r in rows:
+        if "median_s" not in r:
+            body.append([r["workflow"], r["family"], "-", r.get("variant", "-"), secs(r)] + ["-"] * 4)
+            continue
+        vae = r.get("vae_s", 0) / r["steps"] if "vae_s" in r else None
+        total = r["median_s"] + (vae or 0)
+        pct = lambda s: f"{s / total * 100:.0f}%" if s is not None else "-"
+        cnet = r.get("controlnet_s") if r["controlnet"] else None
+        attn = r.get("attn1_s")
+        if "vae_s" in r:
+            rest = r["median_s"] - (attn or 0) - (cnet or 0)
+            body.append([r["workflow"], r["family"], f"{r['width']}x{r['height']}", r["variant"]
+                         + (" + ControlNet" if r["controlnet"] else ""), secs(r), pct(attn),
+                         pct(rest) + (" (with attn1)" if attn is None else ""), pct(cnet), pct(vae)])
+        if any(x.get("workflow") == r["workflow"] and x.get("variant") == "sdpa" for x in rows):
+            base = find(rows, workflow=r["workflow"], variant="sdpa", controlnet=r["controlnet"])
+            versus.append([r["workflow"], f"{r['width']}x{r['height']}", r["variant"], r["controlnet"], secs(r),
+                           speedup(r, base) if base is not r else "-"])
+    out = table(["workflow", "family", "size", "graph", "step", "attn1", "rest of UNet", "ControlNet",
+                 "VAE per step"], body)
+    if versus:
+        out += ["", "With and without the ControlNet, against SDPA (one run each):", ""]
+        out += table(["workflow", "size", "attention", "ControlNet", "step", "vs SDPA (same ControlNet)"], versus)
+    return out
+
+
+def peers_section(rows, steps) -> list[str]:
+    """Each peer beside this run's own step at the same size (the step includes the sampler's overhead)."""
+    body = []
+    for r in rows:
+        ours = [find(steps, family=r.get("family"), px=r.get("px"), variant=v) for v in ("linfusion", "sdpa")]
+        body.append([r["peer"], r.get("px", "-"), secs(r), mem(r)] + [secs(o) if o else "-" for o in ours])
+    return table(["peer", "px", "time", "peak MiB", "LinFusion step here", "SDPA step here"], body)
+
+
+def generic_section(rows, keys=None) -> list[str]:
+    keys = keys or list(dict.fromkeys(k for r in rows for k in r if k not in ("times_s",)))
+    fmt = lambda k, v: secs_value(v) if k.endswith("_s") and isinstance(v, float) else (
+        f"{v / MiB:.0f} MiB" if k.endswith("bytes") and v is not None else v)
+    return table(keys, [[fmt(k, r.get(k, "-")) for k in keys] for r in rows])
+
+
+def secs_value(s: float) -> str:
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def headline(run) -> list[str]:
+    sec, lines = run["sections"], []
+    for r in sec.get("attn1", []):
+        if r["backend"] == "linfusion" and r["tokens"] == 16384 and r["dim"] == 320 and "median_s" in r:
+            b = find(sec["attn1"], tokens=16384, dim=320, dtype=r["dtype"], backend="sdpa")
+            if b and "median_s" in b:
+                lines.append(f"attn1 at N = 16384 (1024 px), C = 320, {r['dtype']}: LinFusion {secs(r)}, SDPA "
+                             f"{secs(b)}: {headline_ratio(r, b)}")
+    for family in ("sd15", "sdxl"):
+        rows = [r for r in sec.get("unet_step", []) if r["family"] == family]
+        both = [px for px in sorted({r["px"] for r in rows}) if all("median_s" in (find(rows, px=px, variant=v) or {})
+                                                                     for v in ("linfusion", "sdpa"))]
+        if both:
+            lin, sdpa = find(rows, px=both[-1], variant="linfusion"), find(rows, px=both[-1], variant="sdpa")
+            lines.append(f"{family} step at {both[-1]} px, both measured: LinFusion {secs(lin)}, SDPA {secs(sdpa)}: "
+                         f"{headline_ratio(lin, sdpa)}")
+    for r in sec.get("low_memory", []):
+        plain = find(sec["low_memory"], px=r["px"], variant=r["variant"].split("+")[0])
+        if r["variant"] == "linfusion+low-memory" and plain and r.get("peak_bytes") and plain.get("peak_bytes"):
+            lines.append(f"Low-Memory Mode at {r['px']} px with LinFusion: peak {r['peak_bytes'] / plain['peak_bytes']:.2f}"
+                         f" of normal mode's, time {r['median_s'] / plain['median_s']:.2f} (n={r.get('n', 1)}){mark(r)}")
+    for r in sec.get("tiled_vae", []):
+        if r["variant"] == "ours" and "max_err" in r:
+            comfy = find(sec["tiled_vae"], px=r["px"], variant="comfy_tiled") or {}
+            lines.append(f"Tiled VAE decode at {r['px']} px: max error {r['max_err']:.1g} (ComfyUI's tiled decode: "
+                         f"{comfy.get('max_err', float('nan')):.2g})")
+    return lines
+
+
+def slot_section(name, run) -> list[str]:
+    m, mach = run["meta"], run["meta"]["machine"]
+    tiny = m["plan"] in ("quick", "smoke")
+    cores = mach.get("cpu_cores") or 1
+    idle = mach.get("load_start", 99) < 1.0 and m.get("load_end", 99) <= cores + 0.5
+    out = [f"## {name}", ""]
+    if tiny:
+        out += [f"**{m['plan']} run: small models at tiny sizes, a check that every code path runs. Do not quote "
+                "these numbers.**" + (" Not measured on a GPU." if mach["device"] == "cpu" and name.startswith("GPU") else ""), ""]
+    out += [f"`{m['command']}` started {m['started']}, {m.get('elapsed_s', 0) / 60:.1f} min, code measured: "
+            f"{mach['commit']}. The machine was {'idle' if idle else 'NOT idle'} (1-minute load average "
+            f"{mach.get('load_start', '?')} at the start, {m.get('load_end', '?')} at the end, {cores} cores; the "
+            "benchmark itself keeps them busy)."
+            + ("" if idle else " Other work shared it: absolute times are inflated and drift; ratios of "
+                               "neighbouring measurements are the more robust numbers."), ""]
+    out += table(["machine", ""], [[k, v] for k, v in mach.items() if k not in ("commit",)]
+                 + [[f"measured GEMM peak ({d})", f"{f / 1e9:.1f} GFLOP/s"] for d, f in m.get("gemm_peak_flops", {}).items()])
+    out += ["", "Headline (computed from the rows below):", ""] + [f"- {h}" for h in headline(run)]
+    sec, quick = run["sections"], tiny
+    titles = [("attn1", "One attn1 call"), ("unet_step", "UNet step, LinFusion vs SDPA"),
+              ("low_memory", "Low-Memory Mode vs normal"), ("tiled_unet", "Tiled UNet vs untiled"),
+              ("tiled_vae", "Tiled VAE decode"), ("breakdown", "Where the time goes in the shipped workflows"),
+              ("ladder", "One ladder stage at 8K / 16K"), ("peers", "Peers"), ("controlnet", "LinFusion ControlNet")]
+    for key, title in titles:
+        if key not in sec:
+            continue
+        rows = sec[key]
+        out += ["", f"### {title}", "", NOTES[key]]
+        gemm = m.get("gemm_peak_flops", {})
+        body = {"attn1": lambda: attn1_section(rows, gemm), "unet_step": lambda: step_section(rows, gemm, quick),
+                "low_memory": lambda: pairs_section(rows), "tiled_unet": lambda: pairs_section(rows),
+                "tiled_vae": lambda: vae_section(rows), "breakdown": lambda: breakdown_section(rows),
+                "peers": lambda: peers_section(rows, sec.get("unet_step", []))}.get(
+            key, lambda: generic_section(rows))()
+        out += [""] + body
+    if m.get("plan_settings"):
+        out += ["", f"Plan ({m['plan']}): " + ", ".join(f"{k} {v}" for k, v in m["plan_settings"].items())]
+    return out
+
+
+def render(doc: dict, plots: list[str]) -> str:
+    legacy = [s for run in doc.values() for rows in run["sections"].values() for s in {r.get("source") for r in rows}
+              if s in SOURCES]
+    lines = ["# Benchmarks: LinFusion in ComfyUI", "",
+             "Rendered by bench/page.py from `benchmarks.json` beside this page; every number below is computed "
+             "from the rows a command wrote there. " + METHOD, ""]
+    if legacy:
+        lines += ["**Figures still to be re-measured.** Rows marked below did not come from the current "
+                  "benchmark command; rerun it to replace them (one command, every section, the page and the "
+                  "json are rewritten):", "", "```",
+                  "python3 scripts/comfy_host.py python bench/run_all.py        # CPU, hours on 2 cores", "```", ""]
+        lines += [f"- {SOURCES[s][0]} {SOURCES[s][1]}" for s in dict.fromkeys(legacy)] + [""]
+    lines += slot_section("CPU run", doc["cpu"]) if "cpu" in doc else ["## CPU run", "", "Not measured yet."]
+    lines += [""] + (slot_section("GPU run", doc["gpu"]) if "gpu" in doc else [
+        "## GPU run", "", "Not measured on a GPU. `bench/gpu.sh` runs the GPU plan (attn1 in fp16 and bf16, "
+        "SD1.5 and SDXL steps up to 4096 px, one ladder stage at 8K and 16K, the crossover per width) in under "
+        "8 minutes on one H200 and adds its section here."])
+    lines += [""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def write(doc: dict, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    page = out / "benchmarks.md"
+    page.write_text(render(doc, plot(doc, out)))
+    return page
+
+
+def plot(doc: dict, out: Path) -> list[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    names = []
+    for slot, run in doc.items():
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for key, ax, x, group in (("attn1", axes[0], "tokens", ("dtype", "dim", "backend")),
+                                  ("unet_step", axes[1], "px", ("family", "variant"))):
+            rows = [r for r in run["sections"].get(key, []) if "median_s" in r]
+            for g in dict.fromkeys(tuple(r[k] for k in group) for r in rows):
+                pts = sorted((r[x], r["median_s"]) for r in rows if tuple(r[k] for k in group) == g)
+                if len(pts) > 1:
+                    ax.loglog(*zip(*pts), marker="o", label=" ".join(map(str, g)))
+            ax.set(xlabel="tokens N" if x == "tokens" else "image side px", ylabel="seconds (median)",
+                   title="one attn1 call" if key == "attn1" else "one sampling step")
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=6)
+        fig.tight_layout()
+        names.append(f"bench_{slot}.png")
+        fig.savefig(out / names[-1], dpi=100)
+        plt.close(fig)
+    return names

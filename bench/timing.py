@@ -1,0 +1,190 @@
+"""The one place that times and measures peak memory; every number on the benchmark page comes from here.
+
+Time: wall clock around each call, with torch.cuda.synchronize before and after on a GPU. Peak memory: on
+CUDA torch.cuda.max_memory_allocated minus the allocation before the calls; on CPU the process's resident
+high-water mark (Linux VmHWM, reset through /proc/self/clear_refs after malloc_trim) minus the resident set
+before them, which sees everything torch allocates.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:
+    _LIBC = None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _status_bytes(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class PeakMemory:
+    """Peak memory a block allocates beyond what was allocated before it (bytes; None where unknown)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, None
+
+    def __enter__(self):
+        gc.collect()
+        sync(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return self
+        if _LIBC is not None:
+            _LIBC.malloc_trim(0)       # freed heap back to the OS, so it cannot hide a new allocation
+        try:
+            Path("/proc/self/clear_refs").write_text("5")      # VmHWM := VmRSS
+            self.base = _status_bytes("VmRSS")
+        except OSError:
+            self.base = None
+        return self
+
+    def __exit__(self, *exc):
+        sync(self.device)
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        elif self.base is not None:
+            self.peak = max(0, (_status_bytes("VmHWM") or self.base) - self.base)
+        return False
+
+
+@torch.inference_mode()
+def measure(fn, device: torch.device, n: int, warmup: bool = True, keep: bool = False) -> dict:
+    """Exactly n timed calls of fn (after one untimed warm-up unless warmup is False): times, median, peak;
+    with keep, the last call's result too (under "output")."""
+    if warmup:
+        fn()
+    times = []
+    with PeakMemory(device) as mem:
+        for _ in range(n):
+            sync(device)
+            t0 = time.perf_counter()
+            out = fn()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+            if not keep:
+                del out
+    res = {"times_s": times, "median_s": statistics.median(times), "n": n, "peak_bytes": mem.peak}
+    return dict(res, output=out) if keep else res
+
+
+class PartClock:
+    """Seconds spent inside given modules while the block runs (outermost part only, no double counting).
+
+    parts maps a part name to modules; forward hooks on every module find them by identity.
+    """
+
+    def __init__(self, device: torch.device, parts: dict[str, list]):
+        self.device = device
+        self.owner = {id(m): name for name, mods in parts.items() for m in mods}
+        self.seconds = dict.fromkeys(parts, 0.0)
+        self.stack = []
+
+    def _pre(self, module, args):
+        if id(module) in self.owner and not self.stack:
+            sync(self.device)
+            self.stack.append((module, time.perf_counter()))
+
+    def _post(self, module, args, out):
+        if self.stack and self.stack[-1][0] is module:
+            sync(self.device)
+            self.seconds[self.owner[id(module)]] += time.perf_counter() - self.stack.pop()[1]
+
+    def __enter__(self):
+        hooks = torch.nn.modules.module
+        self.handles = [hooks.register_module_forward_pre_hook(self._pre), hooks.register_module_forward_hook(self._post)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        return False
+
+
+class Budget:
+    """The run's time budget: a measurement predicted to overrun what is left is skipped, not guessed."""
+
+    def __init__(self, seconds: float):
+        self.end = time.time() + seconds
+
+    def left(self) -> float:
+        return self.end - time.time()
+
+    def refuse(self, predicted_s: float | None, n: int, limit_s: float | None = None) -> dict | None:
+        """A `skipped` row when n calls of predicted_s seconds do not fit; None when they do."""
+        if self.left() <= 0:
+            return {"skipped": "time budget spent", "predicted_s": predicted_s}
+        if predicted_s is None:
+            return None
+        if limit_s is not None and predicted_s > limit_s:
+            return {"skipped": f"one call predicted {predicted_s:.0f} s > {limit_s:.0f} s limit", "predicted_s": predicted_s}
+        if predicted_s * n > self.left():
+            return {"skipped": f"{n} x {predicted_s:.0f} s predicted > {self.left():.0f} s of budget left",
+                    "predicted_s": predicted_s}
+        return None
+
+
+def predict(last: tuple | None, size: float, exponent: float) -> float | None:
+    """Power-law extrapolation from the last measurement (size, seconds) of the same thing."""
+    return None if last is None else last[1] * (size / last[0]) ** exponent
+
+
+def gemm_peak_flops(device: torch.device, dtype=torch.float32, quick: bool = False) -> float:
+    """Best median FLOP/s of a square GEMM and the tall-skinny shapes of SD1.5's linear layers."""
+    shapes = [(1024, 1024, 1024)] if quick else [(4096, 4096, 4096), (32768, 320, 320), (8192, 1280, 1280)]
+    if device.type == "cuda":
+        shapes = [(8192, 8192, 8192), (65536, 320, 320), (32768, 1280, 1280)]
+    best = 0.0
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+        best = max(best, 2.0 * m * k * n / measure(lambda: a @ b, device, 3)["median_s"])
+    return best
+
+
+def load_average() -> float:
+    return round(os.getloadavg()[0], 1)
+
+
+def machine(device: torch.device, repo: Path) -> dict:
+    """What ran the benchmark, the commit measured, and the 1-minute load average at the start."""
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
+    info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+            "load_start": load_average()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1))
+    try:
+        import comfyui_version
+        info["comfyui"] = comfyui_version.__version__
+    except ImportError:
+        pass
+    git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], capture_output=True, text=True).stdout.strip()
+    info["commit"] = git("rev-parse", "--short", "HEAD") or "not a git checkout"
+    if git("status", "--porcelain", "--", "linfusion_core", "nodes", "bench"):
+        info["commit"] += " + local changes"
+    return info

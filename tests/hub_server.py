@@ -27,6 +27,7 @@ class HubServer:
                       for repo, entries in files.items()}
         self.faults: dict[str, tuple] = {}
         self.requests: list[tuple[str, str, str | None]] = []   # (method, path, Range header)
+        self.authorizations: list[str | None] = []               # each request's Authorization header
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
@@ -64,6 +65,7 @@ class HubServer:
 
             def _answer(self, body: bool):
                 hub.requests.append((self.command, self.path, self.headers.get("Range")))
+                hub.authorizations.append(self.headers.get("Authorization"))
                 parts = self.path.split("?")[0].lstrip("/").split("/", 4)
                 if len(parts) != 5 or parts[2] != "resolve":
                     return self._error(404, "EntryNotFound")

@@ -178,7 +178,8 @@ def test_offline_or_unreachable_hub_gives_instructions_and_writes_nothing(host, 
     assert not hub.requests and os.listdir(root) == []
 
 
-def test_auto_pick_downloads_the_release_for_the_checkpoint_family(host, hub, root, served, fixtures):
+def test_auto_pick_downloads_the_release_for_the_checkpoint_family(host, hub, root, served, fixtures, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_linfusion_test_token")   # read when the download runs
     prompt = {"ckpt": {"class_type": "CheckpointLoaderLinFusion",
                        "inputs": {"ckpt_name": fixtures.checkpoint["sd15"], "linfusion_name": "auto (match the checkpoint)"}},
               "info": {"class_type": "LinFusionTest_Capture", "inputs": {"value": ["ckpt", 3]}}}
@@ -186,3 +187,4 @@ def test_auto_pick_downloads_the_release_for_the_checkpoint_family(host, hub, ro
     info = host.run(prompt).captured["info"]
     assert RELEASE in info and "SD1.x" in info and "7 of 7" in info
     assert_installed(root, served)
+    assert hub.authorizations and set(hub.authorizations) == {"Bearer hf_linfusion_test_token"}

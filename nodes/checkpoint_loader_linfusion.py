@@ -1,5 +1,6 @@
 """Load Checkpoint + LinFusion: one node that loads an SD checkpoint and applies the LinFusion weights that
-fit it (picked automatically from models/linfusion by model family and module layout, or named)."""
+fit it (picked automatically from models/linfusion by model family and module layout, or named). When none
+on disk fit, the released set for the checkpoint's family is downloaded."""
 import logging
 
 import comfy.sd
@@ -7,15 +8,18 @@ import folder_paths
 
 from ..linfusion_core.checkpoint import LinFusionLoadError, load_linfusion, peek_linfusion
 from ..linfusion_core.patch import apply_linfusion
-from ..linfusion_core.placement import model_label, place_modules
-from .model_folder import list_linfusion_entries, resolve_linfusion_entry
+from ..linfusion_core.hub_download import DOWNLOAD_MARK, release_for_family
+from ..linfusion_core.placement import model_family, model_label, place_modules
+from .model_folder import (linfusion_path, list_linfusion_choices, list_linfusion_entries, resolve_linfusion_entry,
+                           validate_linfusion_choice)
 
 log = logging.getLogger("LinFusion")
 AUTO = "auto (match the checkpoint)"
 
 
 def pick_linfusion(base_model) -> str:
-    """The first listed LinFusion entry whose modules fit this model (files with a config first)."""
+    """The first listed LinFusion entry whose modules fit this model (files with a config first); when none
+    fits, the released set for the model's family, if it is not on disk yet (it is downloaded on load)."""
     fits, reasons = [], []
     for name in list_linfusion_entries():
         try:
@@ -25,6 +29,9 @@ def pick_linfusion(base_model) -> str:
             reasons.append(f"  {name}: {str(e)[:160]}")
             continue
         fits.append((weights.config_source == "weights only", name))
+    release = release_for_family(model_family(base_model))
+    if not fits and release is not None and release + DOWNLOAD_MARK in list_linfusion_choices():
+        return release
     if not fits:
         raise LinFusionLoadError(f"no LinFusion weights in models/linfusion fit this {model_label(base_model)} "
                                  f"checkpoint; download the matching LinFusion release. Checked:\n" + "\n".join(reasons))
@@ -37,9 +44,15 @@ class CheckpointLoaderLinFusion:
         return {"required": {
             "ckpt_name": (folder_paths.get_filename_list("checkpoints"), {
                 "tooltip": "An SD 1.x, SD 2.x or SDXL checkpoint (finetunes and merges included)."}),
-            "linfusion_name": ([AUTO] + list_linfusion_entries(), {
-                "tooltip": "LinFusion weights from models/linfusion; 'auto' picks the ones that fit the checkpoint."}),
+            "linfusion_name": ([AUTO] + list_linfusion_choices(), {
+                "tooltip": "LinFusion weights from models/linfusion; 'auto' picks the ones that fit the checkpoint, "
+                           "and downloads the released set for its family (Yuanshi/LinFusion-1-5, -2-1, -XL) when "
+                           "none on disk fit. A set marked (download) is fetched when the prompt runs."}),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, linfusion_name):
+        return linfusion_name == AUTO or validate_linfusion_choice(linfusion_name)
 
     RETURN_TYPES = ("MODEL", "CLIP", "VAE", "STRING")
     RETURN_NAMES = ("model", "clip", "vae", "info")
@@ -57,7 +70,7 @@ class CheckpointLoaderLinFusion:
         if linfusion_name == AUTO:
             linfusion_name = pick_linfusion(model.model)
             log.info("[LinFusion] %s: picked %s", ckpt_name, linfusion_name)
-        weights = load_linfusion(resolve_linfusion_entry(linfusion_name), display_name=linfusion_name)
+        weights = load_linfusion(linfusion_path(linfusion_name), display_name=linfusion_name)
         patched, info = apply_linfusion(model, weights)
         return (patched, clip, vae, info)
 

@@ -1,7 +1,13 @@
-"""The `models/linfusion/` folder, registered with ComfyUI so extra_model_paths.yaml can add more."""
+"""The `models/linfusion/` folder, registered with ComfyUI so extra_model_paths.yaml can add more, and the
+released sets that are fetched into it on demand (when a prompt runs, never at start)."""
 import os
 
+import comfy.model_management
+import comfy.utils
 import folder_paths
+
+from ..linfusion_core.checkpoint import LinFusionLoadError
+from ..linfusion_core.hub_download import DOWNLOAD_MARK, RELEASES, download_release, release_name, repo_id
 
 FOLDER_NAME = "linfusion"
 # Folders (hub layout: config.json + diffusion_pytorch_model.safetensors) are listed as well as files.
@@ -32,11 +38,13 @@ def list_linfusion_entries() -> list[str]:
     for root in folder_paths.get_folder_paths(FOLDER_NAME):
         if not os.path.isdir(root):
             continue
-        for dirpath, _dirs, files in os.walk(root, followlinks=True):
+        for dirpath, dirs, files in os.walk(root, followlinks=True):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]   # staging folders of running downloads
             if HUB_WEIGHTS in files and HUB_CONFIG in files and dirpath != root:
                 hub_folders.add(os.path.relpath(dirpath, root).replace(os.sep, "/"))
     files = [f for f in folder_paths.get_filename_list(FOLDER_NAME)
-             if not (f.endswith("/" + HUB_WEIGHTS) and f[: -len(HUB_WEIGHTS) - 1] in hub_folders)]
+             if not (f.endswith("/" + HUB_WEIGHTS) and f[: -len(HUB_WEIGHTS) - 1] in hub_folders)
+             and not any(part.startswith(".") for part in f.replace(os.sep, "/").split("/"))]
     return sorted(hub_folders) + sorted(files)
 
 
@@ -51,3 +59,49 @@ def resolve_linfusion_entry(name: str) -> str:
         raise FileNotFoundError(f"[LinFusion] '{name}' is not in models/{FOLDER_NAME} (searched: "
                                 f"{', '.join(folder_paths.get_folder_paths(FOLDER_NAME))})")
     return path
+
+
+def list_linfusion_choices() -> list[str]:
+    """What the loaders offer: everything on disk, then each released set not on disk, marked for download."""
+    entries = list_linfusion_entries()
+    return entries + [name + DOWNLOAD_MARK for name in RELEASES if name not in entries and not _folder(name)]
+
+
+def validate_linfusion_choice(name: str):
+    """True, or why not. Released names are valid with and without the mark, on disk or not, so a saved
+    workflow stays valid before and after the download (ComfyUI would check against the list otherwise)."""
+    if release_name(name) is not None or name in list_linfusion_entries():
+        return True
+    return f"'{name}' is not in models/{FOLDER_NAME} and is not a released LinFusion set ({', '.join(RELEASES)})"
+
+
+def linfusion_path(name: str) -> str:
+    """The path of a listed entry; a released set that is not on disk is downloaded first, with a progress
+    bar on the running node and ComfyUI's cancel honoured."""
+    release = release_name(name)
+    if release is None:
+        return resolve_linfusion_entry(name)
+    folder = _folder(release)
+    if folder is not None:   # never re-downloaded or overwritten, even when incomplete
+        if not os.path.isfile(os.path.join(folder, HUB_WEIGHTS)):
+            raise LinFusionLoadError(f"[LinFusion] the folder {folder} has no {HUB_WEIGHTS}; it is not overwritten: "
+                                     f"add the file from {repo_id(release)}, or delete the folder to download it again")
+        return folder
+    bar = None
+
+    def progress(done, total):
+        nonlocal bar
+        bar = bar or comfy.utils.ProgressBar(total)
+        bar.update_absolute(done, total)
+
+    root = folder_paths.get_folder_paths(FOLDER_NAME)[0]
+    return download_release(release, root, progress=progress,
+                            check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
+
+
+def _folder(name: str):
+    """An existing folder of that name under any registered linfusion path."""
+    for root in folder_paths.get_folder_paths(FOLDER_NAME):
+        if os.path.isdir(os.path.join(root, name)):
+            return os.path.join(root, name)
+    return None

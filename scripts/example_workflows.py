@@ -30,6 +30,8 @@ CONTROLNET_CANNY = "control_v11p_sd15_canny_fp16.safetensors"
 LORA_SD15 = "your_sd15_lora.safetensors"
 INPUT_IMAGE = "example.png"
 IPADAPTER_PRESET = "PLUS (high strength)"
+IPADAPTER_PLUS = "ip-adapter-plus_sd15.safetensors"                  # what the PLUS preset loads
+CLIP_VISION_H = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"        # ComfyUI_IPAdapter_plus's name for it
 
 MODELS = {   # the frontend offers these downloads when the file is missing
     SD15_CKPT: ("checkpoints", "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
@@ -38,7 +40,15 @@ MODELS = {   # the frontend offers these downloads when the file is missing
                                "sd_xl_base_1.0.safetensors?download=true"),
     CONTROLNET_CANNY: ("controlnet", "https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safetensors/"
                                      "resolve/main/control_v11p_sd15_canny_fp16.safetensors?download=true"),
+    # The two files ComfyUI_IPAdapter_plus's README lists for the PLUS preset (the vision model is renamed).
+    IPADAPTER_PLUS: ("ipadapter", "https://huggingface.co/h94/IP-Adapter/resolve/main/models/"
+                                  "ip-adapter-plus_sd15.safetensors?download=true"),
+    CLIP_VISION_H: ("clip_vision", "https://huggingface.co/h94/IP-Adapter/resolve/main/models/image_encoder/"
+                                   "model.safetensors?download=true"),
 }
+# Files a node needs that are not among its widget values: the frontend reads a node's `properties.models`
+# only for names its widgets show, so these go into the workflow's own top-level `models` list.
+WORKFLOW_MODELS = {"5_ipadapter.json": [IPADAPTER_PLUS, CLIP_VISION_H]}
 
 # The paper's sampling defaults (LINFUSION_FACTS.md section 4).
 STEPS, CFG, SEED = 50, 7.5, 42
@@ -48,11 +58,13 @@ PROMPT = ("a breathtaking alpine valley at sunrise, snow-capped peaks, a crystal
 NEGATIVE = "blurry, lowres, jpeg artifacts, watermark, text, deformed, duplicated, tiling"
 REGISTRY_IDS = {"ours": "comfyui-linfusion", "core": "comfy-core", "ipadapter": "comfyui_ipadapter_plus"}
 LINFUSION_FOLDER_NOTE = (
-    "**LinFusion weights** go in `ComfyUI/models/linfusion/`, one folder per model as on the hub:\n\n"
+    "**LinFusion weights** download by themselves on the first run, into `ComfyUI/models/linfusion/` (progress "
+    "on Load LinFusion; the missing-models dialog handles single files only, so it does not list them). By "
+    "hand (offline): one folder per model as on the hub:\n\n"
     "```\nmodels/linfusion/LinFusion-1-5/config.json\n"
     "models/linfusion/LinFusion-1-5/diffusion_pytorch_model.safetensors\n```\n"
-    "Hub repos: `Yuanshi/LinFusion-1-5` (SD 1.x and finetunes), `Yuanshi/LinFusion-2-1` (SD 2.x), "
-    "`Yuanshi/LinFusion-XL` (SDXL and finetunes). Pick the one that matches your checkpoint.")
+    "Hub repos: `Yuanshi/LinFusion-1-5` (SD 1.x), `Yuanshi/LinFusion-2-1` (SD 2.x), `Yuanshi/LinFusion-XL` "
+    "(SDXL); finetunes use their base's set.")
 
 
 def node_properties(version: str):
@@ -69,6 +81,10 @@ def node_properties(version: str):
 def model_entry(name):
     directory, url = MODELS[name]
     return [{"name": name, "url": url, "directory": directory}]
+
+
+def workflow_models(file_name: str) -> list[dict]:
+    return [entry for name in WORKFLOW_MODELS.get(file_name, []) for entry in model_entry(name)]
 
 
 def checkpoint_and_linfusion(g: UIGraph, ckpt: str, linfusion: str, lora: bool = False):
@@ -100,7 +116,7 @@ def wf_sd15_txt2img_2048(g: UIGraph):
         g.note("## SD 1.5 + LinFusion, 2048 x 2048\n\nLinFusion replaces every self-attention of the UNet by "
                "a linear attention, so memory and time grow linearly with the pixels and SD 1.5 draws "
                "2048 x 2048 in one pass.\n\n" + LINFUSION_FOLDER_NOTE, title="About this workflow",
-               width=420, height=420)
+               width=420, height=460)
         model, clip, vae = checkpoint_and_linfusion(g, SD15_CKPT, LINFUSION_SD15)
     with g.group("2. Prompt", 1):
         pos, neg = prompts(g, clip)
@@ -118,7 +134,7 @@ def wf_sd15_16k_ladder(g: UIGraph):
                "0.4 / 0.3 / 0.2 / 0.1 and ceil(50 x strength) steps each. The VAE works in tiles from the "
                "start (exact, seamless). The ladder's UNet runs in tiles (LinFusion Tiled UNet, exact). Lower "
                "`stages` for 4K or 8K.\n\n" + LINFUSION_FOLDER_NOTE,
-               title="About this workflow", width=420, height=490)
+               title="About this workflow", width=420, height=530)
         model, clip, vae = checkpoint_and_linfusion(g, SD15_CKPT, LINFUSION_SD15)
         model = g.node("LinFusionLowMemory", model=model)[0]
     with g.group("2. Prompt", 1):
@@ -190,10 +206,11 @@ def wf_ipadapter(g: UIGraph):
     with g.group("1. Models", 0):
         g.note("## IP-Adapter + LinFusion\n\nNeeds the custom nodes **ComfyUI_IPAdapter_plus** (by cubiq; "
                "install it with ComfyUI-Manager) and its models: for the `PLUS` preset "
-               "`models/ipadapter/ip-adapter-plus_sd15.safetensors` and "
-               "`models/clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors`.\n\nIP-Adapter patches the "
+               f"`models/ipadapter/{IPADAPTER_PLUS}` and `models/clip_vision/{CLIP_VISION_H}` (both from "
+               "`h94/IP-Adapter` on Hugging Face; the vision model is `models/image_encoder/model.safetensors` "
+               "there, renamed). The missing-models dialog offers both.\n\nIP-Adapter patches the "
                "cross-attention, LinFusion the self-attention: they stack in either order.\n\n"
-               + LINFUSION_FOLDER_NOTE, title="About this workflow", width=420, height=520)
+               + LINFUSION_FOLDER_NOTE, title="About this workflow", width=420, height=640)
         model, clip, vae = checkpoint_and_linfusion(g, SD15_CKPT, LINFUSION_SD15)
         ipa = g.node("IPAdapterUnifiedLoader", model=model, preset=IPADAPTER_PRESET)
     with g.group("2. Reference image", 1):
@@ -216,7 +233,7 @@ def wf_lora(g: UIGraph):
                "`models/loras/`). Load the LoRA first, then apply LinFusion: the LoRA's changes to the text "
                "encoder and to every UNet layer apply, except the self-attention, which LinFusion replaces by "
                "its own distilled weights.\n\n" + LINFUSION_FOLDER_NOTE, title="About this workflow",
-               width=420, height=420)
+               width=420, height=460)
         model, clip, vae = checkpoint_and_linfusion(g, SD15_CKPT, LINFUSION_SD15, lora=True)
     with g.group("2. Prompt", 1):
         pos, neg = prompts(g, clip)
@@ -298,6 +315,8 @@ def build(object_info, version: str) -> dict[str, dict]:
             out[name] = e
             continue
         out[name] = g.to_json()
+        if name in WORKFLOW_MODELS:
+            out[name]["models"] = workflow_models(name)
     return out
 
 

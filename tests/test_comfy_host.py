@@ -1,0 +1,101 @@
+"""scripts/comfy_host.py's `serve`: --cpu only without an accelerator, the models folders named first, and a
+start-up log without import tracebacks (ComfyUI's audio nodes, which need torchaudio, reported in one line)."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def comfy_host():
+    spec = importlib.util.spec_from_file_location("comfy_host_script", REPO / "scripts" / "comfy_host.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+AUDIO_TRACEBACK = """Traceback (most recent call last):
+  File "/c/nodes.py", line 2146, in load_custom_node
+    module_spec.loader.exec_module(module)
+  File "/c/comfy_extras/nodes_audio.py", line 4, in <module>
+    import torchaudio
+ModuleNotFoundError: No module named 'torchaudio'
+
+Cannot import /c/comfy_extras/nodes_audio.py module for custom nodes: No module named 'torchaudio'
+"""
+OTHER_TRACEBACK = """Traceback (most recent call last):
+  File "/c/custom_nodes/broken/__init__.py", line 1, in <module>
+    import nothing_here
+ModuleNotFoundError: No module named 'nothing_here'
+
+Cannot import /c/custom_nodes/broken module for custom nodes: No module named 'nothing_here'
+"""
+SUMMARY = """WARNING: some comfy_extras/ nodes did not import correctly. This may be because they are missing some dependencies.
+
+IMPORT FAILED: nodes_audio.py
+{more}
+This issue might be caused by new missing dependencies added the last time you updated ComfyUI.
+Please do a: pip install -r requirements.txt
+
+"""
+
+
+def filtered(comfy_host, text: str) -> str:
+    out = []
+    log = comfy_host.StartupLog(out.append)
+    for line in text.splitlines(True):
+        log.line(line)
+    log.close()
+    return "".join(out)
+
+
+def test_audio_import_tracebacks_become_one_line(comfy_host):
+    text = ("Device: cpu\ntorchaudio missing, ACE model will be broken\n" + AUDIO_TRACEBACK + OTHER_TRACEBACK
+            + SUMMARY.format(more="") + "Starting server\n")
+    out = filtered(comfy_host, text)
+    assert "torchaudio'" not in out and "ACE model" not in out and "IMPORT FAILED" not in out
+    assert out.count("audio nodes are off") == 1 and "nodes_audio.py not loaded" in out
+    assert OTHER_TRACEBACK in out, "other import failures are shown unchanged"
+    assert out.startswith("Device: cpu\n") and out.endswith("Starting server\n")
+
+
+def test_summary_kept_when_other_extras_failed(comfy_host):
+    out = filtered(comfy_host, AUDIO_TRACEBACK + SUMMARY.format(more="IMPORT FAILED: nodes_other.py\n"))
+    assert "IMPORT FAILED: nodes_other.py" in out and "audio nodes are off" in out
+
+
+def test_cpu_flag_only_without_an_accelerator(comfy_host):
+    assert comfy_host.serve_args([], None)[0] == "--cpu"
+    assert "--cpu" not in comfy_host.serve_args([], "cuda NVIDIA H200")
+    assert comfy_host.serve_args(["--port", "9"], None) == ["--port", "9"]
+    import torch
+
+    # Asked of a Python with torch (the venv's): the same answer as torch in this process.
+    found = comfy_host.accelerator(Path(sys.executable))
+    assert (found is not None) == (torch.cuda.is_available() or torch.backends.mps.is_available())
+    if torch.cuda.is_available():
+        assert found.startswith("cuda")
+
+
+@pytest.mark.slow
+def test_serve_log_names_models_and_has_no_tracebacks(tmp_path):
+    """The real `serve` path through the real ComfyUI start-up (quick-test mode: it exits once loaded)."""
+    base = tmp_path / "base"
+    (base / "custom_nodes").mkdir(parents=True)
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "comfy_host.py"), "serve", "--cpu",
+                           "--quick-test-for-ci", "--base-directory", str(base)],
+                          capture_output=True, text=True, timeout=600)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert "[comfy_host] models folders:" in log.splitlines()[0] + log.splitlines()[1]
+    assert "Traceback" not in log, log
+    try:
+        import torchaudio  # noqa: F401
+    except ImportError:
+        assert log.count("audio nodes are off") == 1

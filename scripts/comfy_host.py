@@ -150,7 +150,7 @@ def ensure_system_chromium() -> None:
         run(["apt-get", "update", "-q"], env=env, stdout=subprocess.DEVNULL)
         run(["apt-get", "install", "-y", "-q", "chromium"], env=env, stdout=subprocess.DEVNULL)
     except subprocess.CalledProcessError:
-        log("chromium could not be installed: the browser tests will skip")
+        log("chromium could not be installed: the browser tests will skip (under CI=true they fail)")
 
 
 def prepare() -> tuple[Path, Path]:

@@ -27,7 +27,17 @@ DEFAULT_CHUNK_SIZE = 16384
 
 
 def linear_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """The LinFusion formula exactly as written in the paper's code, in fp32, all tokens at once."""
+    """The LinFusion formula, plainly, in fp32, all tokens at once.
+
+    It follows the official GeneralizedLinearAttention.forward (Huage001/LinFusion, src/linfusion/attention.py)
+    with one deliberate difference: the official code scales K^T V by the *query* count
+    (`sequence_length` of hidden_states, split as N^-0.5 on K and on V), while mean(K) in the normaliser is
+    over the keys; here both use the *key* count N_kv. LinFusion replaces only self-attention, where queries
+    and keys are the same tokens, so the two are identical there. They part only when a caller hands the
+    module fewer queries than keys: HyperTile (tiles of queries against the whole image) and our tiled UNet
+    (one tile's queries against the state summed over all tiles). Dividing by the query count would then
+    scale K^T V by N_kv / N_q against the normaliser (x4 for HyperTile's 2 x 2 tiles); by the key count, the
+    result equals the untiled self-attention, which is what the paper's model computes at that size."""
     b, n, c = q.shape
     d = c // heads
     q, k, v = (t.float().reshape(t.shape[0], t.shape[1], heads, d).transpose(1, 2) for t in (q, k, v))

@@ -51,14 +51,29 @@ class LinFusionWeights:
     def family(self) -> str:
         return weights_family(self.modules)
 
+    @property
+    def family_ambiguous(self) -> bool:
+        """True when the file cannot say which of several families it is for (see AMBIGUOUS_FAMILY)."""
+        return self.family == AMBIGUOUS_FAMILY and any(m.heads is None for m in self.modules)
+
     def module_state_dict(self, index: int) -> dict[str, torch.Tensor]:
         prefix = f"{index}."
         return {k[len(prefix):]: v for k, v in self.state_dict.items() if k.startswith(prefix)}
 
     def describe(self) -> str:
         dims = "/".join(str(d) for d in sorted({m.dim for m in self.modules}))
+        family = (f"family SD1.x or SD2.x (not knowable without a config: it will be ASSUMED from the model it is "
+                  f"applied to)" if self.family_ambiguous else f"family {self.family}")
         return (f"{os.path.basename(self.source.rstrip('/'))}: {len(self.modules)} modules, dims {dims}, "
-                f"family {self.family}, config from {self.config_source}")
+                f"{family}, config from {self.config_source}")
+
+
+# SD 1.x and SD 2.x LinFusion files have the same tensors: 16 modules of 320/640/1280 channels with full-width
+# MLPs. They differ only in the head count the modules were trained with (SD 1.x: 8 heads; SD 2.x: 64-channel
+# heads), and no tensor shows it: every weight is C x C, C x m or a vector, and heads only split the channel
+# axis inside the forward pass, so any head count is consistent with the same tensors. Without a config
+# (config.json or our metadata key) the family is therefore taken from the model, and said to be assumed.
+AMBIGUOUS_FAMILY = "SD1.x/SD2.x"
 
 
 def weights_family(modules: list[ModuleSpec]) -> str:
@@ -73,7 +88,7 @@ def weights_family(modules: list[ModuleSpec]) -> str:
                 return "SD1.x"
             if all(m.dim // m.heads == 64 for m in modules):
                 return "SD2.x"
-        return "SD1.x/SD2.x"
+        return AMBIGUOUS_FAMILY
     return "unknown"
 
 
@@ -88,22 +103,10 @@ def families_compatible(found: str, expected: str) -> bool:
 def load_linfusion(path: str, display_name: str | None = None) -> LinFusionWeights:
     """Read a hub folder, or a single .safetensors (with or without config), into LinFusionWeights."""
     shown = display_name or path
+    weights_path, config_path = _locate(path, shown)
     config_text, config_source = None, "weights only"
-    if os.path.isdir(path):
-        weights_path = os.path.join(path, WEIGHTS_FILE)
-        config_path = os.path.join(path, CONFIG_FILE)
-        if not os.path.isfile(weights_path):
-            raise LinFusionLoadError(f"LinFusion folder '{shown}' has no {WEIGHTS_FILE} (expected the hub layout: "
-                                     f"{CONFIG_FILE} + {WEIGHTS_FILE})")
-        if os.path.isfile(config_path):
-            config_text, config_source = _read_text(config_path, shown), CONFIG_FILE
-    elif os.path.isfile(path):
-        weights_path = path
-        sibling = os.path.join(os.path.dirname(path), CONFIG_FILE)
-        if os.path.basename(path) == WEIGHTS_FILE and os.path.isfile(sibling):
-            config_text, config_source = _read_text(sibling, shown), CONFIG_FILE
-    else:
-        raise LinFusionLoadError(f"LinFusion file '{shown}' does not exist")
+    if config_path is not None:
+        config_text, config_source = _read_text(config_path, shown), CONFIG_FILE
 
     state_dict, metadata = _read_safetensors(weights_path, shown)
     if config_text is None and metadata and METADATA_KEY in metadata:
@@ -121,8 +124,7 @@ def peek_linfusion(path: str, display_name: str | None = None) -> LinFusionWeigh
     from safetensors import safe_open
 
     shown = display_name or path
-    weights_path = os.path.join(path, WEIGHTS_FILE) if os.path.isdir(path) else path
-    config_path = os.path.join(os.path.dirname(weights_path), CONFIG_FILE)
+    weights_path, config_path = _locate(path, shown)
     try:
         with safe_open(weights_path, framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
@@ -131,13 +133,34 @@ def peek_linfusion(path: str, display_name: str | None = None) -> LinFusionWeigh
         raise LinFusionLoadError(f"LinFusion file '{shown}' is not a readable safetensors file: {e}") from e
     modules = modules_from_weights(shapes, shown)
     config_text, source = None, "weights only"
-    if os.path.basename(weights_path) == WEIGHTS_FILE and os.path.isfile(config_path):
+    if config_path is not None:
         config_text, source = _read_text(config_path, shown), CONFIG_FILE
     elif METADATA_KEY in metadata:
         config_text, source = metadata[METADATA_KEY], "metadata"
     if config_text is not None:
         _apply_config(modules, _parse_config(config_text, shown, source), shown, source)
     return LinFusionWeights(shown, modules, {}, source)
+
+
+def _locate(path: str, shown: str) -> tuple[str, str | None]:
+    """(weights file, config.json or None) of a hub folder or a single file. A file named like the hub's
+    weights (`diffusion_pytorch_model*.safetensors`, variants such as `.fp16` included) takes the config.json
+    beside it; any other single file carries its config in its metadata, or has none."""
+    if os.path.isdir(path):
+        weights_path = os.path.join(path, WEIGHTS_FILE)
+        if not os.path.isfile(weights_path):
+            found = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".sft", ".bin", ".ckpt")))
+            raise LinFusionLoadError(
+                f"LinFusion folder '{shown}' has no {WEIGHTS_FILE} (found: {', '.join(found) or 'no weight files'}); "
+                f"expected the hub layout {CONFIG_FILE} + {WEIGHTS_FILE}: download both files of the LinFusion "
+                f"repository into the folder")
+        config_path = os.path.join(path, CONFIG_FILE)
+        return weights_path, config_path if os.path.isfile(config_path) else None
+    if not os.path.isfile(path):
+        raise LinFusionLoadError(f"LinFusion file '{shown}' does not exist")
+    sibling = os.path.join(os.path.dirname(path), CONFIG_FILE)
+    hub_named = os.path.basename(path).startswith(WEIGHTS_FILE.split(".")[0] + ".")
+    return path, sibling if hub_named and os.path.isfile(sibling) else None
 
 
 @dataclass
@@ -217,20 +240,38 @@ def _module_spec(index: int, tensors: dict[str, torch.Tensor], shown: str) -> Mo
 
 
 def _parse_config(text: str, shown: str, source: str) -> list[dict]:
+    """The modules_list of a config, with every field of the type the loader relies on."""
+    expected = ('expected {"modules_list": [{"dim_n": int, "heads": int, "module_name": str, '
+                '"projection_mid_dim": int or null}, ...]}')
+
+    def bad(why: str):
+        return LinFusionLoadError(f"'{shown}': the LinFusion config ({source}) is not valid: {why}; {expected}")
+
     try:
         config = json.loads(text)
-        modules = config["modules_list"]
-        if not isinstance(modules, list):
-            raise TypeError("modules_list is not a list")
-        for m in modules:
-            for k in ("dim_n", "heads", "module_name"):
-                if k not in m:
-                    raise KeyError(k)
-    except (ValueError, KeyError, TypeError) as e:
-        raise LinFusionLoadError(f"'{shown}': the LinFusion config ({source}) is not valid: {e!r}; expected "
-                                 f"{{\"modules_list\": [{{\"dim_n\", \"heads\", \"module_name\", "
-                                 f"\"projection_mid_dim\"}}, ...]}}") from e
+    except ValueError as e:
+        raise bad(f"it is not JSON ({e})") from e
+    modules = config.get("modules_list") if isinstance(config, dict) else None
+    if not isinstance(modules, list):
+        raise bad("it has no modules_list list")
+    for i, m in enumerate(modules):
+        if not isinstance(m, dict):
+            raise bad(f"modules_list[{i}] is {type(m).__name__}, not an object")
+        missing = [k for k in ("dim_n", "heads", "module_name") if k not in m]
+        if missing:
+            raise bad(f"modules_list[{i}] lacks {', '.join(missing)}")
+        ints = {k: m[k] for k in ("dim_n", "heads") if not _is_int(m[k])}
+        if "projection_mid_dim" in m and m["projection_mid_dim"] is not None and not _is_int(m["projection_mid_dim"]):
+            ints["projection_mid_dim"] = m["projection_mid_dim"]
+        if ints:
+            raise bad(f"modules_list[{i}] has non-integer " + ", ".join(f"{k}={v!r}" for k, v in ints.items()))
+        if not isinstance(m["module_name"], str):
+            raise bad(f"modules_list[{i}] has module_name={m['module_name']!r}, not a string")
     return modules
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _apply_config(modules: list[ModuleSpec], config: list[dict], shown: str, source: str) -> None:

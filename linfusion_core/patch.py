@@ -29,7 +29,7 @@ from torch import nn
 
 from .checkpoint import LinFusionWeights
 from .module import LinFusionAttention
-from .placement import Placement, model_label, place_modules
+from .placement import Placement, assumed_family_note, model_label, place_modules
 
 log = logging.getLogger("LinFusion")
 
@@ -73,11 +73,9 @@ class LinFusionInstall:
     min_tokens: int
 
     def inject(self, patcher) -> None:
-        import comfy.utils
-
         diffusion_model = patcher.model.diffusion_model
         for placement, module in zip(self.placements, self.modules_of(patcher).blocks):
-            attn1 = comfy.utils.get_attr(diffusion_model, placement.site.comfy_path)
+            attn1 = diffusion_model.get_submodule(placement.site.comfy_path)
             current = attn1.__dict__.get("forward")
             if isinstance(current, LinFusionForward):
                 if current.linfusion is module:
@@ -97,11 +95,11 @@ class LinFusionInstall:
         return self.modules
 
     def eject(self, patcher) -> None:
-        import comfy.utils
-
+        # Plain attribute work only, no imports: ComfyUI's ModelPatcher.__del__ ejects at interpreter exit,
+        # when importing fails ("sys.meta_path is None") and Python prints the error as "Exception ignored".
         diffusion_model = patcher.model.diffusion_model
         for placement in self.placements:
-            attn1 = comfy.utils.get_attr(diffusion_model, placement.site.comfy_path)
+            attn1 = diffusion_model.get_submodule(placement.site.comfy_path)
             current = attn1.__dict__.get("forward")
             if isinstance(current, LinFusionForward):
                 if current.previous_instance_forward is None:
@@ -188,6 +186,10 @@ def apply_linfusion(model, weights: LinFusionWeights, blocks: str = "all", min_t
                f"{weights.config_source}) on {model_label(base_model)}: {len(placements)} of {len(every)} self-attention "
                f"modules patched" + (f"; softmax kept below {min_tokens} tokens" if min_tokens > 0 else ""))
     log.info("[LinFusion] %s", summary)
+    note = assumed_family_note(weights, base_model)
+    if note:
+        log.warning("[LinFusion] %s", note)
+        summary += f". WARNING: {note}."
     return patched, summary
 
 

@@ -75,8 +75,6 @@ def place_modules(weights: LinFusionWeights, base_model) -> list[Placement]:
     else:
         # No names: the file order is diffusers named_modules() order (down, up, mid last).
         pairs = [Placement(spec, site) for spec, site in zip(weights.modules, sites)]
-        log.info("[LinFusion] %s has no config: module order and heads taken from the model (%s)",
-                 shown, model_label(base_model))
 
     for p in pairs:
         if p.spec.dim != p.site.dim:
@@ -87,3 +85,18 @@ def place_modules(weights: LinFusionWeights, base_model) -> list[Placement]:
                                      f"{p.spec.heads} heads, the model uses {p.site.heads}. Load the LinFusion "
                                      f"weights made for {expected}.")
     return pairs
+
+
+def assumed_family_note(weights: LinFusionWeights, base_model) -> str | None:
+    """What a user must be told when the file cannot show its family (a renamed SD 1.x / SD 2.x file without
+    config): the family and heads were taken from the model, so wrong-family weights would run without error."""
+    if not weights.family_ambiguous:
+        return None
+    shown = os.path.basename(weights.source.rstrip("/"))
+    heads = "/".join(str(h) for h in sorted({s.heads for s in unet_sites(base_model)}))
+    other = {"SD1.x": "SD2.x", "SD2.x": "SD1.x"}.get(model_family(base_model), "another family")
+    return (f"family ASSUMED from the model: '{shown}' has no config (no config.json beside it, none in its "
+            f"metadata) and SD 1.x and SD 2.x LinFusion files have identical tensors, so it was applied as "
+            f"{model_family(base_model)} weights with the model's {heads} heads. If it is a {other} file, the "
+            f"images will be wrong without any error; use the hub folder (config.json + weights) to have the "
+            f"family checked")

@@ -25,7 +25,9 @@ class ApplyLinFusion:
 
     RETURN_TYPES = ("MODEL", "STRING")
     RETURN_NAMES = ("model", "info")
-    OUTPUT_TOOLTIPS = ("The model with LinFusion attention.", "Model family found and how many modules were patched.")
+    OUTPUT_TOOLTIPS = ("The model with LinFusion attention.",
+                       "Model family found (or ASSUMED from the model, for a renamed SD 1.x/2.x file without "
+                       "config) and how many modules were patched.")
     FUNCTION = "apply"
     CATEGORY = "LinFusion"
     DESCRIPTION = ("Replaces the UNet's self-attention with LinFusion linear attention: cost grows linearly with "

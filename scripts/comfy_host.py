@@ -154,7 +154,7 @@ def ensure_system_chromium() -> None:
         run(["apt-get", "update", "-q"], env=env, stdout=subprocess.DEVNULL)
         run(["apt-get", "install", "-y", "-q", "chromium"], env=env, stdout=subprocess.DEVNULL)
     except subprocess.CalledProcessError:
-        log("chromium could not be installed: the browser tests will skip")
+        log("chromium could not be installed: the browser tests will skip (under CI=true they fail)")
 
 
 # Asked of the venv's own torch (this script imports nothing beyond the standard library).

@@ -51,6 +51,31 @@ def test_reference_is_the_paper_formula_per_head(core):
     assert (core.attention.linear_attention_reference(q, k, v, heads) - expected).abs().max().item() <= 1e-6
 
 
+def official_spelling(q, k, v, heads):
+    """LinFusion as the official GeneralizedLinearAttention.forward computes it (our own transcription):
+    K^T V scaled by the QUERY count (split N^-0.5 on K and V), mean(K) over the keys."""
+    b, n_q, c = q.shape
+    d = c // heads
+    q, k, v = (t.double().reshape(b, t.shape[1], heads, d).transpose(1, 2) for t in (q, k, v))
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    z = q @ k.mean(dim=-2, keepdim=True).transpose(-2, -1) + 1e-4
+    kv = (k.transpose(-2, -1) * n_q ** -0.5) @ (v * n_q ** -0.5)
+    return (q @ kv / z).transpose(1, 2).reshape(b, n_q, c).float()
+
+
+def test_reference_and_the_official_code_agree_on_self_attention_and_part_on_query_tiles(core):
+    """Where the reference's docstring says it differs from the official code, and why that is the right
+    choice: identical for self-attention (the only place LinFusion runs); for a tile of the queries against
+    all keys (HyperTile, tiled UNet) ours gives the untiled rows, the query-count scaling 4x them."""
+    ref = core.attention.linear_attention_reference
+    q, k, v = qkv(2, 64, 40, seed=3)
+    assert (official_spelling(q, k, v, 5) - ref(q, k, v, 5)).abs().max().item() <= 1e-5
+    tile = q[:, :16]
+    untiled_rows = ref(q, k, v, 5)[:, :16]
+    torch.testing.assert_close(ref(tile, k, v, 5), untiled_rows, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(official_spelling(tile, k, v, 5), 4 * untiled_rows, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
 def test_half_precision_within_rounding_of_fp32(core, dtype, tol):
     """Stated tolerance: the half-precision result is the fp32 result of the same (rounded) inputs up to

@@ -81,8 +81,59 @@ def test_three_layouts_load_and_give_the_same_unet(core, models, folder, family)
 def test_family_detected_from_config(core, folder):
     assert load(core, "hub_sd15").family == "SD1.x"
     assert load(core, "hub_sd21").family == "SD2.x"
+    assert load(core, "single_sd21.safetensors").family == "SD2.x"      # config from metadata
     assert load(core, "hub_sdxl").family == "SDXL"
+    assert load(core, "bare_sdxl.safetensors").family == "SDXL"         # XL's MLP widths show it
     assert load(core, "bare_sd15.safetensors").family == "SD1.x/SD2.x"
+    # Load LinFusion's info says which: known, or to be assumed from the model.
+    assert "family SD2.x" in load(core, "hub_sd21").describe()
+    assert "ASSUMED" in load(core, "bare_sd21.safetensors").describe()
+    assert "ASSUMED" not in load(core, "single_sd21.safetensors").describe()
+
+
+def test_sd1_and_sd2_bare_files_have_identical_tensors(core, folder):
+    """Why a config-less SD 1.x / SD 2.x file cannot be told apart: same keys, same shapes, and no tensor
+    carries the head count (heads only split the channel axis inside the forward pass)."""
+    from safetensors import safe_open
+
+    def shapes(name):
+        with safe_open(str(folder / name), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.metadata() or {}
+
+    sd15, meta15 = shapes("bare_sd15.safetensors")
+    sd21, meta21 = shapes("bare_sd21.safetensors")
+    assert sd15 == sd21 and "linfusion_config" not in meta15 and "linfusion_config" not in meta21
+
+
+@pytest.mark.parametrize("weights_family,model_family,heads", [("sd21", "sd15", {8}), ("sd15", "sd21", {1, 2})])
+def test_bare_file_on_the_other_family_says_the_family_was_assumed(core, models, folder, caplog, weights_family,
+                                                                   model_family, heads):
+    """A renamed file without config runs with the model's heads (nothing can show it is wrong) and both the
+    info output and a WARNING say that the family was assumed; with a config (folder or metadata) the same
+    weights stop with the wrong-family error."""
+    import logging
+
+    base = models[model_family]
+    name = f"bare_{weights_family}.safetensors"
+    with caplog.at_level(logging.WARNING, logger="LinFusion"):
+        patched, info = core.patch.apply_linfusion(base, load(core, name))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "family ASSUMED from the model" in info and name in info
+    assert any("family ASSUMED from the model" in w and name in w for w in warnings), warnings
+    assert {p.site.heads for p in core.patch.linfusion_install(patched).placements} == heads   # the model's
+    for config_layout in (f"hub_{weights_family}", f"single_{weights_family}.safetensors"):
+        with pytest.raises(core.checkpoint.LinFusionLoadError, match="Load the LinFusion weights made for"):
+            core.patch.apply_linfusion(base, load(core, config_layout))
+
+
+def test_files_with_a_config_do_not_warn(core, models, folder, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="LinFusion"):
+        _, info = core.patch.apply_linfusion(models["sd21"], load(core, "single_sd21.safetensors"))
+        _, info_xl = core.patch.apply_linfusion(models["sdxl"], load(core, "bare_sdxl.safetensors"))
+    assert "ASSUMED" not in info and "ASSUMED" not in info_xl
+    assert not [r for r in caplog.records if "ASSUMED" in r.getMessage()]
 
 
 @pytest.mark.parametrize("name,needle", [
@@ -150,3 +201,137 @@ def test_unsupported_model_families(core, kind):
     with pytest.raises(core.checkpoint.LinFusionLoadError, match=f"SD1.x, SD2.x and SDXL UNets; this model is {kind}"):
         core.patch.apply_linfusion(patcher, core.checkpoint.LinFusionWeights("x.safetensors", [], {}))
     assert not patcher.injections
+
+
+def hub_folder(root, name, config_text, weights=None, weights_name="diffusion_pytorch_model.safetensors"):
+    path = root / name
+    path.mkdir()
+    if config_text is not None:
+        (path / "config.json").write_text(config_text)
+    if weights is not None:
+        save_file({k: v.half().contiguous() for k, v in weights.state_dict.items()}, str(path / weights_name))
+    return path
+
+
+def _config_variants(config):
+    import copy
+
+    def edit(fn):
+        c = copy.deepcopy(config)
+        fn(c)
+        return json.dumps(c)
+    return {
+        "not json": ("{'modules_list': [", "it is not JSON"),
+        "a list": (json.dumps([config]), "it has no modules_list list"),
+        "heads as text": (edit(lambda c: c["modules_list"][1].update(heads="8")), "modules_list[1] has non-integer heads='8'"),
+        "heads null": (edit(lambda c: c["modules_list"][0].update(heads=None)), "modules_list[0] has non-integer heads=None"),
+        "entry not an object": (edit(lambda c: c["modules_list"].__setitem__(2, "attn1")), "modules_list[2] is str"),
+        "no module_name": (edit(lambda c: c["modules_list"][3].pop("module_name")), "modules_list[3] lacks module_name"),
+        "mid dim as text": (edit(lambda c: c["modules_list"][0].update(projection_mid_dim="64")),
+                            "non-integer projection_mid_dim='64'"),
+    }
+
+
+@pytest.mark.parametrize("variant", ["not json", "a list", "heads as text", "heads null", "entry not an object",
+                                     "no module_name", "mid dim as text"])
+def test_malformed_config_json_names_the_folder_and_the_field(core, models, tmp_path, variant):
+    weights = linfusion_for(core, models["sd15"].model, seed=11)
+    text, needle = _config_variants(hub_config(weights))[variant]
+    folder = hub_folder(tmp_path, "LinFusion-1-5", text, weights)
+    for read in (core.checkpoint.load_linfusion, core.checkpoint.peek_linfusion):
+        with pytest.raises(core.checkpoint.LinFusionLoadError) as err:
+            read(str(folder), display_name="LinFusion-1-5")
+        message = str(err.value)
+        assert "'LinFusion-1-5'" in message and "config.json" in message and needle in message, message
+
+
+def test_hub_folder_without_weights(core, models, tmp_path):
+    weights = linfusion_for(core, models["sd15"].model, seed=11)
+    config = json.dumps(hub_config(weights))
+    only_config = hub_folder(tmp_path, "only_config", config)
+    for read in (core.checkpoint.load_linfusion, core.checkpoint.peek_linfusion):
+        with pytest.raises(core.checkpoint.LinFusionLoadError,
+                           match="folder 'only_config' has no diffusion_pytorch_model.safetensors .found: no weight "
+                                 "files.*download both files"):
+            read(str(only_config), display_name="only_config")
+    # A diffusers variant name beside config.json (the folder is then listed as that file): the config is used.
+    variant = hub_folder(tmp_path, "variant", config, weights, "diffusion_pytorch_model.fp16.safetensors")
+    with pytest.raises(core.checkpoint.LinFusionLoadError, match="found: diffusion_pytorch_model.fp16.safetensors"):
+        core.checkpoint.load_linfusion(str(variant), display_name="variant")
+    loaded = core.checkpoint.load_linfusion(str(variant / "diffusion_pytorch_model.fp16.safetensors"))
+    assert loaded.config_source == "config.json" and loaded.family == "SD1.x"
+
+
+@pytest.fixture
+def only_these_linfusion_files(monkeypatch, tmp_path):
+    """models/linfusion reduced to one empty folder the test fills (ComfyUI's own folder registry)."""
+    import folder_paths
+
+    root = tmp_path / "linfusion_only"
+    root.mkdir()
+    _, extensions = folder_paths.folder_names_and_paths["linfusion"]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "linfusion", ([str(root)], extensions))
+    monkeypatch.delitem(folder_paths.filename_list_cache, "linfusion", raising=False)
+    yield root
+    folder_paths.filename_list_cache.pop("linfusion", None)
+
+
+def test_auto_picker_with_only_wrong_family_files(core, models, only_these_linfusion_files, caplog):
+    """Load Checkpoint + LinFusion's 'auto' on an SD 1.5 model when models/linfusion holds only SD 2.x and SDXL
+    weights with configs: the released SD 1.5 set (downloaded on load), and once a folder of that name holds the
+    wrong weights too, an error that names every file and why it does not fit. A config-less SD1/SD2 file
+    does fit (nothing shows otherwise) and is picked with the 'assumed' warning; a file with the right config
+    wins over it."""
+    import logging
+    import sys
+    import nodes
+
+    pick = sys.modules[nodes.NODE_CLASS_MAPPINGS["CheckpointLoaderLinFusion"].__module__].pick_linfusion
+    root = only_these_linfusion_files
+    sd15 = models["sd15"].model
+    for family in ("sd21", "sdxl"):
+        weights = linfusion_for(core, models[family].model, seed=11)
+        hub_folder(root, f"LinFusion-{family}", json.dumps(hub_config(weights)), weights)
+    # Nothing on disk fits: auto falls back to the released set of the model's family (downloaded on load).
+    assert pick(sd15) == "LinFusion-1-5"
+    # The released set's folder is there but holds another family's weights: nothing left to fall back to.
+    wrong = linfusion_for(core, models["sd21"].model, seed=12)
+    hub_folder(root, "LinFusion-1-5", json.dumps(hub_config(wrong)), wrong)
+    with pytest.raises(core.checkpoint.LinFusionLoadError) as err:
+        pick(sd15)
+    message = str(err.value)
+    assert "no LinFusion weights in models/linfusion fit this SD1.x (SD15) checkpoint" in message
+    assert "LinFusion-sd21: " in message and "LinFusion-sdxl: " in message and "LinFusion-1-5: " in message
+    assert "weights for SD2.x" in message and "weights for SDXL" in message
+
+    bare = linfusion_for(core, models["sd21"].model, seed=11)
+    save_file({k: v.half().contiguous() for k, v in bare.state_dict.items()}, str(root / "renamed.safetensors"))
+    assert pick(sd15) == "renamed.safetensors"
+    with caplog.at_level(logging.WARNING, logger="LinFusion"):
+        _, info = core.patch.apply_linfusion(models["sd15"], load(core, "renamed.safetensors"))
+    assert "ASSUMED" in info and any("ASSUMED" in r.getMessage() for r in caplog.records)
+
+    right = linfusion_for(core, sd15, seed=11)
+    hub_folder(root, "LinFusion-sd15", json.dumps(hub_config(right)), right)
+    assert pick(sd15) == "LinFusion-sd15"
+
+
+def test_invalid_blocks_value(core, models, host, fixtures):
+    """Apply LinFusion's `blocks`: ComfyUI's validation refuses a value outside the list before anything runs;
+    the engine refuses it too (for callers without validation), before the model is cloned."""
+    base = models["sd15"]
+    weights = linfusion_for(core, base.model)
+    with pytest.raises(ValueError, match="blocks must be one of .'all', 'highest resolution only'., got 'middle'"):
+        core.patch.apply_linfusion(base, weights, blocks="middle")
+    assert not base.injections and not base.additional_models
+
+    prompt = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": fixtures.checkpoint["sd15"]}},
+              "lf": {"class_type": "LinFusionLoader", "inputs": {"linfusion_name": fixtures.linfusion_folder["sd15"]}},
+              "apply": {"class_type": "ApplyLinFusion", "inputs": {"model": ["ckpt", 0], "linfusion": ["lf", 0],
+                                                                   "blocks": "middle", "min_tokens": 0}},
+              "out": {"class_type": "LinFusionTest_Capture", "inputs": {"value": ["apply", 1]}}}
+    ok, error, _, node_errors = host.run(prompt, expect_error=True)
+    assert not ok
+    blocks_errors = [e for e in node_errors.get("apply", {}).get("errors", [])
+                     if e["extra_info"].get("input_name") == "blocks"]
+    assert blocks_errors and blocks_errors[0]["type"] == "value_not_in_list", node_errors

@@ -30,22 +30,47 @@ def ksample(model, latent, hm, positive=None, negative=None, steps=3):
 def low_memory(model, **overrides):
     import nodes
     options = dict(sequential_cond=True, ff_chunk_tokens=48, inplace_silu=True, park_skips=True,
-                   attention_chunk_tokens=1024)
+                   attention_chunk_tokens=1024, ff_chunking="tokens", ff_chunks=16, offload_other_models=True)
     options.update(overrides)
     return nodes.NODE_CLASS_MAPPINGS["LinFusionLowMemory"]().patch(model, **options)[0]
 
 
-def test_chunked_feed_forward_equals_the_plain_one(lm, hm):
+@pytest.mark.parametrize("pieces,sizes", [({"chunk_tokens": 48}, [48] * 4 + [8]),   # the token form
+                                           ({"chunks": 16}, [13] * 15 + [5]),        # the paper's: 16 pieces
+                                           ({"chunks": 3}, [67, 67, 66])])
+def test_chunked_feed_forward_equals_the_plain_one(lm, hm, pieces, sizes):
     model = hm.unet_patcher(seed=20)
     block = model.model.diffusion_model.input_blocks[1][1].transformer_blocks[0]
     x = torch.randn(2, 200, 32)
-    chunked = lm.ChunkedFeedForward(block.ff, 48)
-    assert torch.allclose(chunked(x), block.ff(x), atol=1e-6, rtol=1e-6)
+    chunked = lm.ChunkedFeedForward(block.ff, **pieces)
+    seen = []
+    hook = block.ff.net.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    try:
+        out = chunked(x)
+    finally:
+        hook.remove()
+    assert seen == sizes
+    assert torch.allclose(out, block.ff(x), atol=1e-6, rtol=1e-6)
     assert chunked.state_dict().keys() == block.ff.state_dict().keys()  # LoRA keys unchanged
     assert chunked.net is block.ff.net
 
 
-def test_low_memory_matches_normal_mode(hm):
+def test_paper_chunking_is_the_default(lm):
+    import nodes
+
+    inputs = nodes.NODE_CLASS_MAPPINGS["LinFusionLowMemory"].INPUT_TYPES()["required"]
+    assert inputs["ff_chunking"][1]["default"] == "chunks" and inputs["ff_chunks"][1]["default"] == 16
+    assert inputs["park_skips"][1]["default"] is True and inputs["offload_other_models"][1]["default"] is True
+    assert lm.LowMemoryOptions().feed_forward_pieces() == {"chunks": 16}
+    assert lm.LowMemoryOptions(ff_chunking="tokens", ff_chunk_tokens=4096).feed_forward_pieces() == \
+        {"chunk_tokens": 4096}
+    assert lm.LowMemoryOptions(ff_chunking="off").feed_forward_pieces() is None
+    with pytest.raises(ValueError, match="ff_chunking must be one of"):
+        lm.LowMemoryOptions(ff_chunking="16").feed_forward_pieces()
+
+
+@pytest.mark.parametrize("chunking,ff_sizes", [("tokens", [48] * 8), ("chunks", [24] * 16)])
+def test_low_memory_matches_normal_mode(hm, chunking, ff_sizes):
     import comfy.model_management
 
     model = hm.unet_patcher(seed=21)
@@ -60,14 +85,14 @@ def test_low_memory_matches_normal_mode(hm):
         normal = ksample(model, latent, hm)
         normal_batches, normal_ff = batches[:], ff_calls[:]
         batches.clear(), ff_calls.clear()
-        lowmem_model = low_memory(model)
+        lowmem_model = low_memory(model, ff_chunking=chunking)
         low = ksample(lowmem_model, latent, hm)
         # While the low-memory clone is loaded, its object patches are in the model.
         assert any(isinstance(m, torch.nn.SiLU) and m.inplace for m in unet.modules())
     finally:
         h1.remove(), h2.remove()
     assert normal_batches == [2, 2, 2] and batches == [1] * 6, "cond and uncond did not run one at a time"
-    assert normal_ff == [384] * 3 and ff_calls == [48] * 8 * 6, "the feed-forward did not run in chunks"
+    assert normal_ff == [384] * 3 and ff_calls == ff_sizes * 6, "the feed-forward did not run in chunks"
     scale = normal.abs().max()
     assert torch.allclose(low, normal, atol=TOLERANCE * scale, rtol=0), (low - normal).abs().max()
     comfy.model_management.unload_all_models()
@@ -95,10 +120,11 @@ def test_each_option_alone_matches(hm):
     model = hm.unet_patcher(seed=24)
     latent = torch.zeros(1, 4, 16, 16)
     normal = ksample(model, latent, hm, steps=2)
-    for overrides in ({"sequential_cond": False, "ff_chunk_tokens": 0, "inplace_silu": False, "park_skips": False},
-                      {"ff_chunk_tokens": 0, "inplace_silu": False, "park_skips": False},
+    for overrides in ({"sequential_cond": False, "ff_chunking": "off", "inplace_silu": False, "park_skips": False},
+                      {"ff_chunking": "off", "inplace_silu": False, "park_skips": False},
                       {"sequential_cond": False, "inplace_silu": False, "park_skips": False},
-                      {"sequential_cond": False, "ff_chunk_tokens": 0, "park_skips": False}):
+                      {"sequential_cond": False, "ff_chunking": "chunks", "inplace_silu": False, "park_skips": False},
+                      {"sequential_cond": False, "ff_chunking": "off", "park_skips": False}):
         low = ksample(low_memory(model, **overrides), latent, hm, steps=2)
         assert torch.allclose(low, normal, atol=TOLERANCE * normal.abs().max(), rtol=0), overrides
 
@@ -123,3 +149,45 @@ def test_attention_chunk_size_reaches_transformer_options(lm, hm):
     patched = low_memory(model, attention_chunk_tokens=4096)
     assert patched.model_options["transformer_options"][lm.LINEAR_ATTENTION_CHUNK_KEY] == 4096
     assert lm.LINEAR_ATTENTION_CHUNK_KEY not in model.model_options["transformer_options"]
+
+
+def test_other_models_are_unloaded_around_the_unet(lm, hm):
+    """The offload piece: ComfyUI's free_memory unloads what sampling does not need (here the VAE) from the
+    UNet's device and keeps the UNet, its clones and its additional models. Run on the CPU device by hand:
+    the wrapper itself skips a CPU UNet (nothing to gain), so on this machine we check that it is called
+    during sampling and leaves the CPU models alone; the GPU path is the same call with the GPU device."""
+    import comfy.model_management as mm
+
+    cpu = torch.device("cpu")
+    unet = hm.unet_patcher(seed=26)
+    extra = hm.unet_patcher(seed=27)          # stands for an additional model the UNet carries (LinFusion's)
+    unet.set_additional_models("test_extra", [extra])
+    vae = hm.tiny_vae()
+    mm.load_models_gpu([unet, vae.patcher])
+    loaded = lambda: [lm_.model for lm_ in mm.current_loaded_models]  # noqa: E731
+    assert vae.patcher in loaded() and unet in loaded()
+
+    calls = []
+    original = lm.OffloadOtherModels.__call__
+
+    def spy(self, executor, model, *args, **kwargs):
+        calls.append(model)
+        return original(self, executor, model, *args, **kwargs)
+
+    lm.OffloadOtherModels.__call__ = spy
+    try:
+        ksample(low_memory(unet), torch.zeros(1, 4, 8, 8), hm, steps=1)
+    finally:
+        lm.OffloadOtherModels.__call__ = original
+    assert len(calls) == 1 and calls[0].is_clone(unet), "ComfyUI did not call the offload wrapper"
+    assert vae.patcher in loaded(), "a CPU UNet must leave the other CPU models alone"
+
+    unloaded = lm.unload_models_besides([unet.clone()] + unet.get_nested_additional_models(), cpu)
+    assert vae.patcher in unloaded and vae.patcher not in loaded()
+    # Clones count as the same model (a clone shares the weights; ComfyUI clones additional models with it).
+    assert any(m.is_clone(unet) for m in loaded()) and any(m.is_clone(extra) for m in loaded())
+    assert all(not m.is_clone(unet) and not m.is_clone(extra) for m in unloaded)
+    without = low_memory(unet, offload_other_models=False)
+    import comfy.patcher_extension as pe
+    assert lm.WRAPPER_KEY not in without.wrappers.get(pe.WrappersMP.PREPARE_SAMPLING, {})
+    assert lm.WRAPPER_KEY in low_memory(unet).wrappers[pe.WrappersMP.PREPARE_SAMPLING]

@@ -81,6 +81,39 @@ def test_toggling_linfusion_and_lora_across_prompts_equals_fresh_runs(host, fixt
     assert not torch.equal(expected["lf"], expected["lf_lora"])   # LoRA still reaches attn2/FF under LinFusion
 
 
+MODULES = 7   # self-attention modules of the SD 1.5 fixture UNet, called in this order per UNet call:
+MIDDLE = 2    # input 1, input 3, middle, output 0-3
+
+
+def _freeu_acts(spy, alone):
+    """FreeU re-weights the backbone and skip features entering the output blocks: in the first UNet call the
+    LinFusion modules before them see exactly LinFusion-alone's inputs, those in the output blocks do not."""
+    first, first_alone = spy.calls[:MODULES], alone.calls[:MODULES]
+    assert all(torch.equal(a.x, b.x) for a, b in zip(first[:MIDDLE + 1], first_alone[:MIDDLE + 1]))
+    assert not any(torch.equal(a.x, b.x) for a, b in zip(first[MIDDLE + 1:], first_alone[MIDDLE + 1:])), \
+        "FreeU did not change what the output blocks' attention saw"
+
+
+def _deep_shrink_acts(spy, alone):
+    """Deep Shrink halves the latent after input block 3 in the first steps: LinFusion's middle-block attention
+    sees 2 x 2 = 4 tokens instead of 4 x 4 = 16 (a 64 px image)."""
+    assert alone.token_counts() == {64, 16}
+    assert 4 in spy.token_counts(), f"LinFusion never saw the shrunk level: {sorted(spy.token_counts())}"
+
+
+def _pag_acts(spy, alone):
+    """PAG adds a perturbed pass whose middle-block attn1 is replaced by identity attention: every module but
+    the middle one runs in that extra pass too."""
+    per_module, per_module_alone = spy.calls_per_module(), alone.calls_per_module()
+    middle, first = spy.calls[MIDDLE].module, spy.calls[0].module
+    assert len(set(per_module_alone.values())) == 1          # without PAG every module runs once per UNet call
+    assert per_module[first] > per_module_alone[alone.calls[0].module], "PAG's perturbed pass never ran"
+    assert per_module[middle] < per_module[first], "PAG's identity attention did not replace the middle attn1"
+
+
+PATCH_ACTS = {"freeu": _freeu_acts, "deep_shrink": _deep_shrink_acts, "pag": _pag_acts}
+
+
 @pytest.mark.parametrize("name,kw", [
     ("controlnet", dict(controlnet=True)),
     ("freeu", dict(extra_model=[("FreeU_V2", {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2})])),
@@ -91,12 +124,28 @@ def test_toggling_linfusion_and_lora_across_prompts_equals_fresh_runs(host, fixt
     ("batch_2", dict(batch=2)),
     ("cfg_1", dict(cfg=1.0)),
 ])
-def test_composes_with_core_nodes(host, fixtures, name, kw):
-    with_lf = latent(host, graph(fixtures, linfusion=True, **kw))
+def test_composes_with_core_nodes(host, core, fixtures, name, kw):
+    """LinFusion still acts with the other node on, and the other node still acts with LinFusion on (each in
+    the way it changes things), so neither was silently dropped."""
+    from linfusion_spy import LinFusionSpy
+
+    with LinFusionSpy(core) as spy:
+        with_lf = latent(host, graph(fixtures, linfusion=True, **kw))
     without = latent(host, graph(fixtures, linfusion=False, **kw))
     assert torch.isfinite(with_lf).all()
     assert with_lf.shape == without.shape
+    assert len(spy.calls) >= 2 * MODULES, "LinFusion's attention did not run in this chain"
     assert (with_lf - without).abs().max().item() > 1e-3, "LinFusion was not active in this chain"
+    if name == "batch_2":
+        assert {c.x.shape[0] for c in spy.calls} == {4}       # 2 images x (cond, uncond), batched
+    if name == "cfg_1":
+        assert {c.x.shape[0] for c in spy.calls} == {1}       # ComfyUI skips the uncond pass at CFG 1
+    if name in PATCH_ACTS:
+        with LinFusionSpy(core) as alone_spy:
+            alone = latent(host, graph(fixtures, linfusion=True))
+        assert alone_spy.calls, "LinFusion alone was served from ComfyUI's cache: nothing to compare"
+        assert (with_lf - alone).abs().max().item() > 1e-3, f"{name} had no effect under LinFusion"
+        PATCH_ACTS[name](spy, alone_spy)
 
 
 def test_self_attention_guidance_runs_and_says_where_linfusion_is_bypassed(host, fixtures, caplog):
@@ -145,12 +194,22 @@ def test_checkpoint_loader_with_auto_linfusion_equals_the_two_node_chain(host, f
     assert torch.equal(result.captured["out"]["samples"], expected)   # a new graph: every node ran
 
 
-def test_hypertile_is_exact_under_linfusion(host, fixtures):
+def test_hypertile_is_exact_under_linfusion(host, core, fixtures):
     """HyperTile tiles attn1 queries to cut softmax cost. Linear attention reads only a global state per
-    image, so under LinFusion every tile gets its image's whole state: the result equals LinFusion alone."""
+    image, so under LinFusion every tile gets its image's whole state: the result equals LinFusion alone.
+    The spy shows HyperTile did tile: at the 8 x 8 level its attn1 patch handed LinFusion 2 x 2 tiles of
+    16 queries each, folded into the batch, against the untiled 64 keys."""
+    from linfusion_spy import LinFusionSpy
+
     hypertile = [("HyperTile", {"tile_size": 32, "swap_size": 1, "max_depth": 0, "scale_depth": False})]
-    tiled = latent(host, graph(fixtures, linfusion=True, extra_model=hypertile))
+    with LinFusionSpy(core) as spy:
+        tiled = latent(host, graph(fixtures, linfusion=True, extra_model=hypertile))
     alone = latent(host, graph(fixtures, linfusion=True))
     softmax_tiled = latent(host, graph(fixtures, linfusion=False, extra_model=hypertile))
+    tiles = [c for c in spy.calls if c.x.shape[0] != c.kv_shape[0]]
+    # 3 modules at the 64-token level (input 1, output 2 and 3) x 2 UNet calls; batch 2 = cond + uncond.
+    assert len(tiles) == 3 * 2, f"HyperTile tiled {len(tiles)} attention calls"
+    assert all(c.x.shape[:2] == (2 * 4, 16) and c.kv_shape[:2] == (2, 64) for c in tiles), \
+        [(tuple(c.x.shape), c.kv_shape) for c in tiles]
     torch.testing.assert_close(tiled, alone, rtol=1e-4, atol=1e-4)
     assert (tiled - softmax_tiled).abs().max().item() > 1e-3

@@ -19,11 +19,11 @@ import torch
 
 import comfy.model_management
 import comfy.ops
-import comfy.utils
 from comfy.ldm.modules.attention import BasicTransformerBlock, SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import (Downsample, ResBlock, Upsample,
                                                              forward_timestep_embed, timestep_embedding)
 
+from . import progress
 from .group_norm_stats import GroupStats, group_norm_with_stats
 
 log = logging.getLogger("LinFusion")
@@ -108,7 +108,7 @@ class TiledUNetRunner:
         comfy.model_management.throw_exception_if_processing_interrupted()
         self.ticks += 1
         if self.pbar is not None:
-            self.pbar.update_absolute(min(self.ticks, self.pbar.total), self.pbar.total)
+            self.pbar.update_absolute(self.ticks)
 
     def _window(self, full, r0, r1, c0, c1, pre=None, rows=None, cols=None):
         """Rows [r0, r1) x cols [c0, c1) of pre(full) (optionally nearest-upsampled through index maps),
@@ -394,7 +394,8 @@ class TiledUNetRunner:
         assert (y is not None) == (unet.num_classes is not None), \
             "must specify y if and only if the model is class-conditional"
         if self.progress:
-            self.pbar = comfy.utils.ProgressBar(self.expected_ticks or 1)
+            # Inside a job (the ladder) the ticks move its one bar; alone, a bar of this call's own.
+            self.pbar = progress.NestedBar(self.expected_ticks)
         t_emb = timestep_embedding(timesteps, unet.model_channels, repeat_only=False).to(x.dtype)
         emb = unet.time_embed(t_emb)
         for p in tp.get("emb_patch", []):

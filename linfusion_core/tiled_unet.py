@@ -282,8 +282,8 @@ class TiledUNetRunner:
         key = (id(block), tuple(t.shape), tuple(to.get("cond_or_uncond", ())))
         sigma = float(to["sigmas"].max()) if "sigmas" in to else None
         stale = self.stale.get(key) if self.stale is not None else None
-        if stale is not None and sigma is not None and sigma > stale[0]:
-            stale = None  # a new sampling run: its first step is exact again
+        if stale is not None and sigma is not None and sigma >= stale[0]:
+            stale = None  # not a later step of the same run (a new run starts at the top again): exact
         if stale is None:
             state = None
             for r0, r1, c0, c1 in self._tiles(*t.shape[2:], t.shape[1]):

@@ -10,6 +10,7 @@ Every report checks for the user's cancel, so work that reports per tile stops w
 """
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Optional
@@ -87,6 +88,17 @@ def job(units: float):
         j.finish()
     finally:
         _current.reset(token)
+
+
+def one_bar(units_of):
+    """Decorator: the function runs as one job of units_of(*args, **kwargs) units."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            with job(units_of(*args, **kwargs)):
+                return fn(*args, **kwargs)
+        return run
+    return wrap
 
 
 @contextmanager

@@ -49,6 +49,13 @@ def with_demofusion(model, reference: torch.Tensor, ratio: int, seed: int, **opt
     return m
 
 
+def _work_units(model, positive, negative, codec: VaeCodec, samples, stages: Sequence[Stage], *,
+                latent_upscale: bool = False, keep_images: bool = False, **_) -> int:
+    """The ladder's progress units: every sampling step and every VAE pass (and upscale-model pass)."""
+    return sum(s.steps for s in stages) + codec.units(len(stages), latent_upscale, keep_images, samples is None)
+
+
+@progress.one_bar(_work_units)
 def progressive_upscale(model, positive, negative, codec: VaeCodec, samples: torch.Tensor | None,
                         stages: Sequence[Stage], *, seed: int, cfg: float, sampler_name: str, scheduler: str,
                         base_steps: int, latent_upscale: bool = False, demofusion: bool = False,
@@ -61,40 +68,38 @@ def progressive_upscale(model, positive, negative, codec: VaeCodec, samples: tor
     import comfy.model_management
     import comfy.sample
 
-    units = sum(s.steps for s in stages) + codec.units(len(stages), latent_upscale, keep_images, samples is None)
+    job = progress.current()
+    if samples is None:
+        samples = codec.encode(base_image)
+    base_mean, base_std = channel_stats(samples)
     images = []
-    with progress.job(units) as job:
-        if samples is None:
-            samples = codec.encode(base_image)
-        base_mean, base_std = channel_stats(samples)
-        for stage in stages:
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            samples = codec.to_stage(samples, stage.width, stage.height, latent_upscale,
-                                     images if keep_images else None)
-            stage_model = model
-            if demofusion:
-                # Dilation = how far this stage is beyond what the model was trained at: its scale over the base,
-                # and at least ceil(long side / native long side) (section 4C, for a large input image).
-                ratio = max(stage.ratio, super_resolution_ratio(stage.width, stage.height, native_long_side(model.model)))
-                stage_model = with_demofusion(model, samples, ratio, seed + stage.index)
-            noise = comfy.sample.prepare_noise(samples, seed + stage.index)
-            sigmas = stage_sigmas(stage_model, sampler_name, scheduler, base_steps, stage.steps)
-            offset = job.position
+    for stage in stages:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        samples = codec.to_stage(samples, stage.width, stage.height, latent_upscale, images if keep_images else None)
+        stage_model = model
+        if demofusion:
+            # Dilation = how far this stage is beyond what the model was trained at: its scale over the base,
+            # and at least ceil(long side / native long side) (section 4C, for a large input image).
+            ratio = max(stage.ratio, super_resolution_ratio(stage.width, stage.height, native_long_side(model.model)))
+            stage_model = with_demofusion(model, samples, ratio, seed + stage.index)
+        noise = comfy.sample.prepare_noise(samples, seed + stage.index)
+        sigmas = stage_sigmas(stage_model, sampler_name, scheduler, base_steps, stage.steps)
+        offset = job.position
 
-            def callback(step, x0, x, total_steps, offset=offset):
-                job.advance_to(offset + step + 1)   # also where a cancel between steps lands
+        def callback(step, x0, x, total_steps, offset=offset):
+            job.advance_to(offset + step + 1)   # also where a cancel between steps lands
 
-            log.info("[LinFusion] upscale stage %d/%d: %dx%d px, strength %.3g, %d steps", stage.index, len(stages),
-                     stage.width, stage.height, stage.strength, stage.steps)
-            samples = comfy.sample.sample(stage_model, noise, stage.steps, cfg, sampler_name, scheduler, positive,
-                                          negative, samples, sigmas=sigmas, callback=callback, disable_pbar=True,
-                                          seed=seed + stage.index)
-            job.advance_to(offset + stage.steps)
-            if on_stage is not None:
-                on_stage(stage, samples)
-        if anchor_stats:
-            samples = match_stats(samples, base_mean, base_std)
-        if keep_images:
-            images.append(codec.decode(samples))
+        log.info("[LinFusion] upscale stage %d/%d: %dx%d px, strength %.3g, %d steps", stage.index, len(stages),
+                 stage.width, stage.height, stage.strength, stage.steps)
+        samples = comfy.sample.sample(stage_model, noise, stage.steps, cfg, sampler_name, scheduler, positive,
+                                      negative, samples, sigmas=sigmas, callback=callback, disable_pbar=True,
+                                      seed=seed + stage.index)
+        job.advance_to(offset + stage.steps)
+        if on_stage is not None:
+            on_stage(stage, samples)
+    if anchor_stats:
+        samples = match_stats(samples, base_mean, base_std)
+    if keep_images:
+        images.append(codec.decode(samples))
     log.info("[LinFusion] ladder VAE passes: %s", ", ".join(f"{what} {how}" for what, how in codec.passes))
     return samples, images

@@ -169,6 +169,22 @@ def test_tiled_vae_between_stages_equals_untiled(hm, vae, tile):
     assert (tiled["samples"] - plain["samples"]).abs().max() <= 1e-4 * scale
 
 
+def test_image_input_is_encoded_inside_the_one_bar(host, hm, vae, pu):
+    import nodes
+    model = hm.unet_patcher(seed=37)
+    image = torch.rand(1, 69, 100, 3, generator=torch.Generator().manual_seed(8))   # cropped to 96 x 64
+    args = dict(seed=1, stages=1, target_width=0, target_height=0, ladder="sd15", strengths="", base_steps=10,
+                cfg=5.0, sampler_name="euler", scheduler="normal", upscale_in="pixels", demofusion=False,
+                anchor_stats=False, vae_tile_size=0, return_stage_images=True)
+    host.progress = []
+    out, images = nodes.NODE_CLASS_MAPPINGS["LinFusionProgressiveUpscale"]().upscale(
+        model, hm.conditioning(10), hm.conditioning(11), vae, image=image, **args)
+    assert out["samples"].shape == (1, 4, 16, 24)
+    assert (images[0] - vae.decode(vae.encode(image))).abs().max() <= 1e-5
+    total = (4 + 1 + 2 + 1) * pu.progress.RESOLUTION   # 4 steps, the input's encode, decode + encode, final decode
+    assert {t for _, _, t in host.progress} == {total} and host.progress[-1][1] == total
+
+
 # -- the VAE crossing: auto / untiled / exact tiled (never ComfyUI's inexact tiles) --------------------
 def test_vae_codec_auto_picks_the_exact_tiled_vae_above_its_bound(core, hm, vae):
     vc = importlib.import_module(core.__name__ + ".vae_codec")

@@ -27,7 +27,7 @@ def ladder_graph(fixtures):
             "model": ["6", 0], "positive": ["2", 0], "negative": ["3", 0], "vae": ["1", 2], "latent": ["7", 0],
             "seed": 1, "stages": 2, "target_width": 0, "target_height": 0, "ladder": "sd15", "strengths": "",
             "base_steps": 4, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "upscale_in": "pixels",
-            "demofusion": False, "anchor_stats": False, "vae_tile_size": 32, "return_stage_images": False}},
+            "demofusion": False, "anchor_stats": False, "vae_tile_size": 64, "return_stage_images": False}},
         "9": {"class_type": "LinFusionTest_Capture", "inputs": {"value": [LADDER, 0]}},
     }
 
@@ -82,6 +82,8 @@ def test_one_bar_for_the_whole_ladder_with_tiled_unet_and_tiled_vae(host, fixtur
     # Tile-level work moves the bar inside a unit: the tiled VAE's first decode, the tiled UNet's second step.
     assert any(VAE_DECODE_1[0] < v < VAE_DECODE_1[1] for v in values)
     assert any(UNET_STEP_2[0] < v < UNET_STEP_2[1] for v in values)
+    # ... and the first step at stage 2's new size, paced by the tile count at stage 1's size scaled by the area.
+    assert any(600 < v < 700 for v in values)
 
 
 @pytest.mark.slow

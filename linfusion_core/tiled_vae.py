@@ -277,10 +277,6 @@ def image_pixels(vae, shape, what: str) -> int:
     return int(shape[1] * shape[2])
 
 
-def untiled_fits(vae, shape, what: str) -> bool:
-    return untiled_memory(vae, shape, what) <= available_memory(vae)
-
-
 def choose_untiled(need_bytes: int, free_bytes: int, pixels: int, max_pixels: int) -> bool:
     """The automatic choice: the untiled VAE when it fits in memory and the image is small enough that one
     decode is a short, uncancellable piece of work; otherwise the exact tiled VAE."""

@@ -1,62 +1,31 @@
 """The progressive ("SDEdit ladder") upscale loop (LINFUSION_FACTS.md section 4A/4B).
 
-Each stage: decode -> bicubic resize in pixel space -> encode (or a bicubic latent resize), then img2img
+Each stage: decode -> x2 in pixel space (bicubic, or an upscale model) -> encode, or a bicubic latent resize
+(vae_codec.VaeCodec.to_stage: the exact VAE, tiled when it would not fit), then img2img
 through ComfyUI's own sampling (comfy.sample.sample, the KSampler path), so LoRA, ControlNet (its hint is
 resized by ComfyUI to each stage's latent), hooks and every model patch apply to every stage.
 The sampled sigmas are the last `steps + 1` of the base_steps schedule: the paper's img2img, where
 ComfyUI's denoise would round int(steps / denoise) down (16 / 0.32 -> 49 steps).
+One progress bar covers the whole job (progress.py): every sampling step and every VAE pass is a unit, and
+tiled UNet calls and tiled VAE passes move it per tile.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
-from . import tiled_vae
+from . import progress
 from .demofusion import DemoFusionWrapper, native_long_side
 from .highres_schedule import Stage, super_resolution_ratio
 from .latent_filters import channel_stats, match_stats
+from .pixel_upscale import resize_image  # noqa: F401  (kept importable here)
+from .vae_codec import VaeCodec, resize_latent  # noqa: F401
 
 log = logging.getLogger("LinFusion")
 
 DEMOFUSION_WRAPPER_KEY = "linfusion_demofusion"
-
-
-@dataclass
-class VaeCodec:
-    """How the ladder crosses between latent and pixel space. Tile size 0 uses the VAE untiled; otherwise
-    the exact tiled VAE (linfusion_core.tiled_vae: equal to the untiled VAE, no seams), which itself falls
-    back to ComfyUI's tiled VAE for architectures it does not handle."""
-    vae: object
-    tile_size: int = 0  # pixels
-
-    def decode(self, samples: torch.Tensor) -> torch.Tensor:
-        if self.tile_size <= 0:
-            images = self.vae.decode(samples)
-        else:
-            images, _ = tiled_vae.decode_or_fallback(self.vae, samples, self.tile_size)
-        return images.reshape((-1,) + tuple(images.shape[-3:]))
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        if self.tile_size <= 0:
-            return self.vae.encode(images[..., :3])
-        return tiled_vae.encode_or_fallback(self.vae, images, self.tile_size)[0]
-
-
-def resize_image(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """Bicubic resize of B x H x W x C images in [0, 1] (bicubic overshoots: clamp back)."""
-    import comfy.utils
-
-    out = comfy.utils.common_upscale(images.movedim(-1, 1), width, height, "bicubic", "disabled")
-    return out.movedim(1, -1).clamp(0.0, 1.0)
-
-
-def resize_latent(samples: torch.Tensor, width: int, height: int, grid: int = 8) -> torch.Tensor:
-    import comfy.utils
-
-    return comfy.utils.common_upscale(samples, width // grid, height // grid, "bicubic", "disabled")
 
 
 def stage_sigmas(model, sampler_name: str, scheduler: str, base_steps: int, steps: int) -> torch.Tensor:
@@ -80,32 +49,33 @@ def with_demofusion(model, reference: torch.Tensor, ratio: int, seed: int, **opt
     return m
 
 
-def progressive_upscale(model, positive, negative, codec: VaeCodec, samples: torch.Tensor,
+def _work_units(model, positive, negative, codec: VaeCodec, samples, stages: Sequence[Stage], *,
+                latent_upscale: bool = False, keep_images: bool = False, **_) -> int:
+    """The ladder's progress units: every sampling step and every VAE pass (and upscale-model pass)."""
+    return sum(s.steps for s in stages) + codec.units(len(stages), latent_upscale, keep_images, samples is None)
+
+
+@progress.one_bar(_work_units)
+def progressive_upscale(model, positive, negative, codec: VaeCodec, samples: torch.Tensor | None,
                         stages: Sequence[Stage], *, seed: int, cfg: float, sampler_name: str, scheduler: str,
                         base_steps: int, latent_upscale: bool = False, demofusion: bool = False,
                         anchor_stats: bool = False, keep_images: bool = False,
-                        on_stage: Callable[[Stage, torch.Tensor], None] | None = None):
-    """Run the ladder from `samples` (the base stage latent). Returns (final latent, stage images), the
-    stage images (decoded base and every stage) only when keep_images."""
+                        on_stage: Callable[[Stage, torch.Tensor], None] | None = None,
+                        base_image: torch.Tensor | None = None):
+    """Run the ladder from `samples` (the base stage latent; None: encode `base_image` first, inside the job).
+    Returns (final latent, stage images), the stage images (decoded base and every stage) only when
+    keep_images."""
     import comfy.model_management
     import comfy.sample
-    import comfy.utils
 
-    total = sum(s.steps for s in stages)
-    pbar = comfy.utils.ProgressBar(total)
-    done = 0
+    job = progress.current()
+    if samples is None:
+        samples = codec.encode(base_image)
     base_mean, base_std = channel_stats(samples)
     images = []
     for stage in stages:
         comfy.model_management.throw_exception_if_processing_interrupted()
-        if latent_upscale:
-            samples = resize_latent(samples, stage.width, stage.height)
-        else:
-            image = codec.decode(samples)
-            if keep_images:
-                images.append(image)
-            samples = codec.encode(resize_image(image, stage.width, stage.height))
-            del image
+        samples = codec.to_stage(samples, stage.width, stage.height, latent_upscale, images if keep_images else None)
         stage_model = model
         if demofusion:
             # Dilation = how far this stage is beyond what the model was trained at: its scale over the base,
@@ -114,23 +84,22 @@ def progressive_upscale(model, positive, negative, codec: VaeCodec, samples: tor
             stage_model = with_demofusion(model, samples, ratio, seed + stage.index)
         noise = comfy.sample.prepare_noise(samples, seed + stage.index)
         sigmas = stage_sigmas(stage_model, sampler_name, scheduler, base_steps, stage.steps)
-        offset = done
+        offset = job.position
 
         def callback(step, x0, x, total_steps, offset=offset):
-            pbar.update_absolute(offset + step + 1, total)
-            comfy.model_management.throw_exception_if_processing_interrupted()
+            job.advance_to(offset + step + 1)   # also where a cancel between steps lands
 
         log.info("[LinFusion] upscale stage %d/%d: %dx%d px, strength %.3g, %d steps", stage.index, len(stages),
                  stage.width, stage.height, stage.strength, stage.steps)
         samples = comfy.sample.sample(stage_model, noise, stage.steps, cfg, sampler_name, scheduler, positive,
                                       negative, samples, sigmas=sigmas, callback=callback, disable_pbar=True,
                                       seed=seed + stage.index)
-        done += stage.steps
-        pbar.update_absolute(done, total)
+        job.advance_to(offset + stage.steps)
         if on_stage is not None:
             on_stage(stage, samples)
     if anchor_stats:
         samples = match_stats(samples, base_mean, base_std)
     if keep_images:
         images.append(codec.decode(samples))
+    log.info("[LinFusion] ladder VAE passes: %s", ", ".join(f"{what} {how}" for what, how in codec.passes))
     return samples, images

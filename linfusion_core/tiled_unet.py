@@ -19,11 +19,11 @@ import torch
 
 import comfy.model_management
 import comfy.ops
-import comfy.utils
 from comfy.ldm.modules.attention import BasicTransformerBlock, SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import (Downsample, ResBlock, Upsample,
                                                              forward_timestep_embed, timestep_embedding)
 
+from . import progress
 from .group_norm_stats import GroupStats, group_norm_with_stats
 
 log = logging.getLogger("LinFusion")
@@ -108,7 +108,7 @@ class TiledUNetRunner:
         comfy.model_management.throw_exception_if_processing_interrupted()
         self.ticks += 1
         if self.pbar is not None:
-            self.pbar.update_absolute(min(self.ticks, self.pbar.total), self.pbar.total)
+            self.pbar.update_absolute(self.ticks)
 
     def _window(self, full, r0, r1, c0, c1, pre=None, rows=None, cols=None):
         """Rows [r0, r1) x cols [c0, c1) of pre(full) (optionally nearest-upsampled through index maps),
@@ -282,8 +282,8 @@ class TiledUNetRunner:
         key = (id(block), tuple(t.shape), tuple(to.get("cond_or_uncond", ())))
         sigma = float(to["sigmas"].max()) if "sigmas" in to else None
         stale = self.stale.get(key) if self.stale is not None else None
-        if stale is not None and sigma is not None and sigma > stale[0]:
-            stale = None  # a new sampling run: its first step is exact again
+        if stale is not None and sigma is not None and sigma >= stale[0]:
+            stale = None  # not a later step of the same run (a new run starts at the top again): exact
         if stale is None:
             state = None
             for r0, r1, c0, c1 in self._tiles(*t.shape[2:], t.shape[1]):
@@ -394,7 +394,8 @@ class TiledUNetRunner:
         assert (y is not None) == (unet.num_classes is not None), \
             "must specify y if and only if the model is class-conditional"
         if self.progress:
-            self.pbar = comfy.utils.ProgressBar(self.expected_ticks or 1)
+            # Inside a job (the ladder) the ticks move its one bar; alone, a bar of this call's own.
+            self.pbar = progress.NestedBar(self.expected_ticks)
         t_emb = timestep_embedding(timesteps, unet.model_channels, repeat_only=False).to(x.dtype)
         emb = unet.time_embed(t_emb)
         for p in tp.get("emb_patch", []):

@@ -41,12 +41,22 @@ class TiledUNetWrapper:
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         park = torch.device("cpu") if self.park == "cpu" else x.device
         runner = TiledUNetRunner(unet, self.tile, park, x.device, self.stale_states, self.progress,
-                                 self.ticks_by_shape.get(tuple(x.shape)))
+                                 self.expected_ticks(tuple(x.shape)))
         # The rest of the chain runs as usual; only its innermost function is the tiled forward.
         rest = WrapperExecutor.new_class_executor(runner.forward, unet, executor.wrappers, executor.idx + 1)
         out = rest.execute(x, timesteps, context, y, control, transformer_options, **kwargs)
         self.ticks_by_shape[tuple(x.shape)] = runner.ticks
         return out
+
+    def expected_ticks(self, shape):
+        """Tile steps of this call, for the progress total: the last call's at this shape; at a new size (the
+        ladder's next stage) the count at another size scaled by the area, a guess that only paces the bar."""
+        if shape in self.ticks_by_shape:
+            return self.ticks_by_shape[shape]
+        for known, ticks in self.ticks_by_shape.items():
+            if known[:2] == shape[:2]:
+                return max(1, round(ticks * shape[2] * shape[3] / (known[2] * known[3])))
+        return None
 
 
 def apply_tiled_unet(model, tile: int, park: str = "cpu", fast_stale_state: bool = False, progress: bool = True):

@@ -5,8 +5,10 @@ the network is run layer by layer (tiled_vae_passes.py) with whole-image GroupNo
 convolution halos and the mid-block attention over all pixels. Only latent-sized work (post_quant_conv,
 quant_conv, the regulariser) runs untiled, through the model's own modules.
 
-For other VAE architectures `unsupported_reason(vae)` says why, and the nodes fall back to ComfyUI's
-own tiled path.
+For other VAE architectures, or an AutoencoderKL with a layer the passes do not tile exactly (a swapped
+convolution, say), `unsupported_reason(vae)` names it before any work is done. The fallbacks then use the
+untiled VAE when it fits (exact, decoded one image at a time so a cancel acts between images); only the
+standalone nodes, and only when the untiled VAE would not fit, use ComfyUI's own (inexact) tiled path.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .tiled_vae_passes import Parked, TiledPasses
+from .tiled_vae_passes import Parked, TiledPasses, downsample_conv_problem, same_conv_problem
 
 log = logging.getLogger("LinFusion")
 
@@ -52,6 +54,23 @@ def unsupported_reason(vae) -> Optional[str]:
                 return "a downsample layer other than a stride-2 conv"
         if type(net.mid.attn_1) is not sd_vae.AttnBlock:
             return f"mid-block attention {type(net.mid.attn_1).__name__}"
+    return _unsupported_layer(enc, "encoder") or _unsupported_layer(dec, "decoder")
+
+
+def _unsupported_layer(net, prefix: str) -> Optional[str]:
+    """The first layer the passes would not compute exactly, named by its module path."""
+    for name, module in net.named_modules():
+        where = f"{prefix}.{name}"
+        if isinstance(module, torch.nn.Conv2d):
+            downsample = name.endswith("downsample.conv")
+            problem = downsample_conv_problem(module) if downsample else same_conv_problem(module)
+            if problem is not None:
+                return f"layer {where}: {problem}"
+        elif isinstance(module, torch.nn.modules.conv._ConvNd):
+            return f"layer {where}: {type(module).__name__}"
+        elif name.rsplit(".", 1)[-1] in ("norm", "norm1", "norm2", "norm_out") \
+                and not isinstance(module, torch.nn.GroupNorm):
+            return f"layer {where}: {type(module).__name__} is not a GroupNorm"
     return None
 
 
@@ -225,29 +244,153 @@ def encode(vae, pixels: torch.Tensor, tile_size: int = 512, park: str = "cpu", o
     return encode_raw(vae, vae.process_input(pixels), tile_size, park, on_progress)
 
 
-def _fallback_note(vae, what: str) -> str:
-    note = (f"[LinFusion] exact tiled {what} does not handle this VAE ({unsupported_reason(vae)}); "
-            f"used ComfyUI's own tiled {what} instead (blended tiles, not exact).")
+# -- the untiled VAE: exact, one image at a time, and never ComfyUI's inexact tiled retry ---------------
+# Above this many pixels the automatic choice tiles even when the untiled VAE fits, so a cancel acts
+# within one tile's time rather than one whole decode's.
+UNTILED_MAX_PIXELS = {"cpu": 1024 * 1024, "accelerator": 2048 * 2048}
+
+
+def untiled_memory(vae, shape, what: str) -> int:
+    """ComfyUI's own estimate (VAE.memory_used_decode / _encode) for ONE image: `shape` is the latent's for a
+    decode, the IMAGE's (B x H x W x C) for an encode."""
+    if what == "decode":
+        return int(vae.memory_used_decode((1,) + tuple(shape[1:]), vae.vae_dtype))
+    return int(vae.memory_used_encode((1, 3) + tuple(shape[1:3]), vae.vae_dtype))
+
+
+def available_memory(vae) -> int:
+    """Free memory on the VAE's device, plus what ComfyUI frees by unloading other models there (not on the
+    CPU, where unloading frees no RAM)."""
+    import comfy.model_management as mm
+
+    free = mm.get_free_memory(vae.device)
+    if not mm.is_device_cpu(vae.device):
+        for loaded in list(mm.current_loaded_models):
+            if loaded.device == vae.device and loaded.model is not vae.patcher:
+                free += loaded.model_loaded_memory()
+    return int(free)
+
+
+def image_pixels(vae, shape, what: str) -> int:
+    if what == "decode":
+        return int(shape[-2] * shape[-1] * vae.spacial_compression_decode() ** 2)
+    return int(shape[1] * shape[2])
+
+
+def choose_untiled(need_bytes: int, free_bytes: int, pixels: int, max_pixels: int) -> bool:
+    """The automatic choice: the untiled VAE when it fits in memory and the image is small enough that one
+    decode is a short, uncancellable piece of work; otherwise the exact tiled VAE."""
+    return need_bytes <= free_bytes and pixels <= max_pixels
+
+
+def prefer_untiled(vae, shape, what: str, max_pixels: Optional[int] = None) -> bool:
+    import comfy.model_management as mm
+
+    if max_pixels is None:
+        max_pixels = UNTILED_MAX_PIXELS["cpu" if mm.is_device_cpu(vae.device) else "accelerator"]
+    return choose_untiled(untiled_memory(vae, shape, what), available_memory(vae), image_pixels(vae, shape, what),
+                          max_pixels)
+
+
+@torch.no_grad()
+def decode_untiled(vae, samples: torch.Tensor, on_progress=None) -> torch.Tensor:
+    """VAE.decode's computation, one image at a time with a cancel check between them; an out-of-memory
+    error propagates (VAE.decode would retry with ComfyUI's inexact tiles: the caller chooses instead)."""
+    import comfy.model_management as mm
+
+    vae.throw_exception_if_invalid()
+    if samples.ndim != 4:                     # video latents: ComfyUI's own decode
+        return vae.decode(samples)
+    mm.load_models_gpu([vae.patcher], memory_required=untiled_memory(vae, samples.shape, "decode"),
+                       force_full_load=vae.disable_offload)
+    images = []
+    for i in range(samples.shape[0]):
+        mm.throw_exception_if_processing_interrupted()
+        z = samples[i:i + 1].to(vae.vae_dtype).to(vae.device)
+        images.append(vae.process_output(vae.first_stage_model.decode(z).to(vae.output_device).float()))
+        if on_progress is not None:
+            on_progress(i + 1, samples.shape[0])
+    return torch.cat(images, dim=0).movedim(1, -1)
+
+
+@torch.no_grad()
+def encode_untiled(vae, pixels: torch.Tensor, on_progress=None) -> torch.Tensor:
+    """VAE.encode's computation for an IMAGE, one image at a time (see decode_untiled)."""
+    import comfy.model_management as mm
+
+    vae.throw_exception_if_invalid()
+    if getattr(vae, "latent_dim", 2) != 2:
+        return vae.encode(pixels[..., :3])
+    pixels = vae.vae_encode_crop_pixels(pixels)[..., :3]
+    mm.load_models_gpu([vae.patcher], memory_required=untiled_memory(vae, pixels.shape, "encode"),
+                       force_full_load=vae.disable_offload)
+    latents = []
+    for i in range(pixels.shape[0]):
+        mm.throw_exception_if_processing_interrupted()
+        x = vae.process_input(pixels[i:i + 1].movedim(-1, 1)).to(vae.vae_dtype).to(vae.device)
+        latents.append(vae.first_stage_model.encode(x).to(vae.output_device).float())
+        if on_progress is not None:
+            on_progress(i + 1, pixels.shape[0])
+    return torch.cat(latents, dim=0)
+
+
+# -- what the nodes and the ladder call: exact tiled, else exact untiled, else (nodes only) ComfyUI's tiles --
+def _gib(n: int) -> str:
+    return f"{n / 2 ** 30:.1f} GiB"
+
+
+def _fallback(vae, what: str, shape, reason: str, untiled, comfy_tiled, inexact_ok: bool):
+    import comfy.model_management as mm
+
+    need, free = untiled_memory(vae, shape, what), available_memory(vae)
+    if need <= free:
+        note = (f"[LinFusion] exact tiled {what} does not handle this VAE ({reason}); ran the untiled VAE "
+                f"instead (exact; it fits: ~{_gib(need)} of {_gib(free)} free).")
+        log.warning(note)
+        out_of_memory = False
+        try:
+            return untiled(), note
+        except mm.OOM_EXCEPTION:
+            out_of_memory = True          # handled outside the except block, so the failed tensors are freed
+        if out_of_memory and not inexact_ok:
+            raise RuntimeError(f"[LinFusion] the untiled VAE {what} ran out of memory, and the exact tiled {what} "
+                               f"does not handle this VAE ({reason}). Use an SD1.x / SD2.x / SDXL VAE "
+                               f"(AutoencoderKL) or a smaller image.")
+    elif not inexact_ok:
+        raise RuntimeError(f"[LinFusion] exact tiled {what} does not handle this VAE ({reason}), and the untiled "
+                           f"{what} would need ~{_gib(need)} with {_gib(free)} free. Use an SD1.x / SD2.x / SDXL "
+                           f"VAE (AutoencoderKL), a smaller target size, or decode the final latent with ComfyUI's "
+                           f"'VAE Decode (Tiled)' (inexact) instead.")
+    note = (f"[LinFusion] exact tiled {what} does not handle this VAE ({reason}) and the untiled {what} does not "
+            f"fit; used ComfyUI's own tiled {what} instead (blended tiles, not exact).")
     log.warning(note)
-    return note
+    return comfy_tiled(), note
 
 
-def decode_or_fallback(vae, samples: torch.Tensor, tile_size: int, park: str = "cpu", on_progress=None):
-    """(IMAGE, note): the exact tiled decode, or for VAEs it does not handle ComfyUI's own tiled decode and a
-    note saying so (None when exact)."""
-    if unsupported_reason(vae) is None and samples.ndim == 4:
+def decode_or_fallback(vae, samples: torch.Tensor, tile_size: int, park: str = "cpu", on_progress=None,
+                       inexact_ok: bool = True):
+    """(IMAGE, note): the exact tiled decode (note None); for a VAE it does not handle, the untiled decode
+    when it fits, else ComfyUI's own tiled decode (only if inexact_ok, else a clear error), with a note."""
+    reason = unsupported_reason(vae) or (None if samples.ndim == 4 else "video/3D latents")
+    if reason is None:
         return decode(vae, samples, tile_size, park, on_progress), None
-    note = _fallback_note(vae, "decode")
-    tile = max(8, tile_size // vae.spacial_compression_decode())
-    images = vae.decode_tiled(samples, tile_x=tile, tile_y=tile, overlap=tile // 4)
-    if images.ndim == 5:   # video VAEs: frames into the batch, as VAEDecodeTiled does
-        images = images.reshape(-1, images.shape[-3], images.shape[-2], images.shape[-1])
-    return images, note
+
+    def comfy_tiled():
+        tile = max(8, tile_size // vae.spacial_compression_decode())
+        images = vae.decode_tiled(samples, tile_x=tile, tile_y=tile, overlap=tile // 4)
+        if images.ndim == 5:   # video VAEs: frames into the batch, as VAEDecodeTiled does
+            images = images.reshape(-1, images.shape[-3], images.shape[-2], images.shape[-1])
+        return images
+    return _fallback(vae, "decode", samples.shape, reason, lambda: decode_untiled(vae, samples, on_progress),
+                     comfy_tiled, inexact_ok)
 
 
-def encode_or_fallback(vae, pixels: torch.Tensor, tile_size: int, park: str = "cpu", on_progress=None):
-    """(latent, note): the exact tiled encode, or ComfyUI's own tiled encode and a note for other VAEs."""
-    if unsupported_reason(vae) is None:
+def encode_or_fallback(vae, pixels: torch.Tensor, tile_size: int, park: str = "cpu", on_progress=None,
+                       inexact_ok: bool = True):
+    """(latent, note): the exact tiled encode, or as decode_or_fallback for a VAE it does not handle."""
+    reason = unsupported_reason(vae)
+    if reason is None:
         return encode(vae, pixels, tile_size, park, on_progress), None
-    note = _fallback_note(vae, "encode")
-    return vae.encode_tiled(pixels[:, :, :, :3], tile_x=tile_size, tile_y=tile_size, overlap=tile_size // 8), note
+    return _fallback(vae, "encode", pixels.shape, reason, lambda: encode_untiled(vae, pixels, on_progress),
+                     lambda: vae.encode_tiled(pixels[:, :, :, :3], tile_x=tile_size, tile_y=tile_size,
+                                              overlap=tile_size // 8), inexact_ok)

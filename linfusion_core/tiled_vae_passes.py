@@ -186,8 +186,31 @@ class TiledPasses:
         return out
 
 
+def same_conv_problem(conv) -> Optional[str]:
+    """None for a stride-1 'same' zero-padded Conv2d (what a pass tiles exactly), else what differs."""
+    if not isinstance(conv, torch.nn.Conv2d):
+        return f"{type(conv).__name__} is not a Conv2d"
+    if conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1:
+        return f"stride {conv.stride}, dilation {conv.dilation}, groups {conv.groups}"
+    if not (conv.kernel_size[0] == conv.kernel_size[1] == 2 * conv.padding[0] + 1
+            and conv.padding[0] == conv.padding[1]):
+        return f"kernel {conv.kernel_size} with padding {conv.padding} is not 'same'"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode {conv.padding_mode!r}"
+    return None
+
+
+def downsample_conv_problem(conv) -> Optional[str]:
+    """None for the SD VAE's downsample conv (3x3, stride 2, no padding), else what differs."""
+    if not isinstance(conv, torch.nn.Conv2d):
+        return f"{type(conv).__name__} is not a Conv2d"
+    if (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups) != ((3, 3), (2, 2), (0, 0), (1, 1), 1):
+        return f"kernel {conv.kernel_size}, stride {conv.stride}, padding {conv.padding} is not the 3x3/2 downsample"
+    return None
+
+
 def _check_same_conv(conv) -> None:
-    if not (isinstance(conv, torch.nn.Conv2d) and conv.stride == (1, 1) and conv.dilation == (1, 1)
-            and conv.groups == 1 and conv.kernel_size[0] == conv.kernel_size[1] == 2 * conv.padding[0] + 1
-            and conv.padding[0] == conv.padding[1] and conv.padding_mode == "zeros"):
-        raise NotImplementedError(f"not a stride-1 'same' zero-padded Conv2d: {conv}")
+    # tiled_vae.unsupported_reason rejects such a layer before the first pass; this only guards the walk.
+    problem = same_conv_problem(conv)
+    if problem is not None:
+        raise NotImplementedError(f"not a stride-1 'same' zero-padded Conv2d ({problem}): {conv}")

@@ -3,7 +3,8 @@ linfusion_core.progressive_upscale; stage arithmetic in linfusion_core.highres_s
 import comfy.samplers
 
 from ..linfusion_core.highres_schedule import PAPER_BASE_STEPS, parse_strengths, plan_stages
-from ..linfusion_core.progressive_upscale import VaeCodec, progressive_upscale
+from ..linfusion_core.progressive_upscale import progressive_upscale
+from ..linfusion_core.vae_codec import AUTO_TILE, VaeCodec
 
 
 class LinFusionProgressiveUpscale:
@@ -39,26 +40,38 @@ class LinFusionProgressiveUpscale:
                                   "tooltip": "Classifier-free guidance scale (paper: 7.5 SD 1.5, 5-7.5 SDXL)."}),
                 "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"tooltip": "Sampler of every stage."}),
                 "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"tooltip": "Noise schedule of every stage."}),
-                "upscale_in": (["pixels", "latent"], {"tooltip": "'pixels': VAE decode, bicubic x2, VAE encode "
-                                                               "(the paper's). 'latent': bicubic on the latent "
-                                                               "(no VAE round trip, softer)."}),
+                "upscale_in": (["pixels", "latent"], {"tooltip": "'pixels': VAE decode, x2 in pixels (bicubic, the "
+                                                               "paper's, or the upscale_model), VAE encode. "
+                                                               "'latent': bicubic on the latent (no VAE round "
+                                                               "trip, softer)."}),
                 "demofusion": ("BOOLEAN", {"default": False,
                                            "tooltip": "Refine each stage DemoFusion-style (skip residual to the "
                                                       "upscaled latent + dilated-conv branch), the paper's SDXL recipe."}),
                 "anchor_stats": ("BOOLEAN", {"default": False,
                                              "tooltip": "Re-normalise the final latent to the base latent's "
                                                         "per-channel mean/std (paper's SDXL recipe, against colour drift)."}),
-                "vae_tile_size": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 64,
-                                          "tooltip": "0: untiled VAE. Otherwise tile size in pixels for the exact "
-                                                     "tiled VAE decode/encode between stages (same result as "
-                                                     "untiled, bounded memory; the paper tiles from 4K on)."}),
+                "vae_tile_size": ("INT", {"default": 0, "min": -1, "max": 4096, "step": 64,
+                                          "tooltip": "VAE between stages, always exact (never ComfyUI's blended "
+                                                     "tiles). 0 = auto: untiled while it fits in free memory and "
+                                                     "the image is small (up to 1 MP on CPU, 4 MP on a GPU, so a "
+                                                     f"cancel acts quickly), else the exact tiled VAE with {AUTO_TILE} "
+                                                     "px tiles. -1 = always untiled. > 0 = the exact tiled VAE "
+                                                     "with tiles of this many pixels (same result as untiled, "
+                                                     "memory bounded by the tile)."}),
                 "return_stage_images": ("BOOLEAN", {"default": False,
                                                     "tooltip": "Also output the decoded image of the base and every "
-                                                               "stage (costs one extra decode and memory)."}),
+                                                               "stage (costs memory, and one extra decode with "
+                                                               "'pixels', one decode per stage plus one with "
+                                                               "'latent')."}),
             },
             "optional": {
                 "latent": ("LATENT", {"tooltip": "The base stage latent (e.g. a 1024x512 txt2img result)."}),
                 "image": ("IMAGE", {"tooltip": "Or a base image to upscale (encoded with the VAE first)."}),
+                "upscale_model": ("UPSCALE_MODEL", {"tooltip": "Optional (Load Upscale Model, e.g. an ESRGAN): "
+                                                               "the x2 step in pixel space runs this model, then "
+                                                               "resizes to the exact stage size. Without it: "
+                                                               "bicubic, as in the paper. Ignored for "
+                                                               "upscale_in 'latent'."}),
             },
         }
 
@@ -72,16 +85,17 @@ class LinFusionProgressiveUpscale:
 
     def upscale(self, model, positive, negative, vae, seed, stages, target_width, target_height, ladder, strengths,
                 base_steps, cfg, sampler_name, scheduler, upscale_in, demofusion, anchor_stats, vae_tile_size,
-                return_stage_images, latent=None, image=None):
-        codec = VaeCodec(vae, vae_tile_size)
+                return_stage_images, latent=None, image=None, upscale_model=None):
+        codec = VaeCodec(vae, vae_tile_size, upscale_model=upscale_model)
+        grid = 8
+        samples = None
         if latent is not None:
             samples = latent["samples"]
-        elif image is not None:
-            samples = codec.encode(image)
+            base_w, base_h = samples.shape[-1] * grid, samples.shape[-2] * grid
+        elif image is not None:   # encoded inside the ladder's job (its progress bar), cropped as VAE Encode does
+            base_w, base_h = image.shape[2] // grid * grid, image.shape[1] // grid * grid
         else:
             raise ValueError("LinFusion Progressive Upscale needs a 'latent' or an 'image' input")
-        grid = 8
-        base_w, base_h = samples.shape[-1] * grid, samples.shape[-2] * grid
         target = (target_width, target_height) if target_width > 0 and target_height > 0 else None
         if (target_width > 0) != (target_height > 0):
             raise ValueError("give both target_width and target_height, or neither (then 'stages' counts)")
@@ -90,7 +104,8 @@ class LinFusionProgressiveUpscale:
         out, images = progressive_upscale(model, positive, negative, codec, samples, plan, seed=seed, cfg=cfg,
                                           sampler_name=sampler_name, scheduler=scheduler, base_steps=base_steps,
                                           latent_upscale=upscale_in == "latent", demofusion=demofusion,
-                                          anchor_stats=anchor_stats, keep_images=return_stage_images)
+                                          anchor_stats=anchor_stats, keep_images=return_stage_images,
+                                          base_image=image if samples is None else None)
         result = {"samples": out}
         return (result, images)
 

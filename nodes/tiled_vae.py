@@ -1,12 +1,11 @@
 """VAE Decode / Encode (LinFusion tiled): tiled, yet equal to the untiled VAE up to float rounding.
 
 The work is in linfusion_core/tiled_vae.py; these nodes wire it to ComfyUI (progress bar, fallback).
-VAEs the exact path does not handle (video, Flux-style 16-channel...) go through ComfyUI's own tiled
-decode/encode, and the node says so in the log and the UI output.
+For a VAE the exact path does not handle (TAESD, video VAEs, a layer it cannot tile) the node runs the
+untiled VAE when it fits (still exact), and only otherwise ComfyUI's own tiled decode/encode (inexact); either
+way it says so, naming the reason, in the log and the UI output.
 """
-import comfy.utils
-
-from ..linfusion_core import tiled_vae
+from ..linfusion_core import progress, tiled_vae
 
 TILE_TOOLTIP = ("Tile side in pixels at full resolution (layers with more channels use proportionally "
                 "fewer pixels, so every tile holds about the same memory). Smaller = less accelerator "
@@ -16,18 +15,14 @@ PARK_TOOLTIP = ("Where the whole-image activations between layers wait: 'cpu' ke
                 "'accelerator' is faster when they fit.")
 
 
-def _progress_bar():
-    bar = comfy.utils.ProgressBar(1)
-    return lambda done, total: bar.update_absolute(done, total)
-
-
 class LinFusionVAEDecodeTiled:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "samples": ("LATENT", {"tooltip": "The latent to decode."}),
-            "vae": ("VAE", {"tooltip": "An SD1.x / SD2.x / SDXL VAE (AutoencoderKL); others fall back to "
-                                       "ComfyUI's tiled decode."}),
+            "vae": ("VAE", {"tooltip": "An SD1.x / SD2.x / SDXL VAE (AutoencoderKL). Others run untiled "
+                                       "when that fits, else through ComfyUI's tiled decode (inexact); the "
+                                       "node says so."}),
             "tile_size": ("INT", {"default": 512, "min": 16, "max": 8192, "step": 16, "tooltip": TILE_TOOLTIP}),
             "park_device": (list(tiled_vae.PARK_DEVICES), {"default": "cpu", "tooltip": PARK_TOOLTIP}),
         }}
@@ -40,7 +35,7 @@ class LinFusionVAEDecodeTiled:
                    "borders and full-image attention: seamless by construction, memory bounded by the tile.")
 
     def decode(self, samples, vae, tile_size, park_device):
-        images, note = tiled_vae.decode_or_fallback(vae, samples["samples"], tile_size, park_device, _progress_bar())
+        images, note = tiled_vae.decode_or_fallback(vae, samples["samples"], tile_size, park_device, progress.NestedBar())
         return (images,) if note is None else {"ui": {"text": [note]}, "result": (images,)}
 
 
@@ -50,8 +45,9 @@ class LinFusionVAEEncodeTiled:
         return {"required": {
             "pixels": ("IMAGE", {"tooltip": "The image to encode (cropped to a multiple of the VAE's factor, "
                                             "as VAE Encode does)."}),
-            "vae": ("VAE", {"tooltip": "An SD1.x / SD2.x / SDXL VAE (AutoencoderKL); others fall back to "
-                                       "ComfyUI's tiled encode."}),
+            "vae": ("VAE", {"tooltip": "An SD1.x / SD2.x / SDXL VAE (AutoencoderKL). Others run untiled "
+                                       "when that fits, else through ComfyUI's tiled encode (inexact); the "
+                                       "node says so."}),
             "tile_size": ("INT", {"default": 512, "min": 16, "max": 8192, "step": 16, "tooltip": TILE_TOOLTIP}),
             "park_device": (list(tiled_vae.PARK_DEVICES), {"default": "cpu", "tooltip": PARK_TOOLTIP}),
         }}
@@ -64,7 +60,7 @@ class LinFusionVAEEncodeTiled:
                    "borders and full-image attention: same latent as VAE Encode, memory bounded by the tile.")
 
     def encode(self, pixels, vae, tile_size, park_device):
-        latent, note = tiled_vae.encode_or_fallback(vae, pixels, tile_size, park_device, _progress_bar())
+        latent, note = tiled_vae.encode_or_fallback(vae, pixels, tile_size, park_device, progress.NestedBar())
         result = ({"samples": latent},)
         return result if note is None else {"ui": {"text": [note]}, "result": result}
 

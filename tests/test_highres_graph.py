@@ -37,7 +37,9 @@ def test_low_memory_ladder_graph(host, fixtures):
     # A list output: ComfyUI runs the capture node once per image; the last one is the final stage's.
     assert tuple(result.captured["9"].shape) == (1, 96, 128, 3)
     ladder_progress = [(v, t) for node, v, t in result.progress if node == "7"]
-    assert ladder_progress and ladder_progress[-1] == (2, 2)  # one bar: ceil(6 * 0.32) = 2 steps
+    # One bar, 100 ticks a unit: ceil(6 * 0.32) = 2 steps + decode, encode and the kept final decode.
+    assert ladder_progress and ladder_progress[-1] == (500, 500)
+    assert {t for _, t in ladder_progress} == {500}
 
 
 @pytest.mark.slow

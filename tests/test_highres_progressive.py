@@ -55,9 +55,11 @@ def test_ladder_sizes_sigmas_and_one_progress_bar(host, hm, vae, pu):
     full = pu.stage_sigmas(model, "euler", "normal", 10, 10)
     assert [c[0] for c in calls] == [(16, 24)] * 4 + [(32, 48)] * 3
     assert [c[1] for c in calls] == pytest.approx(full[-5:-1].tolist() + full[-4:-1].tolist(), rel=1e-5)
-    values = [v for _, v, total in host.progress if total == 7]
-    assert values and values == sorted(values) and values[-1] == 7
-    assert all(total == 7 for _, _, total in host.progress), "more than one progress bar"
+    # One bar for the whole job: 7 steps + 5 VAE passes (decode and encode per stage, the kept final decode).
+    total = 12 * pu.progress.RESOLUTION
+    values = [v for _, v, _ in host.progress]
+    assert values and values == sorted(values) and values[-1] == total
+    assert all(t == total for _, _, t in host.progress), "more than one progress bar"
 
 
 def test_target_size_odd_aspect_and_latent_upscale(hm, vae):
@@ -66,6 +68,13 @@ def test_target_size_odd_aspect_and_latent_upscale(hm, vae):
     out, images = run_node(model, vae, hm, latent, target_width=200, target_height=136, ladder="sdxl",
                            upscale_in="latent", anchor_stats=True, base_steps=6)
     assert images == []
+    # return_stage_images in latent mode: the base and every stage, as the tooltip says (not only the final).
+    out2, images = run_node(model, vae, hm, latent, target_width=200, target_height=136, ladder="sdxl",
+                            upscale_in="latent", anchor_stats=True, base_steps=6, return_stage_images=True)
+    assert torch.equal(out2["samples"], out["samples"])
+    assert [tuple(i.shape[1:3]) for i in images] == [(64, 96), (128, 192), (136, 200)]
+    assert (images[0] - vae.decode(latent)).abs().max() <= 1e-5
+    assert (images[-1] - vae.decode(out["samples"])).abs().max() <= 1e-5
     samples = out["samples"]
     assert samples.shape == (1, 4, 17, 25)
     # anchor_stats: the final latent carries the base latent's per-channel mean/std.
@@ -158,3 +167,101 @@ def test_tiled_vae_between_stages_equals_untiled(hm, vae, tile):
     tiled, _ = run_node(model, vae, hm, latent, stages=1, vae_tile_size=tile)
     scale = plain["samples"].abs().max()
     assert (tiled["samples"] - plain["samples"]).abs().max() <= 1e-4 * scale
+
+
+def test_image_input_is_encoded_inside_the_one_bar(host, hm, vae, pu):
+    import nodes
+    model = hm.unet_patcher(seed=37)
+    image = torch.rand(1, 69, 100, 3, generator=torch.Generator().manual_seed(8))   # cropped to 96 x 64
+    args = dict(seed=1, stages=1, target_width=0, target_height=0, ladder="sd15", strengths="", base_steps=10,
+                cfg=5.0, sampler_name="euler", scheduler="normal", upscale_in="pixels", demofusion=False,
+                anchor_stats=False, vae_tile_size=0, return_stage_images=True)
+    host.progress = []
+    out, images = nodes.NODE_CLASS_MAPPINGS["LinFusionProgressiveUpscale"]().upscale(
+        model, hm.conditioning(10), hm.conditioning(11), vae, image=image, **args)
+    assert out["samples"].shape == (1, 4, 16, 24)
+    assert (images[0] - vae.decode(vae.encode(image))).abs().max() <= 1e-5
+    total = (4 + 1 + 2 + 1) * pu.progress.RESOLUTION   # 4 steps, the input's encode, decode + encode, final decode
+    assert {t for _, _, t in host.progress} == {total} and host.progress[-1][1] == total
+
+
+# -- the VAE crossing: auto / untiled / exact tiled (never ComfyUI's inexact tiles) --------------------
+def test_vae_codec_auto_picks_the_exact_tiled_vae_above_its_bound(core, hm, vae):
+    vc = importlib.import_module(core.__name__ + ".vae_codec")
+    tv = importlib.import_module(core.__name__ + ".tiled_vae")
+    # The automatic rule: untiled only when ComfyUI's estimate fits the free memory AND the image is small.
+    assert tv.choose_untiled(need_bytes=1 << 30, free_bytes=2 << 30, pixels=512 * 512, max_pixels=1024 * 1024)
+    assert not tv.choose_untiled(need_bytes=3 << 30, free_bytes=2 << 30, pixels=512 * 512, max_pixels=1024 * 1024)
+    assert not tv.choose_untiled(need_bytes=1 << 20, free_bytes=2 << 30, pixels=2048 * 2048, max_pixels=1024 * 1024)
+    latent = torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(3))   # 96 x 64 px
+    auto = vc.VaeCodec(vae)                                     # small image on this machine: untiled
+    small_bound = vc.VaeCodec(vae, max_untiled_pixels=64 * 64)  # the same image above the bound: exact tiled
+    untiled, tiled = vc.VaeCodec(vae, vc.UNTILED), vc.VaeCodec(vae, 32)
+    images = {name: c.decode(latent) for name, c in
+              (("auto", auto), ("bound", small_bound), ("untiled", untiled), ("tiled", tiled))}
+    latents = {name: c.encode(images["untiled"]) for name, c in
+               (("auto", auto), ("bound", small_bound), ("untiled", untiled), ("tiled", tiled))}
+    assert auto.passes == untiled.passes == [("decode", "untiled"), ("encode", "untiled")]
+    assert small_bound.passes == [("decode", f"tiled {vc.AUTO_TILE}"), ("encode", f"tiled {vc.AUTO_TILE}")]
+    assert tiled.passes == [("decode", "tiled 32"), ("encode", "tiled 32")]
+    reference = vae.decode(latent)
+    for name in images:   # every path is the same function as VAE Decode / VAE Encode
+        assert (images[name] - reference).abs().max() <= 1e-4, name
+        assert (latents[name] - vae.encode(images["untiled"])).abs().max() <= 1e-4, name
+
+
+# -- an upscale model for the pixel-space x2 step ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def upscale_model(host, tmp_path_factory):
+    """A tiny random-weight RealESRGAN-compact (SRVGGNetCompact, x4) saved as a file in a temporary
+    models/upscale_models folder and loaded through ComfyUI's own Load Upscale Model node (spandrel)."""
+    import comfy.utils
+    import folder_paths
+    import nodes
+    from spandrel.architectures.Compact import Compact
+
+    torch.manual_seed(0)
+    net = Compact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=2, upscale=4)
+    folder = tmp_path_factory.mktemp("models") / "upscale_models"
+    folder.mkdir()
+    comfy.utils.save_torch_file(net.state_dict(), str(folder / "tiny_compact_x4.safetensors"))
+    folder_paths.add_model_folder_path("upscale_models", str(folder))
+    folder_paths.filename_list_cache.clear()
+    loader = nodes.NODE_CLASS_MAPPINGS["UpscaleModelLoader"]
+    model = loader.execute("tiny_compact_x4.safetensors").result[0]
+    assert model.scale == 4 and model.architecture.name == "RealESRGAN Compact"
+    return model
+
+
+def test_upscale_model_replaces_bicubic_and_lands_on_the_stage_size(host, core, hm, vae, pu, upscale_model):
+    from comfy_extras.nodes_upscale_model import ImageUpscaleWithModel
+
+    px = importlib.import_module(core.__name__ + ".pixel_upscale")
+    image = torch.rand(1, 64, 96, 3, generator=torch.Generator().manual_seed(4))
+    ours = px.upscale_image(image, 192, 128, upscale_model)
+    # ComfyUI's own node (x4), then the area resize to the exact x2 stage size.
+    theirs = ImageUpscaleWithModel.execute(upscale_model, image).result[0]
+    assert theirs.shape == (1, 256, 384, 3)
+    assert ours.shape == (1, 128, 192, 3)
+    assert (ours - px.resize_image(theirs, 192, 128, "area")).abs().max() <= 1e-5
+    assert (ours - px.resize_image(image, 192, 128)).abs().max() > 0.05   # not the bicubic step
+
+    model = hm.unet_patcher(seed=36)
+    calls = []
+    handle = upscale_model.model.register_forward_pre_hook(lambda m, a: calls.append(tuple(a[0].shape)))
+    latent = torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(5)) * 0.5
+    host.progress = []
+    try:
+        out, images = run_node(model, vae, hm, latent, stages=1, return_stage_images=True,
+                               upscale_model=upscale_model)
+    finally:
+        handle.remove()
+    # The model's tiles move the one bar: 4 steps + decode, upscale model, encode + the kept final decode.
+    total = 8 * pu.progress.RESOLUTION
+    assert {t for _, _, t in host.progress} == {total} and host.progress[-1][1] == total
+    assert any(1 * 100 < v < 2 * 100 for _, v, _ in host.progress), "no tile progress from the upscale model"
+    plain, _ = run_node(model, vae, hm, latent, stages=1)
+    assert calls, "the upscale model did not run"
+    assert [tuple(i.shape[1:3]) for i in images] == [(64, 96), (128, 192)]
+    assert out["samples"].shape == plain["samples"].shape == (1, 4, 16, 24)
+    assert not torch.allclose(out["samples"], plain["samples"], atol=1e-3)

@@ -257,6 +257,36 @@ def test_fast_mode_reuses_previous_state(core, unets):
     assert rel_err(out3, ref3) > TOL
 
 
+def sample(model, family, h, w, steps, seed=3):
+    import comfy.sample
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(1, 4, h, w, generator=g)
+    with torch.no_grad():
+        return comfy.sample.sample(model, noise, steps, 3.0, "euler", "normal", conds(family, 0), conds(family, 1),
+                                   torch.zeros(1, 4, h, w), disable_pbar=True, seed=seed)
+
+
+def test_fast_mode_through_the_node_and_a_sampler(core, host):
+    """The node's fast mode in ComfyUI's sampler: the first step of every run is exact, later steps use the
+    previous step's attention state (close to, but no longer equal to, the untiled result)."""
+    from comfy.patcher_extension import WrappersMP
+    nodes = host.extension_module.NODE_CLASS_MAPPINGS
+    base = model_patcher(core, "sd15", 41)
+    (fast,) = nodes["LinFusionTiledUNet"]().patch(base, 16, "cpu", "fast (one-step-stale attention state)")
+    wrapper = fast.wrappers[WrappersMP.DIFFUSION_MODEL][core.tiled_unet_patch.WRAPPER_KEY][0]
+    assert wrapper.stale_states == {}
+    assert rel_err(one_step(fast, "sd15", 32, 24), one_step(base, "sd15", 32, 24)) <= TOL
+    assert wrapper.stale_states, "fast mode kept no state for the next step"
+    # A new run with another seed starts exact again (not with the last run's state), then goes stale.
+    ref, out = sample(base, "sd15", 32, 24, 3, seed=5), sample(fast, "sd15", 32, 24, 3, seed=5)
+    (exact,) = nodes["LinFusionTiledUNet"]().patch(base, 16, "cpu", "exact")
+    assert rel_err(sample(exact, "sd15", 32, 24, 3, seed=5), ref) <= TOL
+    err = rel_err(out, ref)
+    print(f"fast mode, 3 euler steps: relative error {err:.2e}")
+    assert TOL < err < 0.5
+    assert rel_err(sample(fast, "sd15", 32, 24, 1, seed=6), sample(base, "sd15", 32, 24, 1, seed=6)) <= TOL
+
+
 def test_bad_settings_are_refused(core):
     with pytest.raises(ValueError, match="park device"):
         core.tiled_unet_patch.TiledUNetWrapper(16, "gpu0")

@@ -227,7 +227,9 @@ def test_bad_park_device_is_a_clear_error(tv, small_vae, latent):
         tv.decode_raw(small_vae, latent, tile_size=64, park="gpu0")
 
 
-def test_other_vae_falls_back_to_comfyui_tiled_with_a_note(host, tv):
+def test_other_vae_runs_untiled_when_it_fits_with_a_note(host, tv):
+    """TAESD is not an AutoencoderKL: the node runs it untiled (exact, it fits), never ComfyUI's blended
+    tiles, and says so."""
     import comfy.sd
     import comfy.taesd.taesd
 
@@ -239,9 +241,54 @@ def test_other_vae_falls_back_to_comfyui_tiled_with_a_note(host, tv):
     vae = comfy.sd.VAE(sd=taesd.state_dict())
     assert "not an AutoencoderKL" in tv.unsupported_reason(vae)
     node = host.nodes.NODE_CLASS_MAPPINGS["LinFusionVAEDecodeTiled"]()
-    out = node.decode({"samples": torch.randn(1, 4, 8, 8, generator=g)}, vae, 64, "cpu")
-    assert "ComfyUI's own tiled decode" in out["ui"]["text"][0]
+    z = torch.randn(1, 4, 8, 8, generator=g)
+    out = node.decode({"samples": z}, vae, 64, "cpu")
+    assert "ran the untiled VAE instead" in out["ui"]["text"][0]
     assert out["result"][0].shape == (1, 64, 64, 3)
+    assert _max_err(out["result"][0], vae.decode(z)) <= 1e-6
+
+
+@pytest.fixture(scope="module")
+def swapped_vae(small_sd):
+    """The real ComfyUI AutoencoderKL with one decoder convolution swapped for a reflect-padded one (same
+    weights): a layer the exact passes cannot tile. Encoder untouched."""
+    vae = load_vae(small_sd, SMALL_DDCONFIG, dtype=torch.float32)
+    block = vae.first_stage_model.decoder.up[1].block[0]
+    old = block.conv1
+    new = torch.nn.Conv2d(old.in_channels, old.out_channels, 3, padding=1, padding_mode="reflect")
+    with torch.no_grad():
+        new.weight.copy_(old.weight)
+        new.bias.copy_(old.bias)
+    block.conv1 = new
+    return vae
+
+
+def test_unsupported_layer_is_found_before_any_pass_and_named(tv, swapped_vae, latent, untiled):
+    reason = tv.unsupported_reason(swapped_vae)
+    assert reason == "layer decoder.up.1.block.0.conv1: padding_mode 'reflect'"
+    ticks = []
+    images, note = tv.decode_or_fallback(swapped_vae, latent, 32, on_progress=lambda d, t: ticks.append((d, t)))
+    assert "decoder.up.1.block.0.conv1" in note and "untiled" in note
+    assert ticks == [(1, 1)]                                   # one untiled image, no tiled pass started
+    assert _max_err(images, swapped_vae.decode(latent)) <= 1e-6
+    assert _max_err(images, swapped_vae.process_output(untiled).movedim(1, -1)) > 1e-3   # the swap matters
+    # The ladder never takes ComfyUI's inexact tiles: where the untiled VAE would not fit (a latent shape only
+    # measured by ComfyUI's estimate, never allocated), it says what to change instead.
+    huge = (1, 4, 8, 1 << 22)
+    assert tv.untiled_memory(swapped_vae, huge, "decode") > tv.available_memory(swapped_vae)
+    with pytest.raises(RuntimeError, match="would need .* Use an SD1.x / SD2.x / SDXL VAE"):
+        tv._fallback(swapped_vae, "decode", huge, reason, None, None, inexact_ok=False)
+
+
+def test_encode_node_falls_back_to_the_untiled_encode(host, tv, swapped_vae):
+    """The encode fallback path: the swapped VAE through the encode node equals VAE Encode, with a note."""
+    image = torch.rand(1, 72, 112, 3, generator=torch.Generator().manual_seed(13))
+    node = host.nodes.NODE_CLASS_MAPPINGS["LinFusionVAEEncodeTiled"]()
+    out = node.encode(image, swapped_vae, 32, "cpu")
+    assert "decoder.up.1.block.0.conv1" in out["ui"]["text"][0] and "untiled" in out["ui"]["text"][0]
+    latent = out["result"][0]["samples"]
+    assert latent.shape == (1, 4, 9, 14)
+    assert _max_err(latent, swapped_vae.encode(image)) <= 1e-6
 
 
 # -- through the real ComfyUI executor ---------------------------------------------------------------

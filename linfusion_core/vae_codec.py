@@ -1,0 +1,114 @@
+"""How the ladder crosses between latent and pixel space, always exactly (never ComfyUI's blended tiles).
+
+tile_size > 0: the exact tiled VAE (tiled_vae.py) at that tile. 0 (auto): the untiled VAE when ComfyUI's own
+memory estimate fits in the free memory and the image is small enough that one decode is a short piece of
+work (tiled_vae.UNTILED_MAX_PIXELS), else the exact tiled VAE at AUTO_TILE px. -1: the untiled VAE.
+The untiled VAE runs one image at a time; an out-of-memory error there retries with the exact tiled VAE
+(same result), and one in the tiled VAE halves the tile. Every pass is one unit of the running progress job.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from . import progress, tiled_vae
+from .pixel_upscale import upscale_image
+
+log = logging.getLogger("LinFusion")
+
+AUTO, UNTILED = 0, -1
+AUTO_TILE = 512        # px; the tiled VAE's working memory is ~6 kB x tile^2 (fp32, 128 channels)
+MIN_TILE = 64
+
+
+def resize_latent(samples: torch.Tensor, width: int, height: int, grid: int = 8) -> torch.Tensor:
+    import comfy.utils
+
+    return comfy.utils.common_upscale(samples, width // grid, height // grid, "bicubic", "disabled")
+
+
+@dataclass
+class VaeCodec:
+    vae: object
+    tile_size: int = AUTO                       # px; AUTO (0) or UNTILED (-1), see the module docstring
+    upscale_model: object = None                # the pixel-space x2 step: None = bicubic (the paper's)
+    park: str = "cpu"
+    max_untiled_pixels: Optional[int] = None    # None: tiled_vae.UNTILED_MAX_PIXELS for the VAE's device
+    passes: list = field(default_factory=list)  # (what, how) of every pass, for the log and the tests
+
+    def _tile(self, shape, what: str) -> int:
+        if self.tile_size != AUTO:
+            return max(self.tile_size, 0)
+        untiled = tiled_vae.prefer_untiled(self.vae, shape, what, self.max_untiled_pixels)
+        return 0 if untiled else AUTO_TILE
+
+    def _run(self, what: str, x: torch.Tensor, untiled, tiled):
+        import comfy.model_management as mm
+
+        tile = self._tile(x.shape, what)
+        with progress.unit():
+            bar = progress.NestedBar()
+            if tile == 0:
+                out_of_memory = False
+                try:
+                    out = untiled(bar)
+                    self.passes.append((what, "untiled"))
+                    return out
+                except mm.OOM_EXCEPTION:
+                    out_of_memory = True      # retried outside the except block, so its tensors are freed
+                if out_of_memory:
+                    log.warning("[LinFusion] the untiled VAE %s ran out of memory; using the exact tiled VAE "
+                                "(%d px tiles, same result)", what, AUTO_TILE)
+                    tile = AUTO_TILE
+            while True:
+                out_of_memory = False
+                try:
+                    out, note = tiled(tile, bar)
+                    self.passes.append((what, f"tiled {tile}" if note is None else "untiled (VAE not tileable)"))
+                    return out
+                except mm.OOM_EXCEPTION:
+                    if tile // 2 < MIN_TILE:
+                        raise
+                    out_of_memory = True
+                if out_of_memory:
+                    tile //= 2
+                    log.warning("[LinFusion] tiled VAE %s ran out of memory; retrying with %d px tiles", what, tile)
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        images = self._run("decode", samples, lambda bar: tiled_vae.decode_untiled(self.vae, samples, bar),
+                           lambda tile, bar: tiled_vae.decode_or_fallback(self.vae, samples, tile, self.park, bar,
+                                                                          inexact_ok=False))
+        return images.reshape((-1,) + tuple(images.shape[-3:]))
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self._run("encode", images, lambda bar: tiled_vae.encode_untiled(self.vae, images, bar),
+                         lambda tile, bar: tiled_vae.encode_or_fallback(self.vae, images, tile, self.park, bar,
+                                                                        inexact_ok=False))
+
+    def to_stage(self, samples: torch.Tensor, width: int, height: int, latent_upscale: bool = False,
+                 keep: Optional[list] = None) -> torch.Tensor:
+        """The next stage's starting latent at width x height px: decode, x2 in pixel space (bicubic, or the
+        upscale model then a resize to the exact size), encode; or, latent_upscale, a bicubic latent resize.
+        keep: a list that receives the decoded image of `samples` (the previous stage's result)."""
+        if latent_upscale:
+            if keep is not None:
+                keep.append(self.decode(samples))
+            return resize_latent(samples, width, height)
+        image = self.decode(samples)
+        if keep is not None:
+            keep.append(image)
+        with progress.unit(1 if self.upscale_model is not None else 0):
+            big = upscale_image(image, width, height, self.upscale_model)
+        del image
+        return self.encode(big)
+
+    def units(self, stages: int, latent_upscale: bool, keep_images: bool, encode_base: bool) -> int:
+        """Progress units of the crossings of a ladder of `stages` stages (a sampling step is one unit too)."""
+        if latent_upscale:
+            per_stage = 1 if keep_images else 0
+        else:
+            per_stage = 2 + (1 if self.upscale_model is not None else 0)
+        return stages * per_stage + (1 if keep_images else 0) + (1 if encode_base else 0)

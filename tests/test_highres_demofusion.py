@@ -183,3 +183,25 @@ def test_auto_ratio_and_match_stats_node(hm, node, df):
     ref = torch.randn(1, 4, 8, 8) * 3 + 1
     out = match.match({"samples": torch.randn(1, 4, 32, 32)}, {"samples": ref})[0]["samples"]
     assert torch.allclose(out.mean(dim=(2, 3)), ref.mean(dim=(2, 3)), atol=1e-5)
+
+
+def test_skip_residual_sampler_is_a_sampler_custom_advanced_sampler(hm, core):
+    """The exact-form SAMPLER without the noise handed over (as under SamplerCustomAdvanced) recovers it from the
+    noised start: the same result as with the noise given; and the residual does act (vs plain euler)."""
+    import comfy.sample
+    import comfy.samplers
+    srs = importlib.import_module(core.__name__ + ".skip_residual_sampler")
+    model = hm.unet_patcher(seed=12)
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    noise = comfy.sample.prepare_noise(latent, 4)
+    sigmas = comfy.samplers.KSampler(model, steps=10, device="cpu", sampler="euler", scheduler="ddim_uniform",
+                                     denoise=1.0).sigmas[-8:]  # strength 0.7: t = 601, 501, ..., 1
+
+    def run(sampler):
+        return comfy.sample.sample_custom(model, noise, 4.0, sampler, sigmas, hm.conditioning(10),
+                                          hm.conditioning(11), latent, disable_pbar=True, seed=4)
+    given = run(srs.skip_residual_sampler("euler", noise=noise))
+    recovered = run(srs.skip_residual_sampler("euler"))
+    plain = run(comfy.samplers.sampler_object("euler"))
+    assert (recovered - given).abs().max() <= 1e-5 * given.abs().max()
+    assert not torch.allclose(given, plain, atol=1e-4)

@@ -11,10 +11,10 @@ resize in torch.
 Tolerance: the two sides compute the same numbers in a different order (ComfyUI mixes the branches and the
 guidance in denoised space, the paper in noise space; sigmas come from float64 on both sides), so they agree
 to fp32 rounding carried through the UNet over the steps: measured 5e-7 to 8e-7 of the latent's largest
-magnitude (2-core CPU, fp32); the bar is 5e-6. The smallest changes of recipe moved the SDXL result by more in
-development runs:
-conditioning on the stage size instead of the final one 6e-5, the skip residual on the model input instead of
-the sampler state 2e-5 at 16 steps of strength 0.32 (and 5e-2 at strength 0.7, asserted below).
+magnitude (2-core CPU, fp32); the bar is 5e-6. The smallest changes of recipe moved the SDXL result by more
+in development runs: conditioning on the stage size instead of the final one 6e-5, the skip residual on the
+model input instead of the sampler state 2e-5 at 16 steps of strength 0.32 (5e-2 at strength 0.7, asserted
+below).
 """
 import importlib
 import math

@@ -284,3 +284,32 @@ def test_skip_residual_on_state_needs_a_single_step_sampler(hm, vae, pu, core, c
                                plan(pu, latent, 1), seed=1, cfg=5.0, sampler_name="dpmpp_2m", scheduler="normal",
                                base_steps=4, latent_upscale=True, demofusion=True)
     assert "multistep sampler" in caplog.text
+
+
+def test_saved_workflow_with_the_former_anchor_stats_boolean_validates(host):
+    """A workflow saved before `anchoring` replaced the boolean `anchor_stats` (same widget position) holds
+    true/false there; as the frontend loads it (the newer optional widgets at their defaults), ComfyUI's own
+    validation accepts it, and the node runs it as "to the base" / "off" (resolve_anchoring, tested above)."""
+    import asyncio
+
+    import execution
+    from workflow_convert import live_object_info, widget_slots, workflow_to_api
+    from workflow_shrink import load
+
+    defs = live_object_info()
+    wf = load("7_super_resolution.json")
+    node = next(n for n in wf["nodes"] if n["type"] == "LinFusionProgressiveUpscale")
+    slot = [s.name for s in widget_slots(defs["LinFusionProgressiveUpscale"])].index("anchoring")
+    for old in (True, False):
+        node["widgets_values"][slot] = old
+        prompt = workflow_to_api(wf, defs)
+        assert prompt[str(node["id"])]["inputs"]["anchoring"] is old
+        _, _, _, node_errors = asyncio.run(execution.validate_prompt("old-workflow", prompt, None))
+        for e in node_errors.get(str(node["id"]), {}).get("errors", []):
+            assert e["extra_info"]["input_name"] != "anchoring", e
+        for errs in node_errors.values():  # only the files a user downloads may be missing on the test host
+            assert all(e["type"] == "value_not_in_list" for e in errs["errors"]), errs
+    # A value that is neither a choice nor a former boolean is still refused, by name.
+    node["widgets_values"][slot] = "sometimes"
+    _, _, _, node_errors = asyncio.run(execution.validate_prompt("old-workflow", workflow_to_api(wf, defs), None))
+    assert any(e["extra_info"].get("input_name") == "anchoring" for e in node_errors[str(node["id"])]["errors"])

@@ -27,8 +27,9 @@ class LinFusionDemoFusion:
                                "MODEL patch, it acts on the denoiser's input only (the model-input form): the "
                                "paper applies it to the sampler's state, which only a sampler can do. The two "
                                "differ by a share carried (1 - c^3) per step: negligible at the paper's strengths "
-                               "(<= 0.32), material from ~0.6. For the exact form use LinFusion Progressive Upscale "
-                               "(skip_residual 'sampler state (paper)')."}),
+                               "(<= 0.32), material from ~0.6. For the exact form turn this off and sample with "
+                               "LinFusion Skip Residual Sampler (SamplerCustomAdvanced), or use LinFusion "
+                               "Progressive Upscale (skip_residual 'sampler state (paper)')."}),
                 "blur_sigma": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 4.0, "step": 0.05,
                                          "tooltip": "Gaussian sigma of the global branch's input blur (paper 0.8-1.0)."}),
                 "cosine_scale_1": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 10.0, "step": 0.1,

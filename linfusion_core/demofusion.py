@@ -8,9 +8,15 @@ Each denoiser call at noise level sigma (timestep t, c = cosine_factor(t)):
 
 Why in denoised space: a ComfyUI sampler owns x, a model wrapper only sees one call. Mixing the branches'
 denoised outputs is exactly the paper's mix of their scheduler steps (a DDIM/Euler step is linear in the
-prediction for a fixed x). The skip residual is applied to the denoiser's view of x, as ComfyUI's own
-inpainting (KSamplerX0Inpaint) blends its reference; the prediction is the paper's, the sampler's x lags
-the paper's by (x' - x) * sigma_next / sigma, which vanishes at the last step.
+prediction for a fixed x).
+
+The skip residual has two forms. The paper applies it to the sampler's state x before each step; that needs
+the sampler loop (linfusion_core.skip_residual_sampler, used by the Progressive Upscale node). A model wrapper
+alone, as in a hand-built KSampler graph, can only apply it to the denoiser's view of x, as ComfyUI's own
+inpainting (KSamplerX0Inpaint) blends its reference: the prediction is the paper's, but the sampler's x keeps
+(x - x') * sigma_next / sigma of the difference, carried into later steps by (1 - c^3) each. Negligible at the
+paper's strengths (c^3 < 0.01 at t <= 301), material from strength ~0.6 on. skip_residual=False leaves the
+residual to such a sampler.
 """
 from __future__ import annotations
 
@@ -54,9 +60,10 @@ def skip_residual(x: torch.Tensor, reference_t: torch.Tensor, c1: torch.Tensor) 
 
 def demofusion_denoise(denoise, denoise_dilated, x: torch.Tensor, timestep: torch.Tensor,
                        reference_t: torch.Tensor | None, ratio: int,
-                       cosine_scales=COSINE_SCALES, sigma: float = 0.8) -> torch.Tensor:
+                       cosine_scales=COSINE_SCALES, sigma: float = 0.8, blur_padding: str = "zeros") -> torch.Tensor:
     """One DemoFusion-style denoiser evaluation. denoise(x) and denoise_dilated(x) return the denoised
-    prediction (x0) of the plain and the dilated model; timestep is the model timestep per sample (B)."""
+    prediction (x0) of the plain and the dilated model; timestep is the model timestep per sample (B).
+    blur_padding "zeros" is the paper's blur, "reflect" keeps the latent's edges from darkening."""
     c = cosine_factor(timestep.float())
     c1, c2, c3 = (c ** s for s in cosine_scales)
     if reference_t is not None:
@@ -65,7 +72,7 @@ def demofusion_denoise(denoise, denoise_dilated, x: torch.Tensor, timestep: torc
     if ratio <= 1 or float(c2.max()) <= 0.0:
         return d1
     # One sigma per call in practice (cond and uncond share it): the kernel is a scalar property.
-    xb = blur_restandardised(x, blur_kernel_size(ratio), float(blur_sigma(c3[0], sigma)))
+    xb = blur_restandardised(x, blur_kernel_size(ratio), float(blur_sigma(c3[0], sigma)), blur_padding)
     # The dilated branch predicts from the blurred latent; rebase its prediction on x so that its implied
     # noise (x - D) / sigma is the blurred branch's, as the paper's step from x with branch 2's noise.
     d2 = denoise_dilated(xb) + (x - xb)
@@ -80,13 +87,15 @@ class DemoFusionWrapper:
     dilated_convs for the branch-2 call."""
 
     def __init__(self, reference: torch.Tensor | None, ratio: int, seed: int = 0,
-                 cosine_scales=COSINE_SCALES, sigma: float = 0.8, skip_residual: bool = True):
+                 cosine_scales=COSINE_SCALES, sigma: float = 0.8, skip_residual: bool = True,
+                 blur_padding: str = "zeros"):
         self.reference = reference  # in the model's latent space (process_latent_in already applied)
         self.ratio = int(ratio)
         self.seed = int(seed)
         self.cosine_scales = tuple(float(s) for s in cosine_scales)
         self.sigma = float(sigma)
         self.use_skip_residual = skip_residual and reference is not None
+        self.blur_padding = blur_padding
         self._noise = None
 
     def _reference_like(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,7 +145,7 @@ class DemoFusionWrapper:
 
         reference_t = self.noised_reference(model_sampling, t, x) if self.use_skip_residual else None
         return demofusion_denoise(denoise, denoise_dilated, x, timestep, reference_t, self.ratio,
-                                  self.cosine_scales, self.sigma)
+                                  self.cosine_scales, self.sigma, self.blur_padding)
 
 
 def native_long_side(base_model) -> int:

@@ -10,10 +10,12 @@ import torch.nn.functional as F
 
 
 def channel_stats(x: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample, per-channel mean and std (B x C x 1 x 1 each, fp32)."""
+    """Per-sample, per-channel mean and std (B x C x 1 x 1 each, fp32). The std is torch's default (Bessel
+    corrected), as in the paper's code: anchoring a large latent to a small base latent's stats then gives
+    exactly the official numbers (the correction does not cancel when the two sizes differ)."""
     xf = x.float().flatten(2)
     mean = xf.mean(dim=2)[..., None, None]
-    std = xf.std(dim=2, unbiased=False)[..., None, None].clamp_min(eps)
+    std = xf.std(dim=2, unbiased=xf.shape[2] > 1)[..., None, None].clamp_min(eps)
     return mean, std
 
 
@@ -36,23 +38,31 @@ def gaussian_kernel_1d(kernel_size: int, sigma: float, device=None) -> torch.Ten
     return k / k.sum()
 
 
-def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
-    """Separable depthwise Gaussian blur. Borders are reflected (zero padding would darken the edges of the
-    latent, which the dilated branch then sees as content); replicate where the latent is too small to reflect."""
+BLUR_PADDINGS = ("zeros", "reflect")
+
+
+def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float, padding: str = "reflect") -> torch.Tensor:
+    """Separable depthwise Gaussian blur. padding "zeros" is the paper's (its conv2d pads with zeros, which
+    darkens the latent's edges a little before re-standardisation); "reflect" avoids that (replicate where the
+    latent is too small to reflect)."""
     if kernel_size <= 1:
         return x
+    if padding not in BLUR_PADDINGS:
+        raise ValueError(f"blur padding must be one of {BLUR_PADDINGS}, got {padding!r}")
     b, c, h, w = x.shape
     k = gaussian_kernel_1d(kernel_size, sigma, x.device)
     pad = kernel_size // 2
-    mode = "reflect" if pad < h and pad < w else "replicate"
-    y = F.pad(x.float(), (pad, pad, pad, pad), mode=mode)
+    if padding == "zeros":
+        y = F.pad(x.float(), (pad, pad, pad, pad))
+    else:
+        y = F.pad(x.float(), (pad, pad, pad, pad), mode="reflect" if pad < h and pad < w else "replicate")
     y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, kernel_size), groups=c)
     y = F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, kernel_size, 1), groups=c)
     return y.to(x.dtype)
 
 
-def blur_restandardised(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
+def blur_restandardised(x: torch.Tensor, kernel_size: int, sigma: float, padding: str = "reflect") -> torch.Tensor:
     """The dilated branch's input: x blurred, then given back its pre-blur per-channel mean/std."""
     if kernel_size <= 1:
         return x
-    return restandardise(gaussian_blur(x, kernel_size, sigma), x)
+    return restandardise(gaussian_blur(x, kernel_size, sigma, padding), x)

@@ -21,8 +21,15 @@ class LinFusionDemoFusion:
                                                       "ceil(long side / native long side), 512 SD 1.x/2.x, 1024 SDXL."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff,
                                  "tooltip": "Seed of the fixed noise that noises the reference at every step."}),
-                "skip_residual": ("BOOLEAN", {"default": True, "tooltip": "Pull the sample towards the noised "
-                                                                          "reference early on (weight c^3)."}),
+                "skip_residual": ("BOOLEAN", {
+                    "default": True,
+                    "tooltip": "Pull the sample towards the noised reference early on (weight c^3). Here, as a "
+                               "MODEL patch, it acts on the denoiser's input only (the model-input form): the "
+                               "paper applies it to the sampler's state, which only a sampler can do. The two "
+                               "differ by a share carried (1 - c^3) per step: negligible at the paper's strengths "
+                               "(<= 0.32), material from ~0.6. For the exact form turn this off and sample with "
+                               "LinFusion Skip Residual Sampler (SamplerCustomAdvanced), or use LinFusion "
+                               "Progressive Upscale (skip_residual 'sampler state (paper)')."}),
                 "blur_sigma": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 4.0, "step": 0.05,
                                          "tooltip": "Gaussian sigma of the global branch's input blur (paper 0.8-1.0)."}),
                 "cosine_scale_1": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 10.0, "step": 0.1,
@@ -31,7 +38,13 @@ class LinFusionDemoFusion:
                                              "tooltip": "Exponent of c for the dilated (global) branch blend."}),
                 "cosine_scale_3": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.1,
                                              "tooltip": "Exponent of c for the blur strength."}),
-            }
+            },
+            "optional": {
+                "blur_padding": (["zeros (paper)", "reflect"], {
+                    "default": "zeros (paper)",
+                    "tooltip": "Border handling of the global branch's Gaussian blur. 'zeros' is the paper's; "
+                               "'reflect' keeps the latent's edges from darkening in that branch."}),
+            },
         }
 
     RETURN_TYPES = ("MODEL",)
@@ -39,16 +52,19 @@ class LinFusionDemoFusion:
     FUNCTION = "patch"
     CATEGORY = "LinFusion/high-res"
     DESCRIPTION = ("DemoFusion-style refinement of an upscaled latent: skip residual to the noised reference and a "
-                   "dilated-convolution global branch, blended by a cosine schedule. A MODEL patch, removed with it.")
+                   "dilated-convolution global branch, blended by a cosine schedule. A MODEL patch, removed with it. "
+                   "For the paper's recipe per stage: KSampler (euler, ddim_uniform, denoise = stage strength, the "
+                   "same seed as here), then LinFusion Match Latent Mean/Std to the base latent.")
 
     def patch(self, model, reference, dilation_ratio, seed, skip_residual, blur_sigma,
-              cosine_scale_1, cosine_scale_2, cosine_scale_3):
+              cosine_scale_1, cosine_scale_2, cosine_scale_3, blur_padding="zeros (paper)"):
         samples = reference["samples"]
         if dilation_ratio == 0:
             long_side = max(samples.shape[-2:]) * 8
             dilation_ratio = max(1, math.ceil(long_side / native_long_side(model.model)))
         return (with_demofusion(model, samples, dilation_ratio, seed, skip_residual=skip_residual,
-                                sigma=blur_sigma, cosine_scales=(cosine_scale_1, cosine_scale_2, cosine_scale_3)),)
+                                sigma=blur_sigma, cosine_scales=(cosine_scale_1, cosine_scale_2, cosine_scale_3),
+                                blur_padding="reflect" if blur_padding == "reflect" else "zeros"),)
 
 
 class LinFusionMatchLatentStats:
@@ -65,7 +81,9 @@ class LinFusionMatchLatentStats:
     OUTPUT_TOOLTIPS = ("The latent with the reference's per-channel mean and std (against colour drift).",)
     FUNCTION = "match"
     CATEGORY = "LinFusion/high-res"
-    DESCRIPTION = "Re-normalise a latent to another latent's per-channel mean/std (final step of the SDXL recipe)."
+    DESCRIPTION = ("Re-normalise a latent to another latent's per-channel mean/std. The paper's SDXL recipe does this "
+                   "at the end of every stage, to the base latent (its super-resolution pipeline: to the stage's "
+                   "own upscaled input).")
 
     def match(self, latent, reference):
         mean, std = channel_stats(reference["samples"])

@@ -3,8 +3,12 @@ linfusion_core.progressive_upscale; stage arithmetic in linfusion_core.highres_s
 import comfy.samplers
 
 from ..linfusion_core.highres_schedule import PAPER_BASE_STEPS, parse_strengths, plan_stages
-from ..linfusion_core.progressive_upscale import progressive_upscale
+from ..linfusion_core.progressive_upscale import (ANCHOR_AUTO, ANCHORINGS, SKIP_ON_STATE, SKIP_RESIDUAL_FORMS,
+                                                  progressive_upscale, resolve_anchoring)
+from ..linfusion_core.sdxl_size import SIZE_CONDITIONINGS, SIZE_FINAL
 from ..linfusion_core.vae_codec import AUTO_TILE, VaeCodec
+
+BLUR_PADDINGS = {"zeros (paper)": "zeros", "reflect": "reflect"}
 
 
 class LinFusionProgressiveUpscale:
@@ -38,8 +42,12 @@ class LinFusionProgressiveUpscale:
                                                   "of them (the last ones of the schedule)."}),
                 "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
                                   "tooltip": "Classifier-free guidance scale (paper: 7.5 SD 1.5, 5-7.5 SDXL)."}),
-                "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"tooltip": "Sampler of every stage."}),
-                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"tooltip": "Noise schedule of every stage."}),
+                "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {
+                    "default": "euler", "tooltip": "Sampler of every stage. Paper: euler (with ddim_uniform)."}),
+                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {
+                    "default": "ddim_uniform",
+                    "tooltip": "Noise schedule of every stage. Paper: ddim_uniform, which with euler is the official "
+                               "grid (Euler, 'leading' spacing: t = 301, 281, ..., 1 at strength 0.32 of 50 steps)."}),
                 "upscale_in": (["pixels", "latent"], {"tooltip": "'pixels': VAE decode, x2 in pixels (bicubic, the "
                                                                "paper's, or the upscale_model), VAE encode. "
                                                                "'latent': bicubic on the latent (no VAE round "
@@ -47,9 +55,14 @@ class LinFusionProgressiveUpscale:
                 "demofusion": ("BOOLEAN", {"default": False,
                                            "tooltip": "Refine each stage DemoFusion-style (skip residual to the "
                                                       "upscaled latent + dilated-conv branch), the paper's SDXL recipe."}),
-                "anchor_stats": ("BOOLEAN", {"default": False,
-                                             "tooltip": "Re-normalise the final latent to the base latent's "
-                                                        "per-channel mean/std (paper's SDXL recipe, against colour drift)."}),
+                "anchoring": (list(ANCHORINGS), {
+                    "default": ANCHOR_AUTO,
+                    "tooltip": "Re-normalise the latent's per-channel mean/std at the end of every stage, before it "
+                               "is upscaled for the next (against colour drift). 'to the base': the base latent's "
+                               "(paper's SDXL high-res pipeline); 'to its input': the stage's own upscaled input's "
+                               "(paper's super-resolution pipeline); 'paper (follows ladder)': 'to the base' for the "
+                               "sdxl ladder, off for sd15 (the SD 1.5 notebook does not anchor). Saved workflows "
+                               "with the former on/off 'anchor_stats' run as 'to the base' / 'off'."}),
                 "vae_tile_size": ("INT", {"default": 0, "min": -1, "max": 4096, "step": 64,
                                           "tooltip": "VAE between stages, always exact (never ComfyUI's blended "
                                                      "tiles). 0 = auto: untiled while it fits in free memory and "
@@ -72,6 +85,26 @@ class LinFusionProgressiveUpscale:
                                                                "resizes to the exact stage size. Without it: "
                                                                "bicubic, as in the paper. Ignored for "
                                                                "upscale_in 'latent'."}),
+                "size_conditioning": (list(SIZE_CONDITIONINGS), {
+                    "default": SIZE_FINAL,
+                    "tooltip": "SDXL only (other models are untouched): the original/target size every stage is "
+                               "conditioned on. 'final size (paper)': the last stage's size, as the paper's high-res "
+                               "pipeline (condition the base KSampler on it too, e.g. CLIPTextEncodeSDXL "
+                               "width/height/target_width/target_height = final size). 'stage size': each stage's "
+                               "own size (paper's super-resolution pipeline). 'as given': what the conditioning "
+                               "holds, else ComfyUI's default, the stage latent's size."}),
+                "skip_residual": (list(SKIP_RESIDUAL_FORMS), {
+                    "default": SKIP_ON_STATE,
+                    "tooltip": "With demofusion: where the skip residual acts. 'sampler state (paper)': on the "
+                               "sampler's x before every step, exactly as the paper (single-step samplers: euler, "
+                               "heun, dpm_2, ancestral ones; multistep samplers fall back to 'model input' with a "
+                               "warning). 'model input': on the denoiser's input only, as the DemoFusion Refine "
+                               "node in a KSampler graph does; differs by a carried (1 - c^3) share per step, "
+                               "negligible at the paper's strengths (<= 0.32), material from ~0.6."}),
+                "blur_padding": (list(BLUR_PADDINGS), {
+                    "default": "zeros (paper)",
+                    "tooltip": "With demofusion: border handling of the dilated branch's Gaussian blur. 'zeros' is "
+                               "the paper's; 'reflect' keeps the latent's edges from darkening in that branch."}),
             },
         }
 
@@ -83,9 +116,18 @@ class LinFusionProgressiveUpscale:
     CATEGORY = "LinFusion/high-res"
     DESCRIPTION = "Progressive x2 upscale with img2img per stage (SDEdit ladder of the LinFusion paper, up to 16K)."
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, anchoring):
+        # Named here so that ComfyUI hands the value over unchecked: a saved workflow's former boolean
+        # 'anchor_stats' sits in this widget's place and still runs (see resolve_anchoring).
+        if anchoring in ANCHORINGS or isinstance(anchoring, bool) or anchoring in ("true", "false"):
+            return True
+        return f"anchoring must be one of {list(ANCHORINGS)}, got {anchoring!r}"
+
     def upscale(self, model, positive, negative, vae, seed, stages, target_width, target_height, ladder, strengths,
-                base_steps, cfg, sampler_name, scheduler, upscale_in, demofusion, anchor_stats, vae_tile_size,
-                return_stage_images, latent=None, image=None, upscale_model=None):
+                base_steps, cfg, sampler_name, scheduler, upscale_in, demofusion, anchoring, vae_tile_size,
+                return_stage_images, latent=None, image=None, upscale_model=None, size_conditioning=SIZE_FINAL,
+                skip_residual=SKIP_ON_STATE, blur_padding="zeros (paper)"):
         codec = VaeCodec(vae, vae_tile_size, upscale_model=upscale_model)
         grid = 8
         samples = None
@@ -104,7 +146,9 @@ class LinFusionProgressiveUpscale:
         out, images = progressive_upscale(model, positive, negative, codec, samples, plan, seed=seed, cfg=cfg,
                                           sampler_name=sampler_name, scheduler=scheduler, base_steps=base_steps,
                                           latent_upscale=upscale_in == "latent", demofusion=demofusion,
-                                          anchor_stats=anchor_stats, keep_images=return_stage_images,
+                                          anchoring=resolve_anchoring(anchoring, ladder),
+                                          size_conditioning=size_conditioning, skip_residual=skip_residual,
+                                          blur_padding=BLUR_PADDINGS[blur_padding], keep_images=return_stage_images,
                                           base_image=image if samples is None else None)
         result = {"samples": out}
         return (result, images)

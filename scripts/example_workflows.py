@@ -53,6 +53,14 @@ WORKFLOW_MODELS = {"5_ipadapter.json": [IPADAPTER_PLUS, CLIP_VISION_H]}
 # The paper's sampling defaults (LINFUSION_FACTS.md section 4).
 STEPS, CFG, SEED = 50, 7.5, 42
 SAMPLER = {"sampler_name": "euler", "scheduler": "normal"}
+# The official timestep grid of the SDXL recipes: Euler, "leading" spacing (t = 301, 281, ..., 1 at strength 0.32
+# of 50 steps). euler + ddim_uniform is that grid in the ladder and in a KSampler at denoise = the strength.
+PAPER_GRID = {"sampler_name": "euler", "scheduler": "ddim_uniform"}
+# The ladder's recipe choices, as the paper's SDXL high-res pipeline / super-resolution pipeline.
+PAPER_HIGHRES = {"anchoring": "every stage to the base (paper high-res)", "size_conditioning": "final size (paper)",
+                 "skip_residual": "sampler state (paper)", "blur_padding": "zeros (paper)"}
+PAPER_SUPERRES = {"anchoring": "every stage to its input (paper super-res)", "size_conditioning": "stage size",
+                  "skip_residual": "sampler state (paper)", "blur_padding": "zeros (paper)"}
 PROMPT = ("a breathtaking alpine valley at sunrise, snow-capped peaks, a crystal clear lake, pine forest, "
           "a small wooden cabin, ultra detailed, sharp focus, professional landscape photograph")
 NEGATIVE = "blurry, lowres, jpeg artifacts, watermark, text, deformed, duplicated, tiling"
@@ -103,6 +111,16 @@ def checkpoint_and_linfusion(g: UIGraph, ckpt: str, linfusion: str, lora: bool =
 def prompts(g: UIGraph, clip, text=PROMPT, negative=NEGATIVE):
     pos = g.node("CLIPTextEncode", title="Positive prompt", color="positive", text=text, clip=clip)
     neg = g.node("CLIPTextEncode", title="Negative prompt", color="negative", text=negative, clip=clip)
+    return pos[0], neg[0]
+
+
+def sdxl_prompts(g: UIGraph, clip, width: int, height: int, text=PROMPT, negative=NEGATIVE):
+    """SDXL prompts with the size conditioning set: original and target size = width x height, crop 0."""
+    size = dict(width=width, height=height, crop_w=0, crop_h=0, target_width=width, target_height=height)
+    pos = g.node("CLIPTextEncodeSDXL", title="Positive prompt", color="positive", clip=clip, text_g=text, text_l=text,
+                 **size)
+    neg = g.node("CLIPTextEncodeSDXL", title="Negative prompt", color="negative", clip=clip, text_g=negative,
+                 text_l=negative, **size)
     return pos[0], neg[0]
 
 
@@ -158,23 +176,25 @@ def wf_sd15_16k_ladder(g: UIGraph):
 
 def wf_sdxl_demofusion(g: UIGraph):
     with g.group("1. Models", 0):
-        g.note("## SDXL + LinFusion-XL: 8K, DemoFusion-style\n\nBase image at 1024 x 1024, then x2 stages "
-               "(2048, 4096, 8192) refined DemoFusion-style: a skip residual to the upscaled image and a "
-               "dilated global branch, blended by a cosine schedule; strengths linspace(0.32, 0) and the "
-               "final latent re-normalised to the base's mean/std. Linear attention sees the whole canvas, so "
-               "no patches are needed. Set `stages` to 4 for 16K (16384 x 16384).\n\n" + LINFUSION_FOLDER_NOTE,
-               title="About this workflow", width=420, height=500)
+        g.note("## SDXL + LinFusion-XL: 8K, DemoFusion-style\n\nThe paper's SDXL high-res recipe. Base image at "
+               "1024 x 1024, then x2 stages (2048, 4096, 8192) refined DemoFusion-style: a skip residual to the "
+               "upscaled image and a dilated global branch, blended by a cosine schedule; strengths "
+               "linspace(0.32, 0); every stage re-normalised to the base's mean/std. Sampler euler + "
+               "ddim_uniform = the official timestep grid. SDXL is conditioned on the FINAL size everywhere: "
+               "the prompts here say 8192 x 8192 (change them with `stages`), the ladder sets it per stage. "
+               "Linear attention sees the whole canvas, so no patches are needed. Set `stages` to 4 for 16K "
+               "(16384 x 16384).\n\n" + LINFUSION_FOLDER_NOTE, title="About this workflow", width=420, height=600)
         model, clip, vae = checkpoint_and_linfusion(g, SDXL_CKPT, LINFUSION_SDXL)
         model = g.node("LinFusionLowMemory", model=model)[0]
-    with g.group("2. Prompt", 1):
-        pos, neg = prompts(g, clip)
+    with g.group("2. Prompt (size conditioning = final size)", 1):
+        pos, neg = sdxl_prompts(g, clip, 8192, 8192)
     with g.group("3. Base image 1024 x 1024", 2):
         latent = g.node("EmptyLatentImage", width=1024, height=1024, batch_size=1)[0]
-        base = sampler(g, model, pos, neg, latent)
+        base = sampler(g, model, pos, neg, latent, **PAPER_GRID)
     with g.group("4. DemoFusion stages to 8192 x 8192", 3):
         big = g.node("LinFusionProgressiveUpscale", model=model, positive=pos, negative=neg, vae=vae, latent=base,
-                     seed=SEED, stages=3, ladder="sdxl", base_steps=STEPS, cfg=CFG, **SAMPLER,
-                     upscale_in="pixels", demofusion=True, anchor_stats=True, vae_tile_size=1024)[0]
+                     seed=SEED, stages=3, ladder="sdxl", base_steps=STEPS, cfg=CFG, **PAPER_GRID,
+                     upscale_in="pixels", demofusion=True, vae_tile_size=1024, **PAPER_HIGHRES)[0]
         image = g.node("LinFusionVAEDecodeTiled", samples=big, vae=vae, tile_size=1024)[0]
         g.node("SaveImage", images=image, filename_prefix="LinFusion/sdxl_8k")
 
@@ -248,8 +268,10 @@ def wf_super_resolution(g: UIGraph):
     with g.group("1. Models", 0):
         g.note("## Super-resolution of your image (SDXL + LinFusion-XL)\n\nLoad an image (about 1024 px on "
                "its long side works best) and describe it in the prompt. Two x2 stages refine it "
-               "DemoFusion-style to 4x its size; the colours are anchored to the input.\n\n"
-               + LINFUSION_FOLDER_NOTE, title="About this workflow", width=420, height=450)
+               "DemoFusion-style to 4x its size, with the settings of the paper's super-resolution pipeline: "
+               "each stage's colours anchored to its own upscaled input, SDXL conditioned on each stage's size, "
+               "euler + ddim_uniform (the official timestep grid).\n\n"
+               + LINFUSION_FOLDER_NOTE, title="About this workflow", width=420, height=500)
         model, clip, vae = checkpoint_and_linfusion(g, SDXL_CKPT, LINFUSION_SDXL)
     with g.group("2. Your image", 1):
         image = g.node("LoadImage", image=INPUT_IMAGE)[0]
@@ -257,8 +279,8 @@ def wf_super_resolution(g: UIGraph):
         pos, neg = prompts(g, clip, text="a detailed, sharp, high resolution photograph")
     with g.group("4. Upscale x4", 3):
         big = g.node("LinFusionProgressiveUpscale", model=model, positive=pos, negative=neg, vae=vae, image=image,
-                     seed=SEED, stages=2, ladder="sdxl", base_steps=STEPS, cfg=CFG, **SAMPLER,
-                     upscale_in="pixels", demofusion=True, anchor_stats=True, vae_tile_size=1024)[0]
+                     seed=SEED, stages=2, ladder="sdxl", base_steps=STEPS, cfg=CFG, **PAPER_GRID,
+                     upscale_in="pixels", demofusion=True, vae_tile_size=1024, **PAPER_SUPERRES)[0]
         out = g.node("LinFusionVAEDecodeTiled", samples=big, vae=vae, tile_size=1024)[0]
         g.node("SaveImage", images=out, filename_prefix="LinFusion/super_resolution")
 
@@ -269,23 +291,28 @@ def wf_demofusion_ksampler(g: UIGraph):
                "as separate nodes you can rewire: bicubic x2 of your image, VAE encode, **DemoFusion Refine** "
                "(skip residual to the noised upscaled latent, dilated global branch, cosine blend; dilation "
                "`0` = auto, 2 for a 1024 px input) patching the model of a plain KSampler, then **Match Latent "
-               "Mean/Std** against the upscaled latent so colours do not drift.\n\nKSampler: denoise 0.32 and "
-               "16 steps = the last ceil(50 x 0.32) steps of the paper's 50-step schedule. Keep DemoFusion's "
-               "`reference` on the latent the KSampler starts from; chain more x2 stages by copying group 4 "
-               "(strengths 0.24, 0.16, ...).\n\n" + LINFUSION_FOLDER_NOTE, title="About this workflow",
-               width=420, height=600)
+               "Mean/Std** against the upscaled latent so colours do not drift (the paper's super-resolution "
+               "anchoring).\n\nKSampler: euler + ddim_uniform, denoise 0.32 and 16 steps = the official grid "
+               "(t = 301, 281, ..., 1 of the paper's 50-step schedule); the same seed as DemoFusion Refine, so "
+               "the skip residual's noised reference uses the sampler's own noise, as the paper. The prompts "
+               "carry SDXL's size conditioning: set their width/height/target to your upscaled image's size "
+               "(2048 for a 1024 px input). Here the skip residual acts on the model input (a MODEL patch cannot "
+               "reach the sampler's state): at strength 0.32 that differs from the paper by a negligible amount; "
+               "the Progressive Upscale node (workflow 7) has the exact form. Keep DemoFusion's `reference` on "
+               "the latent the KSampler starts from; chain more x2 stages by copying group 4 (strengths 0.24, "
+               "0.16, ...).\n\n" + LINFUSION_FOLDER_NOTE, title="About this workflow", width=420, height=760)
         model, clip, vae = checkpoint_and_linfusion(g, SDXL_CKPT, LINFUSION_SDXL)
     with g.group("2. Your image, x2 bicubic", 1):
         image = g.node("LoadImage", image=INPUT_IMAGE)[0]
         bigger = g.node("ImageScaleBy", image=image, upscale_method="bicubic", scale_by=2.0)[0]
         latent = g.node("VAEEncode", pixels=bigger, vae=vae)[0]
-    with g.group("3. Prompt (describe the image)", 2):
-        pos, neg = prompts(g, clip, text="a detailed, sharp, high resolution photograph")
+    with g.group("3. Prompt (describe the image; size = the upscaled image's)", 2):
+        pos, neg = sdxl_prompts(g, clip, 2048, 2048, text="a detailed, sharp, high resolution photograph")
     with g.group("4. DemoFusion refine", 3):
         refine = g.node("LinFusionDemoFusion", model=model, reference=latent, dilation_ratio=0, seed=SEED,
                         skip_residual=True, blur_sigma=0.8, cosine_scale_1=3.0, cosine_scale_2=1.0,
-                        cosine_scale_3=1.0)[0]
-        samples = sampler(g, refine, pos, neg, latent, steps=16, denoise=0.32)
+                        cosine_scale_3=1.0, blur_padding="zeros (paper)")[0]
+        samples = sampler(g, refine, pos, neg, latent, steps=16, denoise=0.32, **PAPER_GRID)
         anchored = g.node("LinFusionMatchLatentStats", latent=samples, reference=latent)[0]
         out = g.node("LinFusionVAEDecodeTiled", samples=anchored, vae=vae, tile_size=1024)[0]
         g.node("SaveImage", images=out, filename_prefix="LinFusion/demofusion_x2")

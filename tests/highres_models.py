@@ -105,3 +105,36 @@ def assert_same_state(before: dict, after: dict) -> None:
     assert before["tensors"].keys() == after["tensors"].keys()
     for k, v in before["tensors"].items():
         assert torch.equal(v, after["tensors"][k]), f"tensor {k} changed"
+
+
+# A small SDXL-family UNet (text_time add-embedding, SDXL latent format), built without detection. SDXL's
+# model config forces 64-channel heads: attention only where there are 64 channels (one head).
+TINY_SDXL_UNET = {
+    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+    "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [0, 1], "transformer_depth_middle": 1,
+    "transformer_depth_output": [0, 0, 1, 1], "use_spatial_transformer": True, "legacy": False,
+    "context_dim": CONTEXT_DIM, "use_linear_in_transformer": True, "num_classes": "sequential",
+    "adm_in_channels": 2816, "use_temporal_resblock": False, "use_temporal_attention": False,
+}
+SDXL_POOLED_DIM = 1280  # adm 2816 = pooled text 1280 + 6 size ids x 256
+
+
+def sdxl_unet_patcher(seed: int = 0, dtype=torch.float32):
+    """A ModelPatcher around a real comfy.model_base.SDXL (eps prediction, SDXL latent format, encode_adm)."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    model_config = comfy.supported_models.SDXL(dict(TINY_SDXL_UNET))
+    model_config.set_inference_dtype(dtype, None)
+    model = model_config.get_model({}, device=torch.device("cpu"))
+    fill_weights(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def sdxl_conditioning(seed: int, tokens: int = 8, **options):
+    """SDXL conditioning as CLIPTextEncode writes it (tokens + pooled output); options e.g. width/height."""
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, tokens, CONTEXT_DIM, generator=g),
+             {"pooled_output": torch.randn(1, SDXL_POOLED_DIM, generator=g), **options}]]

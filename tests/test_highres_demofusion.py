@@ -40,7 +40,7 @@ def test_demofusion_denoise_formula(df, core):
     out = df.demofusion_denoise(d, dd, x, t, ref, ratio=2)
     c = hs.cosine_factor(600.0)
     xm = x * (1 - c ** 3) + ref * c ** 3
-    xb = lf.blur_restandardised(xm, 3, hs.blur_sigma(c, 0.8))
+    xb = lf.blur_restandardised(xm, 3, hs.blur_sigma(c, 0.8), "zeros")  # the paper's blur, the default
     expected = (1 - c) * d(xm) + c * (dd(xb) + xm - xb)
     assert torch.allclose(out, expected, atol=1e-6)
     # At t = 0 the weights vanish: plain model on plain x.
@@ -183,3 +183,48 @@ def test_auto_ratio_and_match_stats_node(hm, node, df):
     ref = torch.randn(1, 4, 8, 8) * 3 + 1
     out = match.match({"samples": torch.randn(1, 4, 32, 32)}, {"samples": ref})[0]["samples"]
     assert torch.allclose(out.mean(dim=(2, 3)), ref.mean(dim=(2, 3)), atol=1e-5)
+
+
+def test_skip_residual_sampler_is_a_sampler_custom_advanced_sampler(hm, core):
+    """The exact-form SAMPLER without the noise handed over (as under SamplerCustomAdvanced) recovers it from the
+    noised start: the same result as with the noise given; and the residual does act (vs plain euler)."""
+    import comfy.sample
+    import comfy.samplers
+    srs = importlib.import_module(core.__name__ + ".skip_residual_sampler")
+    model = hm.unet_patcher(seed=12)
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    noise = comfy.sample.prepare_noise(latent, 4)
+    sigmas = comfy.samplers.KSampler(model, steps=10, device="cpu", sampler="euler", scheduler="ddim_uniform",
+                                     denoise=1.0).sigmas[-8:]  # strength 0.7: t = 601, 501, ..., 1
+
+    def run(sampler):
+        return comfy.sample.sample_custom(model, noise, 4.0, sampler, sigmas, hm.conditioning(10),
+                                          hm.conditioning(11), latent, disable_pbar=True, seed=4)
+    given = run(srs.skip_residual_sampler("euler", noise=noise))
+    recovered = run(srs.skip_residual_sampler("euler"))
+    plain = run(comfy.samplers.sampler_object("euler"))
+    assert (recovered - given).abs().max() <= 1e-5 * given.abs().max()
+    assert not torch.allclose(given, plain, atol=1e-4)
+
+
+def test_hand_built_sampler_custom_advanced_graph_equals_the_ladder_exact_form(hm, node, core):
+    """DemoFusion Refine (skip residual off) + LinFusion Skip Residual Sampler through SamplerCustomAdvanced's
+    sampling path = one ladder stage with the skip residual on the sampler state."""
+    import comfy.sample
+    import nodes
+    pu = importlib.import_module(core.__name__ + ".progressive_upscale")
+    hs = importlib.import_module(core.__name__ + ".highres_schedule")
+    model = hm.unet_patcher(seed=13)
+    base = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(6)) * 0.5
+    pos, neg = hm.conditioning(10), hm.conditioning(11)
+    plan = hs.plan_stages(48, 48, num_stages=1, strengths=[0.6], base_steps=10)
+    ladder = pu.progressive_upscale(model, pos, neg, None, base, plan, seed=2, cfg=4.0, sampler_name="euler",
+                                    scheduler="ddim_uniform", base_steps=10, latent_upscale=True, demofusion=True,
+                                    anchoring=pu.ANCHOR_OFF, size_conditioning="as given")[0]
+    latent = pu.resize_latent(base, 96, 96)
+    patched = node.patch(model, {"samples": latent}, 2, 3, False, 0.8, 3.0, 1.0, 1.0)[0]
+    sampler = nodes.NODE_CLASS_MAPPINGS["LinFusionSkipResidualSampler"]().get_sampler("euler", 3.0)[0]
+    sigmas = pu.stage_sigmas(patched, "euler", "ddim_uniform", 10, 6)
+    hand = comfy.sample.sample_custom(patched, comfy.sample.prepare_noise(latent, 3), 4.0, sampler, sigmas, pos, neg,
+                                      latent, disable_pbar=True, seed=3)
+    assert (hand - ladder).abs().max() <= 1e-5 * ladder.abs().max()

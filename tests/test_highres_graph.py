@@ -26,7 +26,7 @@ def test_low_memory_ladder_graph(host, fixtures):
             "model": ["6", 0], "positive": ["2", 0], "negative": ["3", 0], "vae": ["1", 2], "latent": ["5", 0],
             "seed": 1, "stages": 1, "target_width": 0, "target_height": 0, "ladder": "sdxl", "strengths": "",
             "base_steps": 6, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "upscale_in": "pixels",
-            "demofusion": True, "anchor_stats": True, "vae_tile_size": 0, "return_stage_images": True}},
+            "demofusion": True, "anchoring": True, "vae_tile_size": 0, "return_stage_images": True}},
         "8": {"class_type": "LinFusionTest_Capture", "inputs": {"value": ["7", 0]}},
         "9": {"class_type": "LinFusionTest_Capture", "inputs": {"value": ["7", 1]}},
     })

@@ -1,5 +1,5 @@
 """The progressive upscale node: stage sizes and sigmas, one progress bar, interruption, LoRA and ControlNet in
-every stage."""
+every stage, and the recipe choices (anchoring, SDXL size conditioning, skip-residual form) doing what they say."""
 import importlib
 
 import pytest
@@ -26,7 +26,7 @@ def run_node(model, vae, hm, latent, positive=None, negative=None, **overrides):
     import nodes
     args = dict(seed=1, stages=2, target_width=0, target_height=0, ladder="sd15", strengths="", base_steps=10,
                 cfg=5.0, sampler_name="euler", scheduler="normal", upscale_in="pixels", demofusion=False,
-                anchor_stats=False, vae_tile_size=0, return_stage_images=False)
+                anchoring="off", vae_tile_size=0, return_stage_images=False)
     args.update(overrides)
     return nodes.NODE_CLASS_MAPPINGS["LinFusionProgressiveUpscale"]().upscale(
         model, positive or hm.conditioning(10), negative or hm.conditioning(11), vae, latent={"samples": latent},
@@ -66,20 +66,21 @@ def test_target_size_odd_aspect_and_latent_upscale(hm, vae):
     model = hm.unet_patcher(seed=31)
     latent = torch.randn(1, 4, 8, 12) * 0.5  # 96 x 64 px -> 200 x 136 px
     out, images = run_node(model, vae, hm, latent, target_width=200, target_height=136, ladder="sdxl",
-                           upscale_in="latent", anchor_stats=True, base_steps=6)
+                           upscale_in="latent", anchoring=True, base_steps=6)  # a saved workflow's anchor_stats
     assert images == []
     # return_stage_images in latent mode: the base and every stage, as the tooltip says (not only the final).
     out2, images = run_node(model, vae, hm, latent, target_width=200, target_height=136, ladder="sdxl",
-                            upscale_in="latent", anchor_stats=True, base_steps=6, return_stage_images=True)
+                            upscale_in="latent", anchoring=True, base_steps=6, return_stage_images=True)
     assert torch.equal(out2["samples"], out["samples"])
     assert [tuple(i.shape[1:3]) for i in images] == [(64, 96), (128, 192), (136, 200)]
     assert (images[0] - vae.decode(latent)).abs().max() <= 1e-5
     assert (images[-1] - vae.decode(out["samples"])).abs().max() <= 1e-5
     samples = out["samples"]
     assert samples.shape == (1, 4, 17, 25)
-    # anchor_stats: the final latent carries the base latent's per-channel mean/std.
+    # The former anchor_stats = True runs as "every stage to the base": the base latent's per-channel mean/std
+    # (torch's default std, as the paper's code).
     assert torch.allclose(samples.mean(dim=(2, 3)), latent.mean(dim=(2, 3)), atol=1e-4)
-    assert torch.allclose(samples.std(dim=(2, 3), unbiased=False), latent.std(dim=(2, 3), unbiased=False), atol=1e-4)
+    assert torch.allclose(samples.std(dim=(2, 3)), latent.std(dim=(2, 3)), atol=1e-4)
     with pytest.raises(ValueError, match="both target_width and target_height"):
         run_node(model, vae, hm, latent, target_width=200)
     with pytest.raises(ValueError, match="give the strengths explicitly"):
@@ -175,7 +176,7 @@ def test_image_input_is_encoded_inside_the_one_bar(host, hm, vae, pu):
     image = torch.rand(1, 69, 100, 3, generator=torch.Generator().manual_seed(8))   # cropped to 96 x 64
     args = dict(seed=1, stages=1, target_width=0, target_height=0, ladder="sd15", strengths="", base_steps=10,
                 cfg=5.0, sampler_name="euler", scheduler="normal", upscale_in="pixels", demofusion=False,
-                anchor_stats=False, vae_tile_size=0, return_stage_images=True)
+                anchoring="off", vae_tile_size=0, return_stage_images=True)
     host.progress = []
     out, images = nodes.NODE_CLASS_MAPPINGS["LinFusionProgressiveUpscale"]().upscale(
         model, hm.conditioning(10), hm.conditioning(11), vae, image=image, **args)
@@ -265,3 +266,157 @@ def test_upscale_model_replaces_bicubic_and_lands_on_the_stage_size(host, core, 
     assert [tuple(i.shape[1:3]) for i in images] == [(64, 96), (128, 192)]
     assert out["samples"].shape == plain["samples"].shape == (1, 4, 16, 24)
     assert not torch.allclose(out["samples"], plain["samples"], atol=1e-3)
+
+
+# ---------------------------------------------------------------- the recipe choices
+def core_module(pu, name):
+    return importlib.import_module(pu.__name__.rsplit(".", 1)[0] + "." + name)
+
+
+def plan(pu, latent, stages):
+    """x2 stages at strength 0.5 of 4 base steps: 2 steps each."""
+    return core_module(pu, "highres_schedule").plan_stages(latent.shape[-1] * 8, latent.shape[-2] * 8,
+                                                           num_stages=stages, strengths=[0.5] * stages, base_steps=4)
+
+
+def channel_stats(pu, x):
+    return core_module(pu, "latent_filters").channel_stats(x)
+
+
+def run_core(pu, model, vae, latent, positive, negative, on_stage=None, stages=2, **options):
+    return pu.progressive_upscale(model, positive, negative, pu.VaeCodec(vae), latent, plan(pu, latent, stages),
+                                  seed=1, cfg=5.0, sampler_name="euler", scheduler="ddim_uniform", base_steps=4,
+                                  latent_upscale=True, on_stage=on_stage, **options)[0]
+
+
+def test_anchoring_modes(hm, vae, pu):
+    """Every stage ends on the base latent's stats ('to the base'), on its own input's ('to its input'), or on
+    neither ('off'); the stats are taken before the next stage's upscale, so every stage shows them."""
+    model = hm.unet_patcher(seed=36)
+    latent = torch.randn(1, 4, 6, 8, generator=torch.Generator().manual_seed(12)) * 0.5 + 0.3
+    pos, neg = hm.conditioning(10), hm.conditioning(11)
+    seen = {}
+    for mode in (pu.ANCHOR_BASE, pu.ANCHOR_INPUT, pu.ANCHOR_OFF):
+        seen[mode] = []
+        run_core(pu, model, vae, latent, pos, neg, anchoring=mode,
+                 on_stage=lambda stage, samples, mode=mode: seen[mode].append(samples.clone()))
+    base_stats = channel_stats(pu, latent)
+    for out in seen[pu.ANCHOR_BASE]:
+        for a, b in zip(channel_stats(pu, out), base_stats):
+            assert torch.allclose(a, b, atol=1e-5)
+    previous = latent
+    for out in seen[pu.ANCHOR_INPUT]:
+        stage_input = pu.resize_latent(previous, out.shape[-1] * 8, out.shape[-2] * 8)
+        for a, b in zip(channel_stats(pu, out), channel_stats(pu, stage_input)):
+            assert torch.allclose(a, b, atol=1e-5)
+        previous = out
+    for out in seen[pu.ANCHOR_OFF]:
+        assert not torch.allclose(channel_stats(pu, out)[1], base_stats[1], atol=1e-3)
+    # 'paper (follows ladder)' and the former boolean of saved workflows.
+    assert pu.resolve_anchoring(pu.ANCHOR_AUTO, "sdxl") == pu.ANCHOR_BASE
+    assert pu.resolve_anchoring(pu.ANCHOR_AUTO, "sd15") == pu.ANCHOR_OFF
+    assert pu.resolve_anchoring(True, "sd15") == pu.ANCHOR_BASE
+    assert pu.resolve_anchoring(False, "sdxl") == pu.ANCHOR_OFF
+    with pytest.raises(ValueError, match="anchoring must be one of"):
+        pu.resolve_anchoring("sometimes", "sdxl")
+    import nodes
+    cls = type(nodes.NODE_CLASS_MAPPINGS["LinFusionProgressiveUpscale"]())
+    assert cls.VALIDATE_INPUTS(anchoring=False) is True and cls.VALIDATE_INPUTS(anchoring=pu.ANCHOR_INPUT) is True
+    assert "must be one of" in cls.VALIDATE_INPUTS(anchoring="sometimes")
+
+
+def size_ids_seen(model, record):
+    """An APPLY_MODEL wrapper recording the six SDXL size ids the UNet's `y` carries (decoded from the
+    embedding by comparing with comfy's own embedder)."""
+    def wrapper(executor, x, t, *args, **kwargs):
+        record.append(kwargs["y"][:, -6 * 256:].clone())
+        return executor(x, t, *args, **kwargs)
+    return wrapper
+
+
+def size_embedding(*ids):
+    from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
+    return timestep_embedding(torch.tensor(ids, dtype=torch.float32), 256).reshape(1, -1)
+
+
+def test_sdxl_size_conditioning_reaches_encode_adm(hm, vae, pu, core):
+    """Each choice sets the size ids SDXL's encode_adm embeds into y, for every stage, cond and uncond."""
+    import comfy.patcher_extension
+    sz = importlib.import_module(core.__name__ + ".sdxl_size")
+    model = hm.sdxl_unet_patcher(seed=37).clone()
+    seen = []
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test", size_ids_seen(model, seen))
+    latent = torch.randn(1, 4, 4, 6, generator=torch.Generator().manual_seed(13)) * 0.5  # 48 x 32 px
+    given = dict(width=1000, height=700, target_width=900, target_height=600)
+    cases = {  # mode, conditioning options -> (h, w, crop, crop, target h, target w) per stage
+        (sz.SIZE_FINAL, False): [(128, 192, 0, 0, 128, 192)] * 2,
+        (sz.SIZE_STAGE, False): [(64, 96, 0, 0, 64, 96), (128, 192, 0, 0, 128, 192)],
+        (sz.SIZE_AS_GIVEN, True): [(700, 1000, 0, 0, 600, 900)] * 2,
+        (sz.SIZE_AS_GIVEN, False): [(64, 96, 0, 0, 64, 96), (128, 192, 0, 0, 128, 192)],  # ComfyUI's default
+    }
+    for (mode, with_given), per_stage in cases.items():
+        seen.clear()
+        options = given if with_given else {}
+        run_core(pu, model, vae, latent, hm.sdxl_conditioning(60, **options), hm.sdxl_conditioning(61, **options),
+                 size_conditioning=mode)
+        # 2 steps per stage (strength 0.5 of 4), one batched cond + uncond call each
+        assert len(seen) == 4, mode
+        for y, ids in zip(seen, [per_stage[0]] * 2 + [per_stage[1]] * 2):
+            assert torch.allclose(y, size_embedding(*ids).expand_as(y), atol=1e-6), (mode, ids)
+
+
+def test_size_conditioning_leaves_other_models_untouched(hm, vae, pu, core):
+    sz = importlib.import_module(core.__name__ + ".sdxl_size")
+    model = hm.unet_patcher(seed=38)
+    pos, neg = hm.conditioning(10), hm.conditioning(11)
+    for mode in sz.SIZE_CONDITIONINGS:
+        assert sz.stage_conditioning(model.model, pos, mode, (64, 64), (128, 128)) is pos
+    latent = torch.randn(1, 4, 4, 6, generator=torch.Generator().manual_seed(14)) * 0.5
+    outs = [run_core(pu, model, vae, latent, pos, neg, stages=1, size_conditioning=mode)
+            for mode in (sz.SIZE_FINAL, sz.SIZE_AS_GIVEN)]
+    assert torch.equal(outs[0], outs[1])
+    with pytest.raises(ValueError, match="size conditioning must be one of"):
+        sz.stage_conditioning(model.model, pos, "huge", (64, 64), (128, 128))
+
+
+def test_skip_residual_on_state_needs_a_single_step_sampler(hm, vae, pu, core, caplog):
+    srs = importlib.import_module(core.__name__ + ".skip_residual_sampler")
+    with pytest.raises(ValueError, match="single-step samplers"):
+        srs.skip_residual_sampler("dpmpp_2m")
+    # In the ladder a multistep sampler falls back to the model-input form, and says so.
+    model = hm.unet_patcher(seed=39)
+    latent = torch.randn(1, 4, 4, 6, generator=torch.Generator().manual_seed(15)) * 0.5
+    with caplog.at_level("WARNING", logger="LinFusion"):
+        pu.progressive_upscale(model, hm.conditioning(10), hm.conditioning(11), pu.VaeCodec(vae), latent,
+                               plan(pu, latent, 1), seed=1, cfg=5.0, sampler_name="dpmpp_2m", scheduler="normal",
+                               base_steps=4, latent_upscale=True, demofusion=True)
+    assert "multistep sampler" in caplog.text
+
+
+def test_saved_workflow_with_the_former_anchor_stats_boolean_validates(host):
+    """A workflow saved before `anchoring` replaced the boolean `anchor_stats` (same widget position) holds
+    true/false there; as the frontend loads it (the newer optional widgets at their defaults), ComfyUI's own
+    validation accepts it, and the node runs it as "to the base" / "off" (resolve_anchoring, tested above)."""
+    import asyncio
+
+    import execution
+    from workflow_convert import live_object_info, widget_slots, workflow_to_api
+    from workflow_shrink import load
+
+    defs = live_object_info()
+    wf = load("7_super_resolution.json")
+    node = next(n for n in wf["nodes"] if n["type"] == "LinFusionProgressiveUpscale")
+    slot = [s.name for s in widget_slots(defs["LinFusionProgressiveUpscale"])].index("anchoring")
+    for old in (True, False):
+        node["widgets_values"][slot] = old
+        prompt = workflow_to_api(wf, defs)
+        assert prompt[str(node["id"])]["inputs"]["anchoring"] is old
+        _, _, _, node_errors = asyncio.run(execution.validate_prompt("old-workflow", prompt, None))
+        for e in node_errors.get(str(node["id"]), {}).get("errors", []):
+            assert e["extra_info"]["input_name"] != "anchoring", e
+        for errs in node_errors.values():  # only the files a user downloads may be missing on the test host
+            assert all(e["type"] == "value_not_in_list" for e in errs["errors"]), errs
+    # A value that is neither a choice nor a former boolean is still refused, by name.
+    node["widgets_values"][slot] = "sometimes"
+    _, _, _, node_errors = asyncio.run(execution.validate_prompt("old-workflow", workflow_to_api(wf, defs), None))
+    assert any(e["extra_info"].get("input_name") == "anchoring" for e in node_errors[str(node["id"])]["errors"])

@@ -1,0 +1,265 @@
+"""The paper's stage loops, against the ladder.
+
+The official code (Huage001/LinFusion: src/pipelines/pipeline_highres_sdxl.py for SDXL, the notebook
+ultra_text2image_w_sdedit.ipynb for SD 1.5, with diffusers' Euler scheduler, "leading" timestep spacing) is
+written out here as plain loops from its math, over small real ComfyUI UNets called directly (no ComfyUI
+sampler, wrapper or conditioning code on the reference side). The ladder node runs with its defaults, the
+paper's settings. Both sides share only what the paper's code does not fix in the stage loop and the docs
+list as a difference: the noise tensor (seed + stage), the VAE (its mean, not a sample) and the bicubic
+resize in torch.
+
+Tolerance: the two sides compute the same numbers in a different order (ComfyUI mixes the branches and the
+guidance in denoised space, the paper in noise space; sigmas come from float64 on both sides), so they agree
+to fp32 rounding carried through the UNet over the steps: measured 5e-7 to 8e-7 of the latent's largest
+magnitude (2-core CPU, fp32); the bar is 5e-6. The smallest changes of recipe moved the SDXL result by more
+in development runs: conditioning on the stage size instead of the final one 6e-5, the skip residual on the
+model input instead of the sampler state 2e-5 at 16 steps of strength 0.32 (5e-2 at strength 0.7, asserted
+below).
+"""
+import importlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+TOL = 5e-6  # relative to the largest latent magnitude; see the module docstring
+
+
+@pytest.fixture(scope="module")
+def hm(host):
+    import highres_models
+    return highres_models
+
+
+@pytest.fixture(scope="module")
+def pu(core):
+    return importlib.import_module(core.__name__ + ".progressive_upscale")
+
+
+@pytest.fixture(scope="module")
+def vae(hm):
+    return hm.tiny_vae()
+
+
+@pytest.fixture(scope="module")
+def node(host):
+    import nodes
+    return nodes.NODE_CLASS_MAPPINGS["LinFusionProgressiveUpscale"]()
+
+
+# ------------------------------------------------------------------ the official formulas, written out
+def official_sigma(t) -> float:
+    """diffusers' scaled_linear DDPM betas (0.00085..0.012, 1000 steps) -> Euler sigma at integer timestep t."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    return float(((1 - alphas_cumprod[int(t)]) / alphas_cumprod[int(t)]) ** 0.5)
+
+
+def official_timesteps(num_inference_steps: int, strength: float) -> list[int]:
+    """'leading' spacing with steps_offset 1, then img2img's truncation int(steps * strength)."""
+    step_ratio = 1000 // num_inference_steps
+    timesteps = [i * step_ratio + 1 for i in range(num_inference_steps)][::-1]
+    init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+    return timesteps[max(num_inference_steps - init_timestep, 0):]
+
+
+def size_embedding(values) -> torch.Tensor:
+    """diffusers' get_timestep_embedding(flip_sin_to_cos=True, shift 0) of SDXL's six size ids, 256 each."""
+    t = torch.tensor(values, dtype=torch.float32)
+    half = 128
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+    args = t[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).reshape(1, -1)
+
+
+def set_all_conv_dilation(unet, ratio: int, saved: dict):
+    """As the official loop: every Conv2d's dilation and padding times ratio (restored from `saved`)."""
+    for name, m in unet.named_modules():
+        if isinstance(m, torch.nn.Conv2d):
+            if ratio == 1:
+                m.dilation, m.padding = saved[name]
+            else:
+                m.dilation = (ratio * m.dilation[0], ratio * m.dilation[1])
+                m.padding = (ratio * m.padding[0], ratio * m.padding[1])
+
+
+def official_gaussian_filter(latents, kernel_size, sigma):
+    x = torch.arange(kernel_size, dtype=torch.float32)
+    g = torch.exp(-(x - (kernel_size - 1) / 2) ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :])[None, None].repeat(latents.shape[1], 1, 1, 1)
+    return F.conv2d(latents, kernel, padding=kernel_size // 2, groups=latents.shape[1])
+
+
+def guided_eps(unet, x, t, sigma, context, y, cfg):
+    """The UNet's noise prediction with classifier-free guidance (batch [uncond, cond], as the pipeline)."""
+    inp = torch.cat([x] * 2) / (sigma ** 2 + 1) ** 0.5
+    kwargs = {"y": torch.cat(y)} if y is not None else {}
+    eps = unet(inp, timesteps=torch.full((2,), float(t)), context=torch.cat(context), **kwargs)
+    uncond, cond = eps.chunk(2)
+    return uncond + cfg * (cond - uncond)
+
+
+@torch.no_grad()
+def official_stage(unet, latents, noise, timesteps, cfg, context, y=None, ratio=1, demofusion=False,
+                   gaussian_sigma=0.8, scales=(3.0, 1.0, 1.0)):
+    """One img2img stage of the official code in the model's latent space (Euler steps on eps)."""
+    noise_latents = [latents + noise * official_sigma(t) for t in timesteps]  # EulerDiscrete.add_noise
+    x = noise_latents[0]
+    saved = {n: (m.dilation, m.padding) for n, m in unet.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    for i, t in enumerate(timesteps):
+        sigma = official_sigma(t)
+        sigma_next = official_sigma(timesteps[i + 1]) if i + 1 < len(timesteps) else 0.0
+        if not demofusion:
+            x = x + guided_eps(unet, x, t, sigma, context, y, cfg) * (sigma_next - sigma)
+            continue
+        c = 0.5 * (1 + math.cos(math.pi * (1000 - t) / 1000))
+        c1 = c ** scales[0]
+        x = x * (1 - c1) + noise_latents[i] * c1  # the skip residual on the sampler's state
+        x1 = x + guided_eps(unet, x, t, sigma, context, y, cfg) * (sigma_next - sigma)
+        set_all_conv_dilation(unet, ratio, saved)
+        try:
+            c3 = 0.99 * c ** scales[2] + 1e-2
+            std_, mean_ = x.std(dim=(2, 3), keepdim=True), x.mean(dim=(2, 3), keepdim=True)
+            xg = official_gaussian_filter(x, 2 * ratio - 1, gaussian_sigma * c3)
+            xg = (xg - xg.mean(dim=(2, 3), keepdim=True)) / xg.std(dim=(2, 3), keepdim=True) * std_ + mean_
+            x2 = x + guided_eps(unet, xg, t, sigma, context, y, cfg) * (sigma_next - sigma)
+        finally:
+            set_all_conv_dilation(unet, 1, saved)
+        c2 = c ** scales[1]
+        x = (1 - c2) * x1 + c2 * x2
+    return x
+
+
+def upscale_between_stages(vae, raw_latent, width, height):
+    """Decode, bicubic resize (torch), encode: the ladder's pixel-space step (the paper: PIL and a VAE sample)."""
+    image = vae.decode(raw_latent)
+    image = image.reshape((-1,) + tuple(image.shape[-3:]))
+    image = F.interpolate(image.movedim(-1, 1), size=(height, width), mode="bicubic").movedim(1, -1).clamp(0, 1)
+    return vae.encode(image[..., :3])
+
+
+def stage_noise(shape, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def node_args(node, **overrides):
+    """The node's widget defaults (the paper's settings), then the overrides."""
+    args = {}
+    for section in ("required", "optional"):
+        for name, spec in node.INPUT_TYPES()[section].items():
+            options = spec[1] if len(spec) > 1 else {}
+            if isinstance(spec[0], list):
+                args[name] = options.get("default", spec[0][0])
+            elif "default" in options:
+                args[name] = options["default"]
+    args.update(overrides)
+    return args
+
+
+def relative_error(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+# ------------------------------------------------------------------ the tests
+def test_official_loop_grid_is_euler_ddim_uniform(hm, pu):
+    """The ladder's sigmas for euler + ddim_uniform are the official grid: t = 301, 281, ..., 1, then 0."""
+    model = hm.sdxl_unet_patcher(seed=40)
+    timesteps = official_timesteps(50, 0.32)
+    assert timesteps == list(range(301, 0, -20))
+    sigmas = pu.stage_sigmas(model, "euler", "ddim_uniform", 50, 16)
+    expected = torch.tensor([official_sigma(t) for t in timesteps] + [0.0], dtype=torch.float64)
+    assert torch.allclose(sigmas.double(), expected, rtol=1e-6, atol=0)
+    model_sampling = model.get_model_object("model_sampling")
+    assert model_sampling.timestep(sigmas[:-1]).tolist() == timesteps
+    # The SD 1.5 ladder's strengths 0.4/0.3/0.2/0.1 take the official step counts, int(50 * strength).
+    for strength, steps in zip((0.4, 0.3, 0.2, 0.1), (20, 15, 10, 5)):
+        assert len(official_timesteps(50, strength)) == steps
+        assert len(pu.stage_sigmas(model, "euler", "ddim_uniform", 50, steps)) == steps + 1
+    # The default 'normal' schedule is not the grid: the choice matters.
+    normal = pu.stage_sigmas(model, "euler", "normal", 50, 16)
+    assert not torch.allclose(normal.double(), expected, rtol=1e-3)
+
+
+def test_official_loop_sdxl_two_stages(hm, vae, node):
+    """The SDXL high-res pipeline's stage loop (skip residual on x, dilated blurred branch, cosine blend,
+    every stage anchored to the base, size conditioning = final size) == the ladder node with its defaults.
+    25 base steps instead of 50 keep it fast: the same formulas, t = 281, 241, ..., 1 at strength 0.32."""
+    model = hm.sdxl_unet_patcher(seed=41)
+    unet = model.model.diffusion_model
+    scale = model.model.latent_format.scale_factor
+    base = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(7)) * 0.6  # 32 px; stages 64, 128 px
+    pos, neg = hm.sdxl_conditioning(50), hm.sdxl_conditioning(51)
+    seed, cfg, final, base_steps = 5, 5.0, 128, 25
+    # Reference: the paper's loop, size ids (final, crop 0, final) for the base and every stage.
+    sizes = size_embedding([final, final, 0, 0, final, final])
+    context = [neg[0][0], pos[0][0]]
+    y = [torch.cat([c[0][1]["pooled_output"], sizes], dim=1) for c in (neg, pos)]
+    anchor_mean, anchor_std = base.mean(dim=(2, 3), keepdim=True) * scale, base.std(dim=(2, 3), keepdim=True) * scale
+    raw = base
+    for s, strength in enumerate((0.32, 0.16), start=1):
+        side = 32 * 2 ** s
+        raw = upscale_between_stages(vae, raw, side, side)
+        latents = official_stage(unet, raw * scale, stage_noise(raw.shape, seed + s),
+                                 official_timesteps(base_steps, strength), cfg, context, y, ratio=2 ** s,
+                                 demofusion=True)
+        latents = (latents - latents.mean(dim=(2, 3), keepdim=True)) / latents.std(dim=(2, 3), keepdim=True) \
+            * anchor_std + anchor_mean
+        raw = latents / scale
+    reference = raw
+
+    args = node_args(node, seed=seed, stages=2, ladder="sdxl", cfg=cfg, demofusion=True, base_steps=base_steps)
+    assert (args["sampler_name"], args["scheduler"]) == ("euler", "ddim_uniform")
+    out = node.upscale(model, pos, neg, vae, latent={"samples": base}, **args)[0]["samples"]
+    error = relative_error(out, reference)
+    print(f"\nSDXL 2 stages: max |ladder - official| / max |official| = {error:.2e}")
+    assert out.shape == reference.shape == (1, 4, 16, 16)
+    assert error <= TOL
+
+
+def test_official_loop_skip_residual_forms_at_high_strength(hm, vae, node, pu):
+    """One DemoFusion stage at strength 0.7 (10 base steps: t = 601, 501, ..., 1): the skip residual on the
+    sampler state is the official loop; on the model input it is not (the gap the docs describe)."""
+    model = hm.unet_patcher(seed=43)
+    unet = model.model.diffusion_model
+    scale = model.model.latent_format.scale_factor
+    base = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(9)) * 0.6
+    pos, neg = hm.conditioning(54), hm.conditioning(55)
+    seed, cfg = 11, 5.0
+    raw = upscale_between_stages(vae, base, 64, 64)
+    latents = official_stage(unet, raw * scale, stage_noise(raw.shape, seed + 1), official_timesteps(10, 0.7), cfg,
+                             [neg[0][0], pos[0][0]], ratio=2, demofusion=True)
+    reference = latents / scale
+    args = node_args(node, seed=seed, stages=1, ladder="sd15", strengths="0.7", base_steps=10, cfg=cfg,
+                     demofusion=True)
+    exact = node.upscale(model, pos, neg, vae, latent={"samples": base}, **args)[0]["samples"]
+    on_input = node.upscale(model, pos, neg, vae, latent={"samples": base},
+                            **{**args, "skip_residual": pu.SKIP_ON_INPUT})[0]["samples"]
+    error, gap = relative_error(exact, reference), relative_error(on_input, reference)
+    print(f"\nstrength 0.7: sampler-state form {error:.2e}, model-input form {gap:.2e}")
+    assert error <= TOL
+    assert gap > 1e-3
+
+
+def test_official_loop_sd15_sdedit_stage(hm, vae, node):
+    """One stage of the SD 1.5 SDEdit notebook (img2img at strength 0.4, Euler on the official grid, no
+    anchoring, no refinement) == the ladder node with its defaults and the sd15 ladder. 25 base steps instead
+    of 50 keep it fast: 10 steps, t = 361, 321, ..., 1."""
+    model = hm.unet_patcher(seed=42)
+    unet = model.model.diffusion_model
+    scale = model.model.latent_format.scale_factor
+    base = torch.randn(1, 4, 4, 8, generator=torch.Generator().manual_seed(8)) * 0.6  # 64 x 32 px
+    pos, neg = hm.conditioning(52), hm.conditioning(53)
+    seed, cfg = 3, 7.5
+    raw = upscale_between_stages(vae, base, 128, 64)
+    latents = official_stage(unet, raw * scale, stage_noise(raw.shape, seed + 1), official_timesteps(25, 0.4), cfg,
+                             [neg[0][0], pos[0][0]])
+    reference = latents / scale
+
+    args = node_args(node, seed=seed, stages=1, ladder="sd15", cfg=cfg, base_steps=25)
+    out = node.upscale(model, pos, neg, vae, latent={"samples": base}, **args)[0]["samples"]
+    error = relative_error(out, reference)
+    print(f"\nSD 1.5 SDEdit stage: max |ladder - official| / max |official| = {error:.2e}")
+    assert out.shape == (1, 4, 8, 16)
+    assert error <= TOL

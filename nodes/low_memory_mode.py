@@ -24,6 +24,9 @@ class LinFusionLowMemory:
                 "attention_chunk_tokens": ("INT", {"default": 0, "min": 0, "max": 1 << 24, "step": 1024,
                                                    "tooltip": "Token chunk size of LinFusion's linear attention "
                                                               "(0: its default). No effect without LinFusion."}),
+            },
+            # Added after the first release: optional, so API-format prompts saved before them still run.
+            "optional": {
                 "ff_chunking": (list(FF_CHUNKING), {
                     "default": FF_CHUNKING[0],
                     "tooltip": "How the feed-forward layers are split: 'chunks' into ff_chunks pieces whatever the "

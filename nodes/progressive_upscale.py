@@ -117,10 +117,11 @@ class LinFusionProgressiveUpscale:
     DESCRIPTION = "Progressive x2 upscale with img2img per stage (SDEdit ladder of the LinFusion paper, up to 16K)."
 
     @classmethod
-    def VALIDATE_INPUTS(cls, anchoring):
+    def VALIDATE_INPUTS(cls, anchoring=None):
         # Named here so that ComfyUI hands the value over unchecked: a saved workflow's former boolean
-        # 'anchor_stats' sits in this widget's place and still runs (see resolve_anchoring).
-        if anchoring in ANCHORINGS or isinstance(anchoring, bool) or anchoring in ("true", "false"):
+        # 'anchor_stats' sits in this widget's place and still runs (see resolve_anchoring). A prompt without
+        # it already gets ComfyUI's own "Required input is missing" error.
+        if anchoring is None or anchoring in ANCHORINGS or isinstance(anchoring, bool) or anchoring in ("true", "false"):
             return True
         return f"anchoring must be one of {list(ANCHORINGS)}, got {anchoring!r}"
 

@@ -218,8 +218,9 @@ def test_hand_built_sampler_custom_advanced_graph_equals_the_ladder_exact_form(h
     base = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(6)) * 0.5
     pos, neg = hm.conditioning(10), hm.conditioning(11)
     plan = hs.plan_stages(48, 48, num_stages=1, strengths=[0.6], base_steps=10)
-    ladder = pu.progressive_upscale(model, pos, neg, None, base, plan, seed=2, cfg=4.0, sampler_name="euler",
-                                    scheduler="ddim_uniform", base_steps=10, latent_upscale=True, demofusion=True,
+    ladder = pu.progressive_upscale(model, pos, neg, pu.VaeCodec(hm.tiny_vae()), base, plan, seed=2, cfg=4.0,
+                                    sampler_name="euler", scheduler="ddim_uniform", base_steps=10, latent_upscale=True,
+                                    demofusion=True,
                                     anchoring=pu.ANCHOR_OFF, size_conditioning="as given")[0]
     latent = pu.resize_latent(base, 96, 96)
     patched = node.patch(model, {"samples": latent}, 2, 3, False, 0.8, 3.0, 1.0, 1.0)[0]

@@ -27,7 +27,7 @@ def ladder_graph(fixtures):
             "model": ["6", 0], "positive": ["2", 0], "negative": ["3", 0], "vae": ["1", 2], "latent": ["7", 0],
             "seed": 1, "stages": 2, "target_width": 0, "target_height": 0, "ladder": "sd15", "strengths": "",
             "base_steps": 4, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "upscale_in": "pixels",
-            "demofusion": False, "anchor_stats": False, "vae_tile_size": 64, "return_stage_images": False}},
+            "demofusion": False, "anchoring": "off", "vae_tile_size": 64, "return_stage_images": False}},
         "9": {"class_type": "LinFusionTest_Capture", "inputs": {"value": [LADDER, 0]}},
     }
 

@@ -27,9 +27,10 @@ from .module import LinFusionAttention
 log = logging.getLogger("LinFusion")
 
 NATIVE_SIZE = {"SD1.x": 512, "SD2.x": 768, "SDXL": 1024}     # px, the long side the ControlNet was trained at
-DEFAULT_TIMESTEPS = (999.0, 749.0, 499.0, 249.0)               # the noise levels captured (one latent each)
+DEFAULT_TIMESTEPS = (999.0, 749.0, 499.0, 249.0)               # the noise levels captured
+DEFAULT_SAMPLES = 8      # random latents captured, spread over the noise levels (more data: less over-fitting)
 DEFAULT_STEPS = 100
-DEFAULT_LR = 1e-3
+DEFAULT_LR = 3e-3
 INFO_KEY = "linfusion_controlnet"     # metadata of a distilled file: what it was fitted from
 SUBFOLDER = "controlnet_distilled"    # under models/linfusion/
 
@@ -55,7 +56,8 @@ def controlnet_digest(control_model) -> str:
 
 
 def distilled_path(folder: str, name: str, digest: str) -> str:
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.splitext(os.path.basename(name or ""))[0]).strip("._") or "controlnet"
+    stem = os.path.splitext(os.path.basename(name or ""))[0]
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "controlnet"
     return os.path.join(folder, f"{safe}-{digest[:12]}.safetensors")
 
 
@@ -70,13 +72,15 @@ class LayerData:
 
 def _context_dim(control_model, placements) -> int:
     import comfy.utils
-    return comfy.utils.get_attr(control_model, placements[0].site.comfy_path[: -len("attn1")] + "attn2").to_k.in_features
+    attn2 = comfy.utils.get_attr(control_model, placements[0].site.comfy_path[: -len("attn1")] + "attn2")
+    return attn2.to_k.in_features
 
 
 def teacher_inputs(control_net, placements, hint_image: torch.Tensor, conditioning=None, size: int | None = None,
-                   timesteps=DEFAULT_TIMESTEPS, seed: int = 0, device=None) -> dict:
-    """The ControlNet's call arguments at native size: one random latent per timestep, the hint resized as
-    ComfyUI's get_control resizes it, the prompt (or a random one) and for SDXL the size conditioning."""
+                   timesteps=DEFAULT_TIMESTEPS, seed: int = 0, device=None, samples: int = DEFAULT_SAMPLES) -> dict:
+    """The ControlNet's call arguments at native size: `samples` random latents spread over the timesteps, the
+    hint resized as ComfyUI's get_control resizes it, the prompt (or a fixed random one) and for SDXL the size
+    conditioning."""
     import comfy.utils
     from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 
@@ -89,7 +93,7 @@ def teacher_inputs(control_net, placements, hint_image: torch.Tensor, conditioni
     hh, hw = hint_image.shape[1], hint_image.shape[2]
     scale = size / max(hh, hw)                       # native long side, the hint's aspect
     h, w = max(1, round(hh * scale / 8)), max(1, round(hw * scale / 8))
-    b = len(timesteps)
+    b = samples
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, 4, h, w, generator=g)
     hint = comfy.utils.common_upscale(hint_image[:1].movedim(-1, 1), w * 8, h * 8, control_net.upscale_algorithm,
@@ -102,9 +106,10 @@ def teacher_inputs(control_net, placements, hint_image: torch.Tensor, conditioni
             raise LinFusionLoadError(f"the conditioning has {context.shape[-1]} channels; this ControlNet expects "
                                      f"{dim} ({family}): connect a prompt encoded by the matching model")
         pooled = conditioning[0][1].get("pooled_output")
-    else:
-        context, pooled = torch.randn(1, 77, dim, generator=g), None
-    out = {"x": x, "hint": hint, "timesteps": torch.tensor(list(timesteps)), "context": context.repeat(b, 1, 1)}
+    else:   # a fixed stand-in prompt: the seed varies the latents only
+        context, pooled = torch.randn(1, 77, dim, generator=torch.Generator().manual_seed(0)), None
+    out = {"x": x, "hint": hint, "timesteps": torch.tensor([timesteps[i % len(timesteps)] for i in range(b)]),
+           "context": context.repeat(b, 1, 1)}
     if getattr(control_model, "num_classes", None) is not None:
         adm = control_model.label_emb[0][0].in_features
         if adm == 2816:   # SDXL: pooled text (1280) + six 256-wide size embeddings, as encode_adm builds it
@@ -182,7 +187,7 @@ def fit_layer(module: LinFusionAttention, data: LayerData, steps: int, lr: float
 
 def distill(control_net, base: LinFusionWeights, hint_image, conditioning=None, steps: int = DEFAULT_STEPS,
             size: int | None = None, timesteps=DEFAULT_TIMESTEPS, seed: int = 0, lr: float = DEFAULT_LR,
-            device=None, progress: bool = True) -> tuple[LinFusionWeights, list[dict]]:
+            device=None, progress: bool = True, samples: int = DEFAULT_SAMPLES) -> tuple[LinFusionWeights, list[dict]]:
     """Fit one LinFusion module per ControlNet self-attention; returns the weights (names and heads of the
     ControlNet's layers) and a per-layer report (error of the base module and of the fitted one, on the
     captured activations)."""
@@ -203,7 +208,8 @@ def distill(control_net, base: LinFusionWeights, hint_image, conditioning=None, 
 
     # ComfyUI runs nodes under inference_mode: training needs autograd, and tensors made here must be normal.
     with torch.inference_mode(False):
-        inputs = teacher_inputs(control_net, placements, hint_image, conditioning, size, timesteps, seed, device)
+        inputs = teacher_inputs(control_net, placements, hint_image, conditioning, size, timesteps, seed, device,
+                                samples)
         layers = capture_layers(control_model, placements, inputs)
         tick()
         specs, state, report = [], {}, []
@@ -216,10 +222,12 @@ def distill(control_net, base: LinFusionWeights, hint_image, conditioning=None, 
                 with torch.no_grad():
                     after = relative_error(module(data.x), data.y)
                 site, spec = placement.site, placement.spec
-                report.append({"layer": site.diffusers_name, "tokens": data.x.shape[1], "base": before, "distilled": after})
+                report.append({"layer": site.diffusers_name, "tokens": data.x.shape[1], "base": before,
+                               "distilled": after})
                 specs.append(ModuleSpec(i, site.dim, spec.projection_mid_dim, site.heads, site.diffusers_name))
                 dtype = base.module_state_dict(spec.index)["to_q.weight"].dtype
-                state.update({f"{i}.{k}": v.detach().to("cpu", dtype).contiguous() for k, v in module.state_dict().items()})
+                state.update({f"{i}.{k}": v.detach().to("cpu", dtype).contiguous()
+                              for k, v in module.state_dict().items()})
                 del module, data
     layers.clear()
     return LinFusionWeights(base.source, specs, state, "distilled"), report

@@ -238,7 +238,8 @@ def apply_linfusion_controlnet(control_net, weights: LinFusionWeights, source: s
         patcher = modules_patcher(weights, placements, control_model.dtype, control_net.manual_cast_dtype,
                                   control_net.load_device, comfy.model_management.unet_offload_device())
         install = ControlLinFusion(weights, source, placements, patcher)
-        where = f"{len(placements)} self-attention modules patched ({control_family(control_model, [p.site for p in placements])})"
+        family = control_family(control_model, [p.site for p in placements])
+        where = f"{len(placements)} self-attention modules patched ({family})"
 
     patched = control_net.copy()
     if is_linfusion_control(control_net):

@@ -65,7 +65,7 @@ def distilled_path(folder: str, name: str, digest: str) -> str:
 
 @dataclass
 class LayerData:
-    """One attn1's input (its normed tokens) and its softmax output, B x N x C in fp32."""
+    """One attn1's input (its normed tokens) and its softmax output, B x N x C in the ControlNet's dtype."""
     x: torch.Tensor
     y: torch.Tensor
 
@@ -133,7 +133,7 @@ def capture_layers(control_model, placements, inputs: dict) -> list[LayerData]:
 
     def hook_for(i):
         def hook(module, args, output):
-            store[i] = [args[0].detach().float().clone(), output.detach().float().clone()]
+            store[i] = [args[0].detach().clone(), output.detach().clone()]
         return hook
 
     try:
@@ -215,6 +215,7 @@ def distill(control_net, base: LinFusionWeights, hint_image, conditioning=None, 
         specs, state, report = [], {}, []
         with torch.enable_grad():
             for i, (placement, data) in enumerate(zip(placements, layers)):
+                data = LayerData(data.x.float(), data.y.float())   # one layer in fp32 at a time
                 module = student(base, placement, device)
                 with torch.no_grad():
                     before = relative_error(module(data.x), data.y)

@@ -280,6 +280,11 @@ def test_distilled_modules_track_the_controlnets_softmax_attention(core, control
                                                       steps=DISTILL_STEPS, size=DISTILL_SIZE)
     assert summary.startswith("loaded") and all(torch.equal(again.state_dict[k].float(), v.float())
                                                 for k, v in distilled.state_dict.items())
+    # the node's path: the saved file is found by the ControlNet's hash and installed
+    patched, info = distill.linfusion_controlnet(control, weights, "distilled for this ControlNet", DISTILL_STEPS,
+                                                 image, None, "my_canny.safetensors", str(tmp_path))
+    assert f"loaded {saved.name}" in info and "3 self-attention modules patched" in info
+    assert torch.equal(patched.linfusion.patcher.model.blocks[0].to_q.weight, again.module_state_dict(0)["to_q.weight"])
     monkeypatch.undo()
 
     # Interrupted: nothing saved, no hook left on the ControlNet, the flag consumed.

@@ -169,7 +169,7 @@ def fit_layer(module: LinFusionAttention, data: LayerData, steps: int, lr: float
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
-    scale = data.y.pow(2).mean()
+    scale = data.y.pow(2).mean().clamp_min(1e-12)
     loss_value = float("nan")
     for step in range(steps):
         for group in opt.param_groups:
@@ -214,8 +214,9 @@ def distill(control_net, base: LinFusionWeights, hint_image, conditioning=None, 
         tick()
         specs, state, report = [], {}, []
         with torch.enable_grad():
-            for i, (placement, data) in enumerate(zip(placements, layers)):
-                data = LayerData(data.x.float(), data.y.float())   # one layer in fp32 at a time
+            for i, placement in enumerate(placements):
+                data, layers[i] = layers[i], None
+                data = LayerData(data.x.float(), data.y.float())   # one layer in fp32 at a time, freed as we go
                 module = student(base, placement, device)
                 with torch.no_grad():
                     before = relative_error(module(data.x), data.y)
@@ -230,7 +231,6 @@ def distill(control_net, base: LinFusionWeights, hint_image, conditioning=None, 
                 state.update({f"{i}.{k}": v.detach().to("cpu", dtype).contiguous()
                               for k, v in module.state_dict().items()})
                 del module, data
-    layers.clear()
     return LinFusionWeights(base.source, specs, state, "distilled"), report
 
 

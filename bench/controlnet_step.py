@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -169,9 +170,16 @@ def run(sizes, variants=VARIANTS, repeats: int = 1, core=None, warmup: bool = Tr
                 model, cn = models[variant]
                 if warmup:
                     one_step(model, cn, WARMUP_PIXELS)
-                times = [one_step(model, cn, pixels, seed=i) for i in range(repeats)]
+                calls = []   # the ControlNet really ran at this size (a check on the figures, not a timing)
+                hook = control.control_model.register_forward_hook(lambda m, a, k, o: calls.append(
+                    tuple(k["x"].shape)), with_kwargs=True)
+                try:
+                    times = [one_step(model, cn, pixels, seed=i) for i in range(repeats)]
+                finally:
+                    hook.remove()
                 rows.append({"pixels": pixels, "variant": variant, "times_s": times,
-                             "median_s": statistics.median(times)})
+                             "median_s": statistics.median(times), "controlnet_calls": [list(c) for c in calls],
+                             "load_average": list(os.getloadavg())})
                 log.info("[bench] %d px %-16s %.1f s", pixels, variant, rows[-1]["median_s"])
     finally:
         undo()

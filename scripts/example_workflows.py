@@ -201,11 +201,16 @@ def wf_sdxl_demofusion(g: UIGraph):
 
 def wf_controlnet(g: UIGraph):
     with g.group("1. Models", 0):
-        g.note("## ControlNet + LinFusion, 2048 x 2048\n\nComfyUI's own ControlNet nodes work unchanged on the "
-               "LinFusion model: the edges of your image steer a 2048 x 2048 generation. Load any image; the "
-               "Canny node turns it into the edge map the canny ControlNet expects.\n\n" + LINFUSION_FOLDER_NOTE,
-               title="About this workflow", width=420, height=430)
-        model, clip, vae = checkpoint_and_linfusion(g, SD15_CKPT, LINFUSION_SD15)
+        g.note("## ControlNet + LinFusion, 2048 x 2048\n\nComfyUI's own ControlNet nodes steer a 2048 x 2048 "
+               "LinFusion generation with the edges of your image. Load any image; the Canny node turns it into "
+               "the edge map the canny ControlNet expects. **LinFusion ControlNet** gives the ControlNet's own "
+               "self-attention LinFusion too, so the ControlNet does not bring back the quadratic cost LinFusion "
+               "removed from the UNet.\n\n" + LINFUSION_FOLDER_NOTE,
+               title="About this workflow", width=420, height=480)
+        loader = g.node("CheckpointLoaderSimple", ckpt_name=SD15_CKPT, models=model_entry(SD15_CKPT))
+        lin = g.node("LinFusionLoader", linfusion_name=LINFUSION_SD15)
+        model = g.node("ApplyLinFusion", model=loader["MODEL"], linfusion=lin[0])[0]
+        clip, vae = loader["CLIP"], loader["VAE"]
         control = g.node("ControlNetLoader", control_net_name=CONTROLNET_CANNY, models=model_entry(CONTROLNET_CANNY))
     with g.group("2. Control image", 1):
         image = g.node("LoadImage", image=INPUT_IMAGE)[0]
@@ -213,9 +218,19 @@ def wf_controlnet(g: UIGraph):
         g.node("PreviewImage", images=edges)
     with g.group("3. Prompt", 2):
         pos, neg = prompts(g, clip)
-        cond = g.node("ControlNetApplyAdvanced", positive=pos, negative=neg, control_net=control[0], image=edges,
+    with g.group("4. LinFusion in the ControlNet", 2):
+        g.note("**Which modules** (`source`):\n\n- **base modules** (default): LinFusion-1-5's modules of the UNet "
+               "blocks the ControlNet copies. Immediate; the ControlNet's attention then differs a little from its "
+               "softmax original.\n- **distilled for this ControlNet**: first fits every module to this "
+               "ControlNet's own attention at 512 px (this image and prompt, `distill_steps` per layer: minutes "
+               "on a GPU, once), saved in `models/linfusion/controlnet_distilled/` and reused next time.\n\n"
+               "Bypass the node (Ctrl+B) to run the ControlNet with softmax attention (slower at 2048 px).",
+               title="LinFusion ControlNet: base or distilled", width=NODE_WIDTH, height=330)
+        lf_control = g.node("LinFusionControlNet", control_net=control[0], linfusion=lin[0], image=edges,
+                            conditioning=pos, source="base modules")
+        cond = g.node("ControlNetApplyAdvanced", positive=pos, negative=neg, control_net=lf_control[0], image=edges,
                       strength=0.8, start_percent=0.0, end_percent=1.0, vae=vae)
-    with g.group("4. Generate 2048 x 2048", 3):
+    with g.group("5. Generate 2048 x 2048", 3):
         latent = g.node("EmptyLatentImage", width=2048, height=2048, batch_size=1)[0]
         samples = sampler(g, model, cond[0], cond[1], latent)
         out = g.node("VAEDecode", samples=samples, vae=vae)[0]

@@ -1,6 +1,7 @@
 """Low-memory mode changes memory only: the sampled latents match normal mode (fp32, tolerance 1e-5 relative to
 the latent scale), and every patch is gone once the model is unloaded."""
 import importlib
+import inspect
 
 import pytest
 import torch
@@ -58,8 +59,13 @@ def test_chunked_feed_forward_equals_the_plain_one(lm, hm, pieces, sizes):
 def test_paper_chunking_is_the_default(lm):
     import nodes
 
-    inputs = nodes.NODE_CLASS_MAPPINGS["LinFusionLowMemory"].INPUT_TYPES()["required"]
+    types = nodes.NODE_CLASS_MAPPINGS["LinFusionLowMemory"].INPUT_TYPES()
+    # The inputs added after the first release are optional (older API prompts lack them) with the paper's values.
+    inputs = {**types["required"], **types["optional"]}
+    assert {"ff_chunking", "ff_chunks", "offload_other_models"} <= set(types["optional"])
     assert inputs["ff_chunking"][1]["default"] == "chunks" and inputs["ff_chunks"][1]["default"] == 16
+    defaults = inspect.signature(nodes.NODE_CLASS_MAPPINGS["LinFusionLowMemory"].patch).parameters
+    assert [defaults[k].default for k in ("ff_chunking", "ff_chunks", "offload_other_models")] == ["chunks", 16, True]
     assert inputs["park_skips"][1]["default"] is True and inputs["offload_other_models"][1]["default"] is True
     assert lm.LowMemoryOptions().feed_forward_pieces() == {"chunks": 16}
     assert lm.LowMemoryOptions(ff_chunking="tokens", ff_chunk_tokens=4096).feed_forward_pieces() == \

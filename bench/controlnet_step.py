@@ -13,15 +13,15 @@ ControlNet applied by ComfyUI's own Apply ControlNet node), softmax attention on
   linfusion_lf_cn     LinFusion UNet + LinFusion ControlNet (the LinFusion ControlNet node, base modules)
 The goal: speed-up(sd_cn -> linfusion_lf_cn) >= 90 % of speed-up(sd -> linfusion) at the same size.
 
-Self-contained (its own model builders and weights), so bench/ can be restructured around it: `run(sizes, ...)`
-returns one dict per (size, variant) plus one summary dict per size.
+The models are bench/models.py's and the timing bench/timing.py's, as for every other section; run_all.py's
+`controlnet` section calls `run(sizes, ...)`, which returns one dict per (size, variant) plus one summary dict
+per size.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -32,66 +32,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 log = logging.getLogger("LinFusion")
 
-# ComfyUI's unet_config for the SD1.5 checkpoint (comfy.model_detection), the ControlNet mirrors it.
-SD15_UNET = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-    "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
-    "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-    "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
-    "context_dim": 768, "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "use_temporal_attention": False, "use_temporal_resblock": False,
-}
 VARIANTS = ("sd", "linfusion", "sd_cn", "linfusion_cn", "linfusion_lf_cn")
 GOAL = 0.9
 WARMUP_PIXELS = 256
-
-
-@torch.no_grad()
-def fill_random(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Unit-scale activations: weights std 1/sqrt(fan_in), norm weights 1, biases 0 (ComfyUI layers skip init)."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        for name, p in m.named_parameters(recurse=False):
-            if p.ndim >= 2:
-                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=gen)
-            else:
-                p.fill_(1.0 if name == "weight" else 0.0)
-    return module
-
-
-def build_unet(seed: int = 0):
-    import comfy.model_detection
-    import comfy.model_patcher
-
-    config = comfy.model_detection.model_config_from_unet_config(dict(SD15_UNET, dtype=torch.float32))
-    config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({}, "", device=torch.device("cpu"))
-    fill_random(model.diffusion_model, seed).eval()
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
-
-
-def build_controlnet(seed: int = 1):
-    import comfy.cldm.cldm
-    import comfy.controlnet
-    import comfy.ops
-
-    config = {k: v for k, v in SD15_UNET.items() if k != "out_channels"}
-    net = comfy.cldm.cldm.ControlNet(hint_channels=3, **config, dtype=torch.float32, device=torch.device("cpu"),
-                                     operations=comfy.ops.disable_weight_init)
-    return comfy.controlnet.ControlNet(fill_random(net, seed).eval(), load_device=torch.device("cpu"))
-
-
-def linfusion_weights(core, patcher, seed: int = 2):
-    """Random LinFusion-1-5-layout weights (16 modules, MLP width = C) named after the UNet's attn1 modules."""
-    ckpt = core.checkpoint
-    sites = core.block_map.attn1_sites(patcher.model.diffusion_model, patcher.model.model_config.unet_config)
-    specs, sd = [], {}
-    for i, s in enumerate(sites):
-        module = fill_random(core.module.LinFusionAttention(s.dim, s.heads, None, dtype=torch.float32), seed + i)
-        sd.update({f"{i}.{k}": v for k, v in module.state_dict().items()})
-        specs.append(ckpt.ModuleSpec(i, s.dim, s.dim, s.heads, s.diffusers_name))
-    return ckpt.LinFusionWeights("bench-LinFusion-1-5", specs, sd, "config.json")
 
 
 def sdpa_everywhere():
@@ -104,8 +47,8 @@ def sdpa_everywhere():
     return lambda: setattr(attn, "optimized_attention", saved)
 
 
-def one_step(model, control, pixels: int, seed: int = 0) -> float:
-    """Seconds of one sampler step at pixels x pixels (batch 2 = cond + uncond)."""
+def one_step(model, control, pixels: int, seed: int = 0) -> None:
+    """One sampler step at pixels x pixels (batch 2 = cond + uncond), as workflow 4 runs it."""
     import comfy.sample
     import nodes
 
@@ -118,10 +61,8 @@ def one_step(model, control, pixels: int, seed: int = 0) -> float:
         pos, neg = nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, control, hint, 0.8, 0.0, 1.0)
     latent = torch.zeros(1, 4, pixels // 8, pixels // 8)
     noise = torch.randn(latent.shape, generator=g)
-    start = time.perf_counter()
     with torch.no_grad():
         comfy.sample.sample(model, noise, 1, 7.5, "euler", "normal", pos, neg, latent, disable_pbar=True, seed=seed)
-    return time.perf_counter() - start
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -146,18 +87,25 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def run(sizes, variants=VARIANTS, repeats: int = 1, core=None, warmup: bool = True) -> list[dict]:
+def run(sizes, variants=VARIANTS, repeats: int = 1, core=None, warmup: bool = True, device=None,
+        quick: bool = False, work: Path | None = None) -> list[dict]:
     """Time every variant at every size; returns rows {pixels, variant, times_s, median_s} and one summary row
-    per size (speed-ups and the fraction of the UNet's speed-up the ControlNet graph keeps)."""
-    import statistics
+    per size (speed-ups and the fraction of the UNet's speed-up the ControlNet graph keeps). The models are
+    bench/models.py's (the same UNet, weights and ControlNet builders as every other section)."""
+    import tempfile
+
+    from bench import models as bench_models
+    from bench import timing
 
     if core is None:
         core = next(m for name, m in sys.modules.items() if name.endswith(".linfusion_core")
                     and hasattr(m, "controlnet_patch"))
-    unet = build_unet()
-    weights = linfusion_weights(core, unet)
+    device = torch.device(device or bench_models.device())
+    work = work or Path(tempfile.mkdtemp(prefix="linfusion-bench-cn-"))
+    unet = bench_models.build("sd15", quick)
+    weights = bench_models.linfusion_weights(core, unet, "sd15", work / "linfusion")
     lf_unet, _ = core.patch.apply_linfusion(unet, weights)
-    control = build_controlnet()
+    control = bench_models.controlnet("sd15", quick)
     lf_control, info = core.controlnet_patch.apply_linfusion_controlnet(control, weights)
     log.info("[bench] %s", info)
     models = {"sd": (unet, None), "linfusion": (lf_unet, None), "sd_cn": (unet, control),
@@ -168,18 +116,20 @@ def run(sizes, variants=VARIANTS, repeats: int = 1, core=None, warmup: bool = Tr
         for pixels in sizes:
             for variant in variants:
                 model, cn = models[variant]
-                if warmup:
-                    one_step(model, cn, WARMUP_PIXELS)
+                if warmup:   # a small step first: one-time set-up costs stay out of the timed full-size step
+                    one_step(model, cn, min(WARMUP_PIXELS, pixels))
                 calls = []   # the ControlNet really ran at this size (a check on the figures, not a timing)
                 hook = control.control_model.register_forward_hook(lambda m, a, k, o: calls.append(
                     tuple(k["x"].shape)), with_kwargs=True)
+                seeds = iter(range(repeats))
                 try:
-                    times = [one_step(model, cn, pixels, seed=i) for i in range(repeats)]
+                    timed = timing.measure(lambda: one_step(model, cn, pixels, seed=next(seeds)), device, repeats,
+                                           warmup=False)
                 finally:
                     hook.remove()
-                rows.append({"pixels": pixels, "variant": variant, "times_s": times,
-                             "median_s": statistics.median(times), "controlnet_calls": [list(c) for c in calls],
-                             "load_average": list(os.getloadavg())})
+                rows.append({"pixels": pixels, "variant": variant, "times_s": timed["times_s"],
+                             "median_s": timed["median_s"], "peak_bytes": timed["peak_bytes"],
+                             "controlnet_calls": [list(c) for c in calls], "load_average": list(os.getloadavg())})
                 log.info("[bench] %d px %-16s %.1f s", pixels, variant, rows[-1]["median_s"])
     finally:
         undo()

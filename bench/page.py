@@ -43,7 +43,7 @@ NOTES = {
                  "(its own self-attention is softmax), the rest of the UNet; VAE = the workflow's decode "
                  "divided by its step count. One run each.",
     "peers": "Other implementations at the same output size, from checkouts given on the command line.",
-    "controlnet": "A LinFusion ControlNet step, from bench/controlnet_step.py when present.",
+    "controlnet": "Workflow 4's step (UNet + ControlNet, SDPA softmax elsewhere): plain SD, LinFusion UNet, and with a softmax or a LinFusion ControlNet (bench/controlnet_step.py); kept_fraction = the ControlNet graph's speed-up over the UNet's (goal 0.9).",
     "ladder": "One high-res ladder stage: one step of SD1.5 + LinFusion + Low-Memory Mode + Tiled UNet, and "
               "one tiled VAE decode (not a full sampling); peak = torch.cuda.max_memory_allocated on a GPU.",
 }
@@ -232,9 +232,11 @@ def peers_section(rows, steps) -> list[str]:
 
 
 def generic_section(rows, keys=None) -> list[str]:
-    keys = keys or list(dict.fromkeys(k for r in rows for k in r if k not in ("times_s",)))
+    keys = keys or list(dict.fromkeys(k for r in rows for k in r
+                                      if k not in ("times_s", "controlnet_calls", "load_average")))
     fmt = lambda k, v: secs_value(v) if k.endswith("_s") and isinstance(v, float) else (
-        f"{v / MiB:.0f} MiB" if k.endswith("bytes") and v is not None else v)
+        f"{v / MiB:.0f} MiB" if k.endswith("bytes") and isinstance(v, (int, float)) else (
+            f"{v:.3g}" if isinstance(v, float) else v))
     return table(keys, [[fmt(k, r.get(k, "-")) for k in keys] for r in rows])
 
 

@@ -144,7 +144,7 @@ def measure_all(core, args, plan, key, sections, budget, work, save) -> None:
 
     for family in ("sd15", "sdxl"):
         if not ({family, "breakdown"} & sections or (family == "sd15" and sections & {
-                "low_memory", "tiled_unet", "peers", "ladder", "tiled_vae"})):
+                "low_memory", "tiled_unet", "peers", "ladder", "tiled_vae", "controlnet"})):
             continue
         base = models.build(family, tiny, dtype)
         weights = models.linfusion_weights(core, base, family, work / "linfusion" / family)
@@ -167,7 +167,7 @@ def measure_all(core, args, plan, key, sections, budget, work, save) -> None:
                                          "tiled_diffusion": args.tiled_diffusion}, base, weights, family,
                                         plan["peers"], n, budget, tiny))
             if "controlnet" in sections and key not in ("cuda", "smoke"):
-                save("controlnet", controlnet_rows(plan["sd15"][:1], device))
+                save("controlnet", controlnet_rows(core, plan["sd15"][:1], device, tiny))
             if "ladder" in sections and plan["ladder"]:
                 save("ladder", ladder_stage.run(core, base, weights, vae, plan["ladder"], plan["tile"],
                                                 plan["vae_tile"], budget, predict_step))
@@ -181,13 +181,11 @@ def measure_all(core, args, plan, key, sections, budget, work, save) -> None:
         gc.collect()
 
 
-def controlnet_rows(sizes, device) -> list[dict]:
-    """bench/controlnet_step.py (a LinFusion ControlNet, from another branch) when this checkout has it."""
-    if not (REPO / "bench" / "controlnet_step.py").exists():
-        return [{"skipped": "bench/controlnet_step.py is not in this checkout"}]
+def controlnet_rows(core, sizes, device, quick) -> list[dict]:
+    """Workflow 4's step with a softmax vs a LinFusion ControlNet (bench/controlnet_step.py)."""
     try:
         from bench import controlnet_step
-        return controlnet_step.run(sizes, device=device)
+        return controlnet_step.run(sizes, core=core, device=device, quick=quick)
     except Exception as e:       # its interface is its own; a mismatch is reported on the page, not fatal
         log.exception("[LinFusion] bench controlnet_step failed")
         return [{"skipped": f"bench/controlnet_step failed: {type(e).__name__}: {str(e)[:160]}"}]

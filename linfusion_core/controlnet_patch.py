@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from .block_map import attn1_sites
 from .checkpoint import LinFusionLoadError, LinFusionWeights, families_compatible
 from .patch import LinFusionForward, build_modules, modules_patcher
-from .placement import _FAMILY_BY_CONTEXT_DIM, Placement
+from .placement import FAMILY_BY_CONTEXT_DIM, Placement, check_pairs
 
 log = logging.getLogger("LinFusion")
 
@@ -71,7 +71,7 @@ def control_family(control_model, sites) -> str:
     import comfy.utils
 
     attn2 = comfy.utils.get_attr(control_model, sites[0].comfy_path[: -len("attn1")] + "attn2")
-    return _FAMILY_BY_CONTEXT_DIM.get(attn2.to_k.in_features, "unknown")
+    return FAMILY_BY_CONTEXT_DIM.get(attn2.to_k.in_features, "unknown")
 
 
 def place_control_modules(weights: LinFusionWeights, control_model) -> list[Placement]:
@@ -104,13 +104,7 @@ def place_control_modules(weights: LinFusionWeights, control_model) -> list[Plac
             raise LinFusionLoadError(mismatch + ": too few modules.")
         specs = weights.modules[: len(down)] + (weights.modules[-len(mid):] if mid else [])
         pairs = [Placement(spec, site) for spec, site in zip(specs, down + mid)]
-    for p in pairs:
-        if p.spec.dim != p.site.dim:
-            raise LinFusionLoadError(mismatch + f": module {p.spec.index} has {p.spec.dim} channels where "
-                                     f"{p.site.diffusers_name} has {p.site.dim}.")
-        if p.spec.heads is not None and p.spec.heads != p.site.heads:
-            raise LinFusionLoadError(mismatch + f": module {p.spec.index} ({p.site.diffusers_name}) was made for "
-                                     f"{p.spec.heads} heads, the ControlNet uses {p.site.heads}.")
+    check_pairs(pairs, mismatch, "the ControlNet")
     return pairs
 
 

@@ -11,7 +11,7 @@ from .checkpoint import LinFusionLoadError, LinFusionWeights, ModuleSpec, famili
 log = logging.getLogger("LinFusion")
 
 # ComfyUI model_config class names, for messages.
-_FAMILY_BY_CONTEXT_DIM = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL", 1280: "SDXL refiner"}
+FAMILY_BY_CONTEXT_DIM = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL", 1280: "SDXL refiner"}
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class Placement:
 def model_family(base_model) -> str:
     """SD1.x / SD2.x / SDXL / ... of a ComfyUI BaseModel, from its UNet config (finetunes included)."""
     config = getattr(getattr(base_model, "model_config", None), "unet_config", None) or {}
-    return _FAMILY_BY_CONTEXT_DIM.get(config.get("context_dim"), "unknown")
+    return FAMILY_BY_CONTEXT_DIM.get(config.get("context_dim"), "unknown")
 
 
 def model_label(base_model) -> str:
@@ -76,15 +76,19 @@ def place_modules(weights: LinFusionWeights, base_model) -> list[Placement]:
         # No names: the file order is diffusers named_modules() order (down, up, mid last).
         pairs = [Placement(spec, site) for spec, site in zip(weights.modules, sites)]
 
+    check_pairs(pairs, mismatch, "the model", f" Load the LinFusion weights made for {expected}.")
+    return pairs
+
+
+def check_pairs(pairs: list[Placement], mismatch: str, target: str, advice: str = "") -> None:
+    """Every module has its site's channels and, where the file says, its head count; else raise `mismatch`."""
     for p in pairs:
         if p.spec.dim != p.site.dim:
             raise LinFusionLoadError(mismatch + f": module {p.spec.index} has {p.spec.dim} channels where "
                                      f"{p.site.diffusers_name} has {p.site.dim}.")
         if p.spec.heads is not None and p.spec.heads != p.site.heads:
             raise LinFusionLoadError(mismatch + f": module {p.spec.index} ({p.site.diffusers_name}) was made for "
-                                     f"{p.spec.heads} heads, the model uses {p.site.heads}. Load the LinFusion "
-                                     f"weights made for {expected}.")
-    return pairs
+                                     f"{p.spec.heads} heads, {target} uses {p.site.heads}.{advice}")
 
 
 def assumed_family_note(weights: LinFusionWeights, base_model) -> str | None:

@@ -1,6 +1,7 @@
 """Session fixtures: one real ComfyUI host per test run (see comfy_harness.py)."""
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -38,3 +39,20 @@ def fixtures(host):
     from fixture_models import FixtureModels
 
     return FixtureModels(MODEL_ROOT)
+
+
+# The high-resolution tests' tiny real models (tests/highres_models.py), the ladder's core module, a tiny VAE.
+@pytest.fixture(scope="session")
+def hm(host):
+    import highres_models
+    return highres_models
+
+
+@pytest.fixture(scope="session")
+def pu(core):
+    return importlib.import_module(core.__name__ + ".progressive_upscale")
+
+
+@pytest.fixture(scope="session")
+def vae(hm):
+    return hm.tiny_vae()

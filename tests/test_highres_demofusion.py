@@ -12,12 +12,6 @@ def df(core):
 
 
 @pytest.fixture(scope="module")
-def hm(host):
-    import highres_models
-    return highres_models
-
-
-@pytest.fixture(scope="module")
 def node(host):
     import nodes
     return nodes.NODE_CLASS_MAPPINGS["LinFusionDemoFusion"]()

@@ -14,12 +14,6 @@ def lm(core):
     return importlib.import_module(core.__name__ + ".low_memory")
 
 
-@pytest.fixture(scope="module")
-def hm(host):
-    import highres_models
-    return highres_models
-
-
 def ksample(model, latent, hm, positive=None, negative=None, steps=3):
     import nodes
     positive = positive or hm.conditioning(10)

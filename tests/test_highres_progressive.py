@@ -6,22 +6,6 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="module")
-def hm(host):
-    import highres_models
-    return highres_models
-
-
-@pytest.fixture(scope="module")
-def pu(core):
-    return importlib.import_module(core.__name__ + ".progressive_upscale")
-
-
-@pytest.fixture(scope="module")
-def vae(hm):
-    return hm.tiny_vae()
-
-
 def run_node(model, vae, hm, latent, positive=None, negative=None, **overrides):
     import nodes
     args = dict(seed=1, stages=2, target_width=0, target_height=0, ladder="sd15", strengths="", base_steps=10,

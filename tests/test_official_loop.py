@@ -16,7 +16,6 @@ in development runs: conditioning on the stage size instead of the final one 6e-
 model input instead of the sampler state 2e-5 at 16 steps of strength 0.32 (5e-2 at strength 0.7, asserted
 below).
 """
-import importlib
 import math
 
 import pytest
@@ -24,22 +23,6 @@ import torch
 import torch.nn.functional as F
 
 TOL = 5e-6  # relative to the largest latent magnitude; see the module docstring
-
-
-@pytest.fixture(scope="module")
-def hm(host):
-    import highres_models
-    return highres_models
-
-
-@pytest.fixture(scope="module")
-def pu(core):
-    return importlib.import_module(core.__name__ + ".progressive_upscale")
-
-
-@pytest.fixture(scope="module")
-def vae(hm):
-    return hm.tiny_vae()
 
 
 @pytest.fixture(scope="module")

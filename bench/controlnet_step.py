@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)
-    sys.path[:0] = [str(REPO / "tests")]
+    sys.path[:0] = [str(REPO), str(REPO / "tests")]   # bench.* and the test harness
     from comfy_harness import get_host   # boots ComfyUI and loads this checkout with its own loader
     import tempfile
 

@@ -41,13 +41,14 @@ def fill_weights(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
 
 
-def unet_patcher(unet_config: dict = TINY_UNET, seed: int = 0, dtype=torch.float32):
-    """A ModelPatcher around a real comfy BaseModel (SD15 family: eps prediction, SD1 latent format)."""
+def unet_patcher(unet_config: dict = TINY_UNET, seed: int = 0, dtype=torch.float32, family: str = "SD15"):
+    """A ModelPatcher around a real comfy BaseModel of the family's model class (SD15: eps prediction, SD1 latent
+    format; SDXL: also encode_adm)."""
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
 
-    model_config = comfy.supported_models.SD15(dict(unet_config))
+    model_config = getattr(comfy.supported_models, family)(dict(unet_config))
     model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({}, device=torch.device("cpu"))
     fill_weights(model.diffusion_model, seed)
@@ -121,16 +122,7 @@ SDXL_POOLED_DIM = 1280  # adm 2816 = pooled text 1280 + 6 size ids x 256
 
 def sdxl_unet_patcher(seed: int = 0, dtype=torch.float32):
     """A ModelPatcher around a real comfy.model_base.SDXL (eps prediction, SDXL latent format, encode_adm)."""
-    import comfy.model_management
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    model_config = comfy.supported_models.SDXL(dict(TINY_SDXL_UNET))
-    model_config.set_inference_dtype(dtype, None)
-    model = model_config.get_model({}, device=torch.device("cpu"))
-    fill_weights(model.diffusion_model, seed)
-    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
-                                            offload_device=comfy.model_management.unet_offload_device())
+    return unet_patcher(TINY_SDXL_UNET, seed, dtype, family="SDXL")
 
 
 def sdxl_conditioning(seed: int, tokens: int = 8, **options):

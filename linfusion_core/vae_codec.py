@@ -48,34 +48,26 @@ class VaeCodec:
     def _run(self, what: str, x: torch.Tensor, untiled, tiled):
         import comfy.model_management as mm
 
-        tile = self._tile(x.shape, what)
+        tile = self._tile(x.shape, what)     # 0: untiled
         with progress.unit():
             bar = progress.NestedBar()
-            if tile == 0:
-                out_of_memory = False
-                try:
-                    out = untiled(bar)
-                    self.passes.append((what, "untiled"))
-                    return out
-                except mm.OOM_EXCEPTION:
-                    out_of_memory = True      # retried outside the except block, so its tensors are freed
-                if out_of_memory:
-                    log.warning("[LinFusion] the untiled VAE %s ran out of memory; using the exact tiled VAE "
-                                "(%d px tiles, same result)", what, AUTO_TILE)
-                    tile = AUTO_TILE
             while True:
-                out_of_memory = False
                 try:
-                    out, note = tiled(tile, bar)
-                    self.passes.append((what, f"tiled {tile}" if note is None else "untiled (VAE not tileable)"))
+                    if tile == 0:
+                        out, how = untiled(bar), "untiled"
+                    else:
+                        out, note = tiled(tile, bar)
+                        how = f"tiled {tile}" if note is None else "untiled (VAE not tileable)"
+                    self.passes.append((what, how))
                     return out
                 except mm.OOM_EXCEPTION:
-                    if tile // 2 < MIN_TILE:
+                    if tile != 0 and tile // 2 < MIN_TILE:
                         raise
-                    out_of_memory = True
-                if out_of_memory:
-                    tile //= 2
-                    log.warning("[LinFusion] tiled VAE %s ran out of memory; retrying with %d px tiles", what, tile)
+                # Retried outside the except block, so the failed attempt's tensors are freed first. Untiled
+                # falls back to the exact tiled VAE (same result); tiled halves its tile.
+                previous, tile = tile, AUTO_TILE if tile == 0 else tile // 2
+                log.warning("[LinFusion] the %s VAE %s ran out of memory; using the exact tiled VAE with %d px tiles "
+                            "(same result)", "untiled" if previous == 0 else f"{previous} px tiled", what, tile)
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         images = self._run("decode", samples, lambda bar: tiled_vae.decode_untiled(self.vae, samples, bar),

@@ -45,9 +45,11 @@ def workflows() -> list[dict]:
     return found
 
 
-def run(core, family, base, weights, vae, cnet, quick: bool, budget, predict_step) -> list[dict]:
-    """The workflows of one family; cnet: family -> ControlNet; predict_step(family, pixels) -> seconds."""
-    device, rows = models.device(), []
+def run(core, family, base, weights, vae, cnet, quick: bool, budget, predict_step, max_step_s: float) -> list[dict]:
+    """The workflows of one family; cnet: family -> ControlNet; predict_step(family, pixels) -> seconds.
+    A step predicted over max_step_s is skipped with its estimate; a step another workflow already measured
+    (same family, patches, ControlNet and size) is not run twice: its row names that workflow."""
+    device, rows, done = models.device(), [], {}
     for wf in (w for w in workflows() if w["family"] == family):
         if "skipped" in wf:
             rows.append(wf)
@@ -60,8 +62,14 @@ def run(core, family, base, weights, vae, cnet, quick: bool, budget, predict_ste
             plans += [("sdpa", True), (wf["variant"], False), ("sdpa", False)]
         for variant, with_cnet in plans:
             row = dict(wf, variant=variant, controlnet=with_cnet)
-            guess = predict_step(family, w * h)
-            skip = budget.refuse(guess, 1) or (None if guess is not None or quick else {
+            same = (variant, with_cnet, w, h, wf["tile"], wf["vae_tile"])
+            if same in done:
+                own = variant == wf["variant"] and with_cnet == wf["controlnet"]     # its decode is timed too
+                keep = ("times_s", "median_s", "n", "peak_bytes", "attn1_s", "controlnet_s") + ("vae_s",) * own
+                rows.append(dict(row, same_as=done[same]["workflow"], **{k: done[same][k] for k in keep if k in done[same]}))
+                continue
+            guess = predict_step(family, w * h, variant)
+            skip = budget.refuse(guess, 1, max_step_s) or (None if guess is not None or quick else {
                 "skipped": f"no measured {family} step to predict its time from (run the {family} section too)"})
             if skip:
                 rows.append({**row, **skip})
@@ -83,6 +91,7 @@ def run(core, family, base, weights, vae, cnet, quick: bool, budget, predict_ste
                     if wf["vae_tile"] else (lambda: vae.decode(latent))
                 row["vae_s"] = measure(decode, device, 1, warmup=False)["median_s"]
             rows.append(row)
+            done[same] = row
             log.info("[LinFusion] bench breakdown %s %s cnet=%s: %.2f s", wf["workflow"], variant, with_cnet,
                      row["median_s"])
     return rows

@@ -208,7 +208,8 @@ def breakdown_section(rows) -> list[str]:
         if "vae_s" in r:
             rest = r["median_s"] - (attn or 0) - (cnet or 0)
             body.append([r["workflow"], r["family"], f"{r['width']}x{r['height']}", r["variant"]
-                         + (" + ControlNet" if r["controlnet"] else ""), secs(r), pct(attn),
+                         + (" + ControlNet" if r["controlnet"] else ""),
+                         secs(r) + (f", the step of {r['same_as']}" if r.get("same_as") else ""), pct(attn),
                          pct(rest) + (" (with attn1)" if attn is None else ""), pct(cnet), pct(vae)])
         if any(x.get("workflow") == r["workflow"] and x.get("variant") == "sdpa" for x in rows):
             base = find(rows, workflow=r["workflow"], variant="sdpa", controlnet=r["controlnet"])
@@ -273,21 +274,49 @@ def headline(run) -> list[str]:
     return lines
 
 
+def idle(machine: dict, load_end) -> bool:
+    """Idle: 1-minute load under 1 before the run and at most cores + 0.5 (the run itself) at its end."""
+    return machine.get("load_start", 99) < 1.0 and (load_end if load_end is not None else 99) <= (
+        machine.get("cpu_cores") or 1) + 0.5
+
+
+def num(x) -> str:
+    return f"{x:.1f}" if isinstance(x, (int, float)) else "?"
+
+
+def runs_table(runs: list[dict]) -> list[str]:
+    """One line per command that measured rows on this page (a run keeps the rows it did not re-measure)."""
+    body = [[f"#{i}", f"`{r.get('command', '?')}`", r.get("started", "?"), f"{r.get('elapsed_s', 0) / 60:.1f}",
+             r.get("machine", {}).get("commit", "?"),
+             f"{'idle' if idle(r.get('machine', {}), r.get('load_end')) else 'NOT idle'} "
+             f"({num(r.get('machine', {}).get('load_start'))} / {num(r.get('load_end'))})",
+             ", ".join(r.get("sections", []))] for i, r in enumerate(runs)]
+    return table(["run", "command", "started", "min", "code measured", "machine (1-min load start / end)",
+                  "sections written"], body)
+
+
 def slot_section(name, run) -> list[str]:
     m, mach = run["meta"], run["meta"]["machine"]
     tiny = m["plan"] in ("quick", "smoke")
     cores = mach.get("cpu_cores") or 1
-    idle = mach.get("load_start", 99) < 1.0 and m.get("load_end", 99) <= cores + 0.5
     out = [f"## {name}", ""]
     if tiny:
         out += [f"**{m['plan']} run: small models at tiny sizes, a check that every code path runs. Do not quote "
                 "these numbers.**" + (" Not measured on a GPU." if mach["device"] == "cpu" and name.startswith("GPU") else ""), ""]
-    out += [f"`{m['command']}` started {m['started']}, {m.get('elapsed_s', 0) / 60:.1f} min, code measured: "
-            f"{mach['commit']}. The machine was {'idle' if idle else 'NOT idle'} (1-minute load average "
-            f"{mach.get('load_start', '?')} at the start, {m.get('load_end', '?')} at the end, {cores} cores; the "
-            "benchmark itself keeps them busy)."
-            + ("" if idle else " Other work shared it: absolute times are inflated and drift; ratios of "
-                               "neighbouring measurements are the more robust numbers."), ""]
+    runs = m.get("runs") or []
+    if len(runs) > 1:
+        out += ["The rows below were measured by these commands (each section names its run; a run's sections "
+                f"replace the same sections of earlier runs). Idle: 1-minute load average under 1 at the start and "
+                f"at most {cores} cores + 0.5 at the end (the benchmark itself keeps the cores busy); a run on a "
+                "NOT idle machine has inflated, drifting absolute times.", ""] + runs_table(runs) + [""]
+    else:
+        ok = idle(mach, m.get("load_end"))
+        out += [f"`{m['command']}` started {m['started']}, {m.get('elapsed_s', 0) / 60:.1f} min, code measured: "
+                f"{mach['commit']}. The machine was {'idle' if ok else 'NOT idle'} (1-minute load average "
+                f"{mach.get('load_start', '?')} at the start, {m.get('load_end', '?')} at the end, {cores} cores; the "
+                "benchmark itself keeps them busy)."
+                + ("" if ok else " Other work shared it: absolute times are inflated and drift; ratios of "
+                                 "neighbouring measurements are the more robust numbers."), ""]
     out += table(["machine", ""], [[k, v] for k, v in mach.items() if k not in ("commit",)]
                  + [[f"measured GEMM peak ({d})", f"{f / 1e9:.1f} GFLOP/s"] for d, f in m.get("gemm_peak_flops", {}).items()])
     out += ["", "Headline (computed from the rows below):", ""] + [f"- {h}" for h in headline(run)]
@@ -301,7 +330,11 @@ def slot_section(name, run) -> list[str]:
             continue
         rows = sec[key]
         out += ["", f"### {title}", "", NOTES[key]]
-        gemm = m.get("gemm_peak_flops", {})
+        made = sorted({r.get("run", 0) for r in rows})
+        if len(runs) > 1:
+            out += ["", "Measured by run " + ", ".join(f"#{i}" for i in made) + "."]
+        gemm = (runs[made[-1]] if len(runs) > 1 and made[-1] < len(runs) else m).get("gemm_peak_flops") or m.get(
+            "gemm_peak_flops", {})
         body = {"attn1": lambda: attn1_section(rows, gemm), "unet_step": lambda: step_section(rows, gemm, quick),
                 "low_memory": lambda: pairs_section(rows), "tiled_unet": lambda: pairs_section(rows),
                 "tiled_vae": lambda: vae_section(rows), "breakdown": lambda: breakdown_section(rows),

@@ -21,7 +21,7 @@ from .timing import measure, predict
 log = logging.getLogger("LinFusion")
 
 
-def official_linfusion(checkout: Path, base, weights, family: str, sizes, n: int, budget, quick: bool):
+def official_linfusion(checkout: Path, base, weights, family: str, sizes, n, budget, quick: bool):
     """Rows for the official LinFusion (SD1.5 layout); diffusers comes from the host environment."""
     from diffusers import UNet2DConditionModel
 
@@ -48,19 +48,19 @@ def official_linfusion(checkout: Path, base, weights, family: str, sizes, n: int
     rows, last = [], None
     for px in sizes:
         row = {"peer": "official LinFusion (diffusers UNet call)", "family": family, "px": px}
-        skip = budget.refuse(predict(last, px * px, 1), n)
+        skip = budget.refuse(predict(last, px * px, 1), n(px))
         if skip:
             rows.append({**row, **skip})
             continue
         x = torch.randn(2, 4, px // 8, px // 8, device=device)
         ctx, t = torch.randn(2, 77, 768, device=device), torch.tensor([500.0, 500.0], device=device)
-        row.update(measure(lambda: unet(x, t, encoder_hidden_states=ctx).sample, device, n))
+        row.update(measure(lambda: unet(x, t, encoder_hidden_states=ctx).sample, device, n(px)))
         last = (px * px, row["median_s"])
         rows.append(row)
     return rows
 
 
-def multidiffusion(checkout: Path, base, family: str, sizes, n: int, budget, tile_px: int):
+def multidiffusion(checkout: Path, base, family: str, sizes, n, budget, tile_px: int):
     """Rows for ComfyUI-TiledDiffusion's MultiDiffusion (tile tile_px, overlap tile_px / 12, batch 4)."""
     spec = importlib.util.spec_from_file_location("tiled_diffusion_peer", checkout / "__init__.py",
                                                   submodule_search_locations=[str(checkout)])
@@ -75,18 +75,18 @@ def multidiffusion(checkout: Path, base, family: str, sizes, n: int, budget, til
     rows, last, device = [], None, models.device()
     for px in sizes:
         row = {"peer": f"MultiDiffusion (ComfyUI-TiledDiffusion), tile {tile_px} px", "family": family, "px": px}
-        skip = budget.refuse(predict(last, px * px, 1), n)
+        skip = budget.refuse(predict(last, px * px, 1), n(px))
         if skip:
             rows.append({**row, **skip})
             continue
-        row.update(measure(lambda: models.sample(model, family, px), device, n, warmup=False))
+        row.update(measure(lambda: models.sample(model, family, px), device, n(px), warmup=False))
         last = (px * px, row["median_s"])
         rows.append(row)
     return rows
 
 
 def run(paths: dict, base, weights, family, sizes, n, budget, quick) -> list[dict]:
-    """paths: peer name -> checkout or None. A missing checkout gives a row that says so."""
+    """paths: peer name -> checkout or None; n(px): runs per size. A missing checkout gives a row that says so."""
     rows = []
     for name, path in paths.items():
         if not path:

@@ -16,6 +16,7 @@ import argparse
 import gc
 import json
 import logging
+import math
 import os
 import shlex
 import sys
@@ -30,19 +31,21 @@ ints = lambda text: [int(v) for v in text.split(",") if v]
 
 # What each plan measures: sizes in px, repeats n (the same for every variant compared), limits in seconds.
 PLANS = {
-    "cpu": dict(attn1="CPU_SIDES", dtypes=["float32"], attn1_n=5, max_call_s=30, steps_n=3, max_step_s=1200,
-                sd15=[512, 768, 1024, 1536, 2048], sdxl=[1024, 2048], low_memory=[1024, 2048],
-                tiled_unet=[512, 1024, 2048], tile=64, tiled_vae=[512, 1024, 2048], vae_tile=512,
-                peers=[1024, 2048], ladder=[], budget_min=480),
+    # repeat_below_px: sizes below it run steps_n times, sizes from it once (the page says n): on 2 cores one
+    # SDPA step at 2048 px takes about 14 minutes. breakdown_max_s: a workflow step predicted longer is skipped.
+    "cpu": dict(attn1="CPU_SIDES", dtypes=["float32"], attn1_n=3, max_call_s=30, steps_n=3, repeat_below_px=1024,
+                max_step_s=2400, sd15=[512, 1024, 2048], sdxl=[512, 1024, 2048], low_memory=[512, 1024, 2048],
+                tiled_unet=[512, 1024, 1536], tile=64, tiled_vae=[512, 1024, 2048], vae_tile=512,
+                peers=[1024, 2048], controlnet=[1024], breakdown_max_s=400, ladder=[], budget_min=480),
     "quick": dict(attn1="QUICK_SIDES", dtypes=["float32"], attn1_n=3, max_call_s=5, steps_n=1, max_step_s=60,
                   sd15=[64, 128], sdxl=[64], low_memory=[64], tiled_unet=[64], tile=4, tiled_vae=[64], vae_tile=32,
-                  peers=[64], ladder=[], budget_min=2),
+                  peers=[64], controlnet=[64], breakdown_max_s=60, ladder=[], budget_min=2),
     "cuda": dict(attn1="GPU_SIDES", dtypes=["float16", "bfloat16"], attn1_n=5, max_call_s=5, steps_n=3,
                  max_step_s=60, sd15=[1024, 2048, 4096], sdxl=[2048, 4096], low_memory=[], tiled_unet=[],
-                 tiled_vae=[], peers=[], ladder=[8192, 16384], tile=256, vae_tile=1024, budget_min=7),
+                 tiled_vae=[], peers=[], controlnet=[], ladder=[8192, 16384], tile=256, vae_tile=1024, budget_min=7),
     "smoke": dict(attn1="SMOKE_SIDES", dtypes=["float16", "bfloat16"], attn1_n=1, max_call_s=20, steps_n=1,
                   max_step_s=60, sd15=[64], sdxl=[64], low_memory=[], tiled_unet=[], tiled_vae=[], peers=[],
-                  ladder=[128], tile=4, vae_tile=32, budget_min=2),
+                  controlnet=[], ladder=[128], tile=4, vae_tile=32, budget_min=2),
 }
 SECTIONS = "attn1,sd15,low_memory,tiled_unet,tiled_vae,breakdown,controlnet,peers,ladder,sdxl"
 
@@ -101,29 +104,40 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     command = "python3 scripts/comfy_host.py python bench/run_all.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    run = {"meta": {"command": command.strip(), "plan": key, "plan_settings": plan,
-                    "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                    "machine": timing.machine(device, REPO)}, "sections": {}}
-    run["meta"]["gemm_peak_flops"] = {d: timing.gemm_peak_flops(device, getattr(torch, d), key in ("quick", "smoke"))
-                                      for d in plan["dtypes"]}
     slot = "gpu" if key in ("cuda", "smoke") else "cpu"
     doc = json.loads((out / "benchmarks.json").read_text()) if (out / "benchmarks.json").exists() else {}
-    doc[slot] = run
+    this = {"command": command.strip(), "plan": key, "plan_settings": plan,
+            "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": timing.machine(device, REPO),
+            "sections": []}
+    this["gemm_peak_flops"] = {d: timing.gemm_peak_flops(device, getattr(torch, d), key in ("quick", "smoke"))
+                               for d in plan["dtypes"]}
+    # A run replaces the rows it measures and keeps the others with the run that measured them, so the
+    # sections can be measured in several sittings (--sections) and the page still says where each row came from.
+    run = doc.setdefault(slot, {"meta": {}, "sections": {}})
+    runs = run["meta"].setdefault("runs", [earlier_run(run["meta"], run["sections"])] if run["sections"] else [])
+    runs.append(this)
+    run["meta"].update({k: v for k, v in this.items() if k != "sections"})
     started = time.time()
 
     def save(section, rows):
-        run["sections"][section] = rows
-        run["meta"].update(elapsed_s=time.time() - started, load_end=timing.load_average())
+        for r in rows:
+            r.setdefault("run", len(runs) - 1)
+        families = {r.get("family") for r in rows}      # sd15 and sdxl rows of a section are measured apart
+        run["sections"][section] = [r for r in run["sections"].get(section, []) if r.get("family") not in families] + rows
+        this["sections"] = sorted(set(this["sections"]) | {section})
+        this.update(elapsed_s=time.time() - started, load_end=timing.load_average())
+        run["meta"].update(elapsed_s=this["elapsed_s"], load_end=this["load_end"])
         out.mkdir(parents=True, exist_ok=True)
         (out / "benchmarks.json").write_text(json.dumps(doc, indent=1, default=str))
 
     measure_all(core, args, plan, key, set(args.sections.split(",")), timing.Budget(plan["budget_min"] * 60),
-                work, save)
+                work, save, [r for r in run["sections"].get("unet_step", []) if "source" not in r])
     print(f"written: {page.write(doc, out)}")
     return 0
 
 
-def measure_all(core, args, plan, key, sections, budget, work, save) -> None:
+def measure_all(core, args, plan, key, sections, budget, work, save, known) -> None:
+    """known: the step rows already in benchmarks.json, which predict steps this run does not measure."""
     import comfy.model_management
     import torch
     from bench import attn1, breakdown, ladder_stage, models, peers, tiled_vae, unet_step
@@ -131,16 +145,23 @@ def measure_all(core, args, plan, key, sections, budget, work, save) -> None:
     tiny = key in ("quick", "smoke")
     device = models.device()
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    n = plan["steps_n"]
+    n = lambda px: plan["steps_n"] if px < plan.get("repeat_below_px", float("inf")) else 1
     if "attn1" in sections:
         save("attn1", [r for d in plan["dtypes"] for r in attn1.run(core, device, getattr(torch, d),
                        getattr(attn1, plan["attn1"]), plan["attn1_n"], budget, plan["max_call_s"])])
     steps, shares = [], []
 
-    def predict_step(family, pixels):
-        """A step's time from the family's measured LinFusion steps, linear in the pixel count."""
-        done = [r for r in steps if r["family"] == family and r["variant"] == "linfusion" and "median_s" in r]
-        return done[-1]["median_s"] * pixels / done[-1]["px"] ** 2 if done else None
+    def predict_step(family, pixels, variant="linfusion"):
+        """A step's time from the family's measured plain steps (this run's, else the json's): a power law
+        through the two largest sizes measured, or linear (LinFusion) / quadratic (softmax) from one."""
+        base = "sdpa" if variant.startswith("sdpa") else "linfusion"
+        done = {r["px"] ** 2: r["median_s"] for r in known + steps
+                if r.get("family") == family and r.get("variant") == base and "median_s" in r}
+        if not done:
+            return None
+        (p0, t0), (p1, t1) = sorted(done.items())[-2:] if len(done) > 1 else [(None, None)] + list(done.items())
+        power = math.log(t1 / t0) / math.log(p1 / p0) if p0 else 1 if base == "linfusion" else 2
+        return t1 * (pixels / p1) ** max(1.0, power)
 
     for family in ("sd15", "sdxl"):
         if not ({family, "breakdown"} & sections or (family == "sd15" and sections & {
@@ -166,19 +187,25 @@ def measure_all(core, args, plan, key, sections, budget, work, save) -> None:
                 save("peers", peers.run({"official_linfusion": args.official_linfusion,
                                          "tiled_diffusion": args.tiled_diffusion}, base, weights, family,
                                         plan["peers"], n, budget, tiny))
-            if "controlnet" in sections and key not in ("cuda", "smoke"):
-                save("controlnet", controlnet_rows(core, plan["sd15"][:1], device, tiny))
+            if "controlnet" in sections and plan["controlnet"]:
+                save("controlnet", controlnet_rows(core, plan["controlnet"], device, tiny))
             if "ladder" in sections and plan["ladder"]:
                 save("ladder", ladder_stage.run(core, base, weights, vae, plan["ladder"], plan["tile"],
                                                 plan["vae_tile"], budget, predict_step))
         if "breakdown" in sections and key not in ("cuda", "smoke"):
             cnet = {family: models.controlnet(family, tiny, dtype)} if family == "sd15" else {}
             shares += breakdown.run(core, family, base, weights, vae or models.vae(tiny), cnet, tiny, budget,
-                                    predict_step)
+                                    predict_step, plan["breakdown_max_s"])
             save("breakdown", shares)
         del base, weights, vae
         comfy.model_management.unload_all_models()       # ComfyUI keeps loaded MODELs; SDXL needs the room
         gc.collect()
+
+
+def earlier_run(meta: dict, sections: dict) -> dict:
+    """The run record of a benchmarks.json written before runs were recorded one by one."""
+    keep = ("command", "plan", "plan_settings", "started", "machine", "gemm_peak_flops", "elapsed_s", "load_end")
+    return dict({k: meta[k] for k in keep if k in meta}, sections=sorted(sections))
 
 
 def controlnet_rows(core, sizes, device, quick) -> list[dict]:

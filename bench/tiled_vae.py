@@ -1,6 +1,6 @@
 """VAE decode three ways at growing image sizes: untiled `VAE.decode`, ComfyUI's `VAE.decode_tiled` (what
 its VAE Decode (Tiled) node runs) and the extension's exact tiled decode (VAE Decode (LinFusion tiled)).
-Time, peak memory and the largest difference to the untiled image on the [0, 1] scale.
+n(px) runs each; time, peak memory and the largest difference to the untiled image on the [0, 1] scale.
 """
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from .timing import measure, predict
 log = logging.getLogger("LinFusion")
 
 
-def run(core, vae, sizes: list[int], tile: int, n: int, budget) -> list[dict]:
+def run(core, vae, sizes: list[int], tile: int, n, budget) -> list[dict]:
     device, rows, last = torch.device(vae.device), [], None
     overlap = tile // 4                                    # VAE Decode (Tiled)'s default ratio (512 / 64 ... 32)
     for px in sizes:
-        skip = budget.refuse(predict(last, px * px, 1), 3 * n)
+        skip = budget.refuse(predict(last, px * px, 1), 3 * n(px))
         if skip:
             rows += [{"px": px, "tile": tile, "variant": v, **skip} for v in ("untiled", "comfy_tiled", "ours")]
             continue
@@ -28,7 +28,7 @@ def run(core, vae, sizes: list[int], tile: int, n: int, budget) -> list[dict]:
                    "ours": lambda: core.tiled_vae.decode(vae, latent, tile_size=tile, park="cpu")}
         ref = None
         for name, fn in decodes.items():
-            row = {"px": px, "tile": tile, "variant": name, **measure(fn, device, n, warmup=False, keep=True)}
+            row = {"px": px, "tile": tile, "variant": name, **measure(fn, device, n(px), warmup=False, keep=True)}
             image = row.pop("output").float().cpu()
             ref = image if ref is None else ref
             row["max_err"] = (image - ref).abs().max().item()

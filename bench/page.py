@@ -274,10 +274,34 @@ def headline(run) -> list[str]:
     return lines
 
 
-def idle(machine: dict, load_end) -> bool:
-    """Idle: 1-minute load under 1 before the run and at most cores + 0.5 (the run itself) at its end."""
-    return machine.get("load_start", 99) < 1.0 and (load_end if load_end is not None else 99) <= (
-        machine.get("cpu_cores") or 1) + 0.5
+def idle(record: dict, before: dict | None = None) -> bool:
+    """Idle: other processes kept under a fifth of a core busy on average during the run (other_cores);
+    for a run that did not record it, a 1-minute load under 1 at the start (or at most cores + 0.5 when the
+    run just before it ended under 2 minutes earlier: that load is its tail) and at most cores + 0.5 at the
+    end (the benchmark itself keeps the cores busy)."""
+    if record.get("other_cores") is not None:
+        return record["other_cores"] < 0.2
+    machine, cores = record.get("machine", {}), record.get("machine", {}).get("cpu_cores") or 1
+    start, end = machine.get("load_start", 99), record.get("load_end")
+    tail = before is not None and _minutes(record.get("started")) - _minutes(before.get("started")) \
+        - before.get("elapsed_s", 0) / 60 < 2
+    return (start < 1.0 or (tail and start <= cores + 0.5)) and (end if end is not None else 99) <= cores + 0.5
+
+
+def _minutes(stamp) -> float:
+    import time
+    try:
+        return time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M UTC")) / 60
+    except (TypeError, ValueError):
+        return float("-inf")
+
+
+def idle_words(record: dict, before: dict | None = None) -> str:
+    mach = record.get("machine", {})
+    others = record.get("other_cores")
+    return ("idle" if idle(record, before) else "NOT idle") + (
+        f" (other processes: {others:.2f} cores)" if others is not None else
+        f" (1-min load {num(mach.get('load_start'))} / {num(record.get('load_end'))})")
 
 
 def num(x) -> str:
@@ -288,10 +312,9 @@ def runs_table(runs: list[dict]) -> list[str]:
     """One line per command that measured rows on this page (a run keeps the rows it did not re-measure)."""
     body = [[f"#{i}", f"`{r.get('command', '?')}`", r.get("started", "?"), f"{r.get('elapsed_s', 0) / 60:.1f}",
              r.get("machine", {}).get("commit", "?"),
-             f"{'idle' if idle(r.get('machine', {}), r.get('load_end')) else 'NOT idle'} "
-             f"({num(r.get('machine', {}).get('load_start'))} / {num(r.get('load_end'))})",
+             idle_words(r, runs[i - 1] if i else None),
              ", ".join(r.get("sections", []))] for i, r in enumerate(runs)]
-    return table(["run", "command", "started", "min", "code measured", "machine (1-min load start / end)",
+    return table(["run", "command", "started", "min", "code measured", "machine",
                   "sections written"], body)
 
 
@@ -306,11 +329,13 @@ def slot_section(name, run) -> list[str]:
     runs = m.get("runs") or []
     if len(runs) > 1:
         out += ["The rows below were measured by these commands (each section names its run; a run's sections "
-                f"replace the same sections of earlier runs). Idle: 1-minute load average under 1 at the start and "
-                f"at most {cores} cores + 0.5 at the end (the benchmark itself keeps the cores busy); a run on a "
-                "NOT idle machine has inflated, drifting absolute times.", ""] + runs_table(runs) + [""]
+                f"replace the same sections of earlier runs). Idle: other processes kept less than a fifth of a core "
+                "busy on average during the run (all CPU time from /proc/stat minus the run's own); for runs that "
+                "did not record that, a 1-minute load average under 1 at the start (or the tail of the run just "
+                f"before) and at most {cores} cores + 0.5 at the end. A run on a NOT idle machine has inflated, "
+                "drifting absolute times.", ""] + runs_table(runs) + [""]
     else:
-        ok = idle(mach, m.get("load_end"))
+        ok = idle(m)
         out += [f"`{m['command']}` started {m['started']}, {m.get('elapsed_s', 0) / 60:.1f} min, code measured: "
                 f"{mach['commit']}. The machine was {'idle' if ok else 'NOT idle'} (1-minute load average "
                 f"{mach.get('load_start', '?')} at the start, {m.get('load_end', '?')} at the end, {cores} cores; the "

@@ -117,16 +117,13 @@ def main(argv=None) -> int:
     runs = run["meta"].setdefault("runs", [earlier_run(run["meta"], run["sections"])] if run["sections"] else [])
     runs.append(this)
     run["meta"].update({k: v for k, v in this.items() if k != "sections"})
-    started = time.time()
+    started, others = time.time(), timing.OtherWork()
 
     def save(section, rows):
-        for r in rows:
-            r.setdefault("run", len(runs) - 1)
-        families = {r.get("family") for r in rows}      # sd15 and sdxl rows of a section are measured apart
-        run["sections"][section] = [r for r in run["sections"].get(section, []) if r.get("family") not in families] + rows
+        merge(run["sections"], section, rows, len(runs) - 1)
         this["sections"] = sorted(set(this["sections"]) | {section})
-        this.update(elapsed_s=time.time() - started, load_end=timing.load_average())
-        run["meta"].update(elapsed_s=this["elapsed_s"], load_end=this["load_end"])
+        this.update(elapsed_s=time.time() - started, load_end=timing.load_average(), other_cores=others.cores())
+        run["meta"].update({k: this[k] for k in ("elapsed_s", "load_end", "other_cores")})
         out.mkdir(parents=True, exist_ok=True)
         (out / "benchmarks.json").write_text(json.dumps(doc, indent=1, default=str))
 
@@ -200,6 +197,15 @@ def measure_all(core, args, plan, key, sections, budget, work, save, known) -> N
         del base, weights, vae
         comfy.model_management.unload_all_models()       # ComfyUI keeps loaded MODELs; SDXL needs the room
         gc.collect()
+
+
+def merge(sections: dict, section: str, rows: list[dict], run_index: int) -> None:
+    """The section's rows of this run replace its earlier rows of the same families (sd15 and sdxl rows of a
+    section are measured apart; rows without a family replace all the section's rows without one)."""
+    for r in rows:
+        r.setdefault("run", run_index)
+    families = {r.get("family") for r in rows}
+    sections[section] = [r for r in sections.get(section, []) if r.get("family") not in families] + rows
 
 
 def earlier_run(meta: dict, sections: dict) -> dict:

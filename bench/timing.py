@@ -167,6 +167,31 @@ def load_average() -> float:
     return round(os.getloadavg()[0], 1)
 
 
+class OtherWork:
+    """How many cores other processes kept busy while this one ran, on average: all CPU time the machine
+    spent (/proc/stat) minus this process's own. Unlike the load average it does not count this run, nor
+    the tail of the run just before it."""
+
+    def __init__(self):
+        self.start = self._now()
+
+    @staticmethod
+    def _now():
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")   # all but idle, iowait
+        own = os.times()
+        return time.time(), busy, own.user + own.system
+
+    def cores(self) -> float | None:
+        end = self._now()
+        if self.start is None or end is None or end[0] - self.start[0] < 1:
+            return None
+        return round(max(0.0, (end[1] - self.start[1]) - (end[2] - self.start[2])) / (end[0] - self.start[0]), 2)
+
+
 def machine(device: torch.device, repo: Path) -> dict:
     """What ran the benchmark, the commit measured, and the 1-minute load average at the start."""
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()

@@ -120,3 +120,30 @@ def test_legacy_rows_keep_their_source():
     assert new["low_memory"] == [{"family": "sd15", "px": 1024, "variant": "linfusion+low-memory", "median_s": 47.2,
                                   "n": 1, "times_s": [47.2], "peak_bytes": 649 * 2**20, "source": "stand-in"}]
     assert "‡" in page.render(legacy.convert(old, md), [])
+
+
+def test_a_sectioned_run_replaces_only_what_it_measured():
+    from bench.run_all import merge
+    sections = {"unet_step": [{"family": "sd15", "px": 512, "run": 0}, {"family": "sdxl", "px": 512, "run": 0}],
+                "attn1": [{"tokens": 1024, "run": 0}]}
+    merge(sections, "unet_step", [{"family": "sdxl", "px": 1024}], 1)
+    assert sections["unet_step"] == [{"family": "sd15", "px": 512, "run": 0}, {"family": "sdxl", "px": 1024, "run": 1}]
+    merge(sections, "attn1", [{"tokens": 4096}], 2)
+    assert sections["attn1"] == [{"tokens": 4096, "run": 2}]
+
+
+def test_page_says_which_run_measured_each_section_and_whether_it_was_idle():
+    run = lambda started, elapsed, load_start, load_end, **kw: dict(
+        command="c", started=started, elapsed_s=elapsed, load_end=load_end,
+        machine={"cpu_cores": 2, "load_start": load_start, "commit": "abc"}, sections=["unet_step"], **kw)
+    runs = [run("2026-12-02 03:37 UTC", 900, 0.7, 2.0),     # idle start
+            run("2026-12-02 03:52 UTC", 60, 1.9, 2.1),      # the tail of run 0 (ended 03:52): idle
+            run("2026-12-02 05:00 UTC", 60, 1.9, 2.1),      # nothing ran before it: someone else's load
+            run("2026-12-02 05:10 UTC", 60, 1.9, 2.1, other_cores=0.05),    # measured: others used 0.05 cores
+            run("2026-12-02 05:20 UTC", 60, 0.1, 0.1, other_cores=0.9)]
+    assert [page.idle(r, runs[i - 1] if i else None) for i, r in enumerate(runs)] == [True, True, False, True, False]
+    rows = [{"family": "sd15", "px": 512, "variant": "linfusion", "median_s": 1.0, "n": 3, "run": 1},
+            {"family": "sd15", "px": 512, "variant": "sdpa", "median_s": 2.0, "n": 3, "run": 3}]
+    meta = dict(runs[-1], plan="cpu", runs=runs)
+    text = page.render({"cpu": {"meta": meta, "sections": {"unet_step": rows}}}, [])
+    assert "Measured by run #1, #3." in text and "other processes: 0.90 cores" in text and text.count("NOT idle") == 2

@@ -12,5 +12,4 @@ breakdown.py  where the time goes in the shipped example workflows
 ladder_stage.py  one 8K / 16K ladder stage's peak memory (GPU plan)
 peers.py      official LinFusion and TiledDiffusion's MultiDiffusion, from checkouts given on the command line
 page.py       docs/benchmarks.md and plots, rendered from benchmarks.json only
-legacy.py     the previous page's figures in today's json, marked by source (delete after a full run)
 """

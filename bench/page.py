@@ -3,8 +3,8 @@ the raw rows a command wrote (ratios, fits, shares, % of GEMM), none is typed in
 
 Rules the page keeps: a ratio compares medians and says n when the two sides ran a different number of
 times (a headline needs n >= 3 on both); a fit uses only the sizes every variant measured; a skipped
-measurement shows its predicted time as an estimate, never as a measurement; rows that did not come from
-bench/run_all.py carry their source (see SOURCES) and the command that re-measures them.
+measurement shows its predicted time as an estimate, never as a measurement; every section names the run
+(command, commit, idle or not) that measured it.
 """
 from __future__ import annotations
 
@@ -12,22 +12,15 @@ import math
 from pathlib import Path
 
 from .attn1 import linfusion_flops
-from .models import attn1_levels
+from .models import LINFUSION_MID_DIVISOR, attn1_levels
 
 MiB = 2**20
-SOURCES = {   # row["source"] -> (mark, what it is)
-    "old": ("†", "from the previous bench/run_all.py (2026-11-26, commit 98645bf): one SDPA run against five "
-                 "LinFusion runs in places, exponents fitted over different sizes"),
-    "hand note": ("‡", "a hand-written note on the old page (no data file): bench/highres_memory.py or a later "
-                       "run_all.py run"),
-    "stand-in": ("§", "docs/highres.md's table: a stand-in linear attention (not Apply LinFusion's modules), "
-                      "no data file"),
-}
 NOTES = {
     "attn1": "One self-attention call, batch 2 (cond + uncond), 8 heads: the extension's LinFusionAttention "
              "(its to_q/k/v/out and the two C -> C -> C query/key MLPs of LinFusion-1-5) against ComfyUI's "
              "CrossAttention with each softmax backend (per-call override). FLOPs: LinFusion 16NC^2 + 4NCd, "
-             "softmax 8NC^2 + 4N^2C; % GEMM = achieved FLOP/s over the machine's measured GEMM peak.",
+             "softmax 8NC^2 + 4N^2C; % GEMM = achieved FLOP/s over the machine's measured GEMM peak (the best "
+             "of three reference matmul shapes; a fused attention kernel can exceed it).",
     "unet_step": "One sampling step through `comfy.sample.sample` (Euler, CFG 7.5, cond + uncond batched) on "
                  "ComfyUI's own UNet of the family's real configuration, random weights. `linfusion` = "
                  "Apply LinFusion's core function with random LinFusion-shaped weights loaded through Load "
@@ -58,10 +51,6 @@ def find(rows, **kw):
     return next((r for r in rows if all(r.get(k) == v for k, v in kw.items())), None)
 
 
-def mark(r) -> str:
-    return SOURCES[r["source"]][0] if r and r.get("source") in SOURCES else ""
-
-
 def secs(r) -> str:
     if r is None:
         return "-"
@@ -69,7 +58,7 @@ def secs(r) -> str:
         est = f"; estimate {r['predicted_s']:.0f} s" if r.get("predicted_s") else ""
         return f"skipped ({r['skipped']}{est})"
     s = r["median_s"]
-    return (f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s") + f" (n={r.get('n', 1)})" + mark(r)
+    return (f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s") + f" (n={r.get('n', 1)})"
 
 
 def speedup(ours, base) -> str:
@@ -80,7 +69,7 @@ def speedup(ours, base) -> str:
     text = f"{s:.1f}x faster" if s >= 1 else f"{1 / s:.1f}x slower"
     if ours.get("n", 1) != base.get("n", 1):
         text += f" (n={ours.get('n', 1)} vs {base.get('n', 1)})"
-    return text + "".join(dict.fromkeys(mark(ours) + mark(base)))
+    return text
 
 
 def headline_ratio(ours, base) -> str:
@@ -143,6 +132,14 @@ def attn1_section(rows, gemm) -> list[str]:
     return out
 
 
+def attn1_flops(family: str, tokens: int, dim: int) -> float:
+    """One attn1 call at batch 2: SD1.5 has 8 heads and C-wide query/key MLPs; SDXL 64-channel heads and
+    LinFusion-XL's C/16-wide MLPs."""
+    if family == "sdxl":
+        return linfusion_flops(2, tokens, dim, dim // 64, dim // LINFUSION_MID_DIVISOR["sdxl"])
+    return linfusion_flops(2, tokens, dim, 8)
+
+
 def step_section(rows, gemm, quick) -> list[str]:
     out, peak = [], max(gemm.values()) if gemm else None
     for family in dict.fromkeys(r["family"] for r in rows):
@@ -152,7 +149,7 @@ def step_section(rows, gemm, quick) -> list[str]:
         for px in sorted({r["px"] for r in fam}):
             lin, sdpa = find(fam, px=px, variant="linfusion"), find(fam, px=px, variant="sdpa")
             share = lambda r: f"{r['attn1_s'] / r['median_s'] * 100:.0f}%" if r and r.get("attn1_s") else "-"
-            flops = sum(c * linfusion_flops(2, t, d, 8) for t, d, c in attn1_levels(family, px, quick))
+            flops = sum(c * attn1_flops(family, t, d) for t, d, c in attn1_levels(family, px, quick))
             pct = f"{flops / lin['attn1_s'] / peak * 100:.0f}%" if lin and lin.get("attn1_s") and peak else "-"
             body.append([px] + [secs(find(fam, px=px, variant=v)) for v in variants]
                         + [speedup(lin, sdpa), mem(lin), mem(sdpa), share(lin), pct, share(sdpa)])
@@ -217,6 +214,10 @@ def breakdown_section(rows) -> list[str]:
                            speedup(r, base) if base is not r else "-"])
     out = table(["workflow", "family", "size", "graph", "step", "attn1", "rest of UNet", "ControlNet",
                  "VAE per step"], body)
+    if any(r.get("controlnet") and "median_s" in r and "controlnet_attention" not in r for r in rows):
+        out += ["", "The ControlNet rows ran its softmax attention on ComfyUI's default for the host (sub-quadratic "
+                "on a CPU, 2.4-3.7x slower than SDPA at 1024 px in the attn1 table), not on SDPA as the UNet's; later runs give "
+                "it SDPA."]
     if versus:
         out += ["", "With and without the ControlNet, against SDPA (one run each):", ""]
         out += table(["workflow", "size", "attention", "ControlNet", "step", "vs SDPA (same ControlNet)"], versus)
@@ -265,7 +266,7 @@ def headline(run) -> list[str]:
         plain = find(sec["low_memory"], px=r["px"], variant=r["variant"].split("+")[0])
         if r["variant"] == "linfusion+low-memory" and plain and r.get("peak_bytes") and plain.get("peak_bytes"):
             lines.append(f"Low-Memory Mode at {r['px']} px with LinFusion: peak {r['peak_bytes'] / plain['peak_bytes']:.2f}"
-                         f" of normal mode's, time {r['median_s'] / plain['median_s']:.2f} (n={r.get('n', 1)}){mark(r)}")
+                         f" of normal mode's, time {r['median_s'] / plain['median_s']:.2f} (n={r.get('n', 1)})")
     for r in sec.get("tiled_vae", []):
         if r["variant"] == "ours" and "max_err" in r:
             comfy = find(sec["tiled_vae"], px=r["px"], variant="comfy_tiled") or {}
@@ -308,12 +309,13 @@ def num(x) -> str:
     return f"{x:.1f}" if isinstance(x, (int, float)) else "?"
 
 
-def runs_table(runs: list[dict]) -> list[str]:
-    """One line per command that measured rows on this page (a run keeps the rows it did not re-measure)."""
+def runs_table(runs: list[dict], used: set[int]) -> list[str]:
+    """One line per command whose rows are on this page (a run keeps the rows it did not re-measure; runs
+    whose rows were all re-measured since stay in the json only)."""
     body = [[f"#{i}", f"`{r.get('command', '?')}`", r.get("started", "?"), f"{r.get('elapsed_s', 0) / 60:.1f}",
              r.get("machine", {}).get("commit", "?"),
              idle_words(r, runs[i - 1] if i else None),
-             ", ".join(r.get("sections", []))] for i, r in enumerate(runs)]
+             ", ".join(r.get("sections", []))] for i, r in enumerate(runs) if i in used]
     return table(["run", "command", "started", "min", "code measured", "machine",
                   "sections written"], body)
 
@@ -333,7 +335,8 @@ def slot_section(name, run) -> list[str]:
                 "busy on average during the run (all CPU time from /proc/stat minus the run's own); for runs that "
                 "did not record that, a 1-minute load average under 1 at the start (or the tail of the run just "
                 f"before) and at most {cores} cores + 0.5 at the end. A run on a NOT idle machine has inflated, "
-                "drifting absolute times.", ""] + runs_table(runs) + [""]
+                "drifting absolute times.", ""] + runs_table(runs, {r.get("run", 0) for rows in run["sections"].values()
+                                                                 for r in rows}) + [""]
     else:
         ok = idle(m)
         out += [f"`{m['command']}` started {m['started']}, {m.get('elapsed_s', 0) / 60:.1f} min, code measured: "
@@ -372,17 +375,9 @@ def slot_section(name, run) -> list[str]:
 
 
 def render(doc: dict, plots: list[str]) -> str:
-    legacy = [s for run in doc.values() for rows in run["sections"].values() for s in {r.get("source") for r in rows}
-              if s in SOURCES]
     lines = ["# Benchmarks: LinFusion in ComfyUI", "",
              "Rendered by bench/page.py from `benchmarks.json` beside this page; every number below is computed "
              "from the rows a command wrote there. " + METHOD, ""]
-    if legacy:
-        lines += ["**Figures still to be re-measured.** Rows marked below did not come from the current "
-                  "benchmark command; rerun it to replace them (one command, every section, the page and the "
-                  "json are rewritten):", "", "```",
-                  "python3 scripts/comfy_host.py python bench/run_all.py        # CPU, hours on 2 cores", "```", ""]
-        lines += [f"- {SOURCES[s][0]} {SOURCES[s][1]}" for s in dict.fromkeys(legacy)] + [""]
     lines += slot_section("CPU run", doc["cpu"]) if "cpu" in doc else ["## CPU run", "", "Not measured yet."]
     lines += [""] + (slot_section("GPU run", doc["gpu"]) if "gpu" in doc else [
         "## GPU run", "", "Not measured on a GPU. `bench/gpu.sh` runs the GPU plan (attn1 in fp16 and bf16, "

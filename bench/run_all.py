@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     # A run replaces the rows it measures and keeps the others with the run that measured them, so the
     # sections can be measured in several sittings (--sections) and the page still says where each row came from.
     run = doc.setdefault(slot, {"meta": {}, "sections": {}})
-    runs = run["meta"].setdefault("runs", [earlier_run(run["meta"], run["sections"])] if run["sections"] else [])
+    runs = run["meta"].setdefault("runs", [])
     runs.append(this)
     run["meta"].update({k: v for k, v in this.items() if k != "sections"})
     started, others = time.time(), timing.OtherWork()
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
         (out / "benchmarks.json").write_text(json.dumps(doc, indent=1, default=str))
 
     measure_all(core, args, plan, key, set(args.sections.split(",")), timing.Budget(plan["budget_min"] * 60),
-                work, save, [r for r in run["sections"].get("unet_step", []) if "source" not in r])
+                work, save, list(run["sections"].get("unet_step", [])))
     print(f"written: {page.write(doc, out)}")
     return 0
 
@@ -206,12 +206,6 @@ def merge(sections: dict, section: str, rows: list[dict], run_index: int) -> Non
         r.setdefault("run", run_index)
     families = {r.get("family") for r in rows}
     sections[section] = [r for r in sections.get(section, []) if r.get("family") not in families] + rows
-
-
-def earlier_run(meta: dict, sections: dict) -> dict:
-    """The run record of a benchmarks.json written before runs were recorded one by one."""
-    keep = ("command", "plan", "plan_settings", "started", "machine", "gemm_peak_flops", "elapsed_s", "load_end")
-    return dict({k: meta[k] for k in keep if k in meta}, sections=sorted(sections))
 
 
 def controlnet_rows(core, sizes, device, quick) -> list[dict]:

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from bench import legacy, page
+from bench import page
 from bench.attn1 import linfusion_flops
 from bench.breakdown import workflows
 from bench.models import FAMILIES, attn1_levels
@@ -104,24 +104,6 @@ def test_page_renders_from_json_and_fits_over_common_sizes_only():
     assert "Not measured on a GPU" in text and "re-measured" not in text
 
 
-def test_legacy_rows_keep_their_source():
-    old_row = {"times_s": [1.0, 3.0, 2.0], "median_s": 2.0, "peak_extra_bytes": 5}
-    old = {"attn1": [dict(old_row, dim=320, tokens=16384, backend="sdpa", flops=1.0)],
-           "steps": [dict(old_row, family="sd15", pixels=2048, variant="sdpa")],
-           "machine": {"cpu": "x", "cpu_cores": 2, "torch_threads": 2, "ram_gib": 1, "torch": "t", "python": "p",
-                       "device": "cpu", "comfyui": "c", "load average (1 min) at start": "0.6",
-                       "load average (1 min) at end": "1.9", "code measured": "98645bf"},
-           "command": "old", "started": "then", "elapsed_s": 1.0, "gemm": {"peak_flops": 1e11}}
-    md = "| linear | 1024 | low-memory | 47.2 | 649 | 0.50 | 0.86 |\n"
-    new = legacy.convert(old, md)["cpu"]["sections"]
-    assert new["attn1"][0].items() >= {"source": "old", "n": 3, "median_s": 2.0}.items()
-    assert {(r["px"], r["variant"], r["source"]) for r in new["unet_step"] if r["family"] == "sd15"} == {
-        (2048, "sdpa", "hand note")}
-    assert new["low_memory"] == [{"family": "sd15", "px": 1024, "variant": "linfusion+low-memory", "median_s": 47.2,
-                                  "n": 1, "times_s": [47.2], "peak_bytes": 649 * 2**20, "source": "stand-in"}]
-    assert "‡" in page.render(legacy.convert(old, md), [])
-
-
 def test_a_sectioned_run_replaces_only_what_it_measured():
     from bench.run_all import merge
     sections = {"unet_step": [{"family": "sd15", "px": 512, "run": 0}, {"family": "sdxl", "px": 512, "run": 0}],
@@ -142,8 +124,15 @@ def test_page_says_which_run_measured_each_section_and_whether_it_was_idle():
             run("2026-12-02 05:10 UTC", 60, 1.9, 2.1, other_cores=0.05),    # measured: others used 0.05 cores
             run("2026-12-02 05:20 UTC", 60, 0.1, 0.1, other_cores=0.9)]
     assert [page.idle(r, runs[i - 1] if i else None) for i, r in enumerate(runs)] == [True, True, False, True, False]
-    rows = [{"family": "sd15", "px": 512, "variant": "linfusion", "median_s": 1.0, "n": 3, "run": 1},
-            {"family": "sd15", "px": 512, "variant": "sdpa", "median_s": 2.0, "n": 3, "run": 3}]
+    step = lambda px, variant, run: {"family": "sd15", "px": px, "variant": variant, "median_s": 1.0, "n": 3, "run": run}
+    rows = [step(512, "linfusion", 1), step(512, "sdpa", 2), step(1024, "linfusion", 4), step(1024, "sdpa", 4)]
     meta = dict(runs[-1], plan="cpu", runs=runs)
     text = page.render({"cpu": {"meta": meta, "sections": {"unet_step": rows}}}, [])
-    assert "Measured by run #1, #3." in text and "other processes: 0.90 cores" in text and text.count("NOT idle") == 2
+    assert "Measured by run #1, #2, #4." in text and "other processes: 0.90 cores" in text
+    assert text.count("| NOT idle") == 2 and "| #0 |" not in text and "| #3 |" not in text   # runs left with no rows
+
+
+def test_linfusion_xl_attn1_flops_use_its_heads_and_narrow_mlps():
+    # LinFusion-XL: 64-channel heads and C/16-wide query/key MLPs (a C-wide count put SDXL above 100 % of GEMM).
+    assert page.attn1_flops("sdxl", 4096, 1280) == linfusion_flops(2, 4096, 1280, 20, 80)
+    assert page.attn1_flops("sdxl", 4096, 1280) < 0.6 * page.attn1_flops("sd15", 4096, 1280)

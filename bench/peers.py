@@ -71,7 +71,7 @@ def multidiffusion(checkout: Path, base, family: str, sizes, n, budget, tile_px:
     sdpa = models.variant(None, base, None, "sdpa")
     overlap = max(8, tile_px // 96 * 8)
     model = node.apply(sdpa, "MultiDiffusion", tile_px, tile_px, overlap, 4)[0]
-    models.sample(model, family, 64)
+    models.sample(model, family, tile_px)      # warm-up: one whole tile (a smaller image leaves it no overlap)
     rows, last, device = [], None, models.device()
     for px in sizes:
         row = {"peer": f"MultiDiffusion (ComfyUI-TiledDiffusion), tile {tile_px} px", "family": family, "px": px}

@@ -201,11 +201,12 @@ def measure_all(core, args, plan, key, sections, budget, work, save, known) -> N
 
 def merge(sections: dict, section: str, rows: list[dict], run_index: int) -> None:
     """The section's rows of this run replace its earlier rows of the same families (sd15 and sdxl rows of a
-    section are measured apart; rows without a family replace all the section's rows without one)."""
+    section are measured apart) and its earlier rows without a family (sections that have none, skips)."""
     for r in rows:
         r.setdefault("run", run_index)
     families = {r.get("family") for r in rows}
-    sections[section] = [r for r in sections.get(section, []) if r.get("family") not in families] + rows
+    sections[section] = [r for r in sections.get(section, [])
+                         if r.get("family") is not None and r["family"] not in families] + rows
 
 
 def controlnet_rows(core, sizes, device, quick) -> list[dict]:

@@ -112,6 +112,9 @@ def test_a_sectioned_run_replaces_only_what_it_measured():
     assert sections["unet_step"] == [{"family": "sd15", "px": 512, "run": 0}, {"family": "sdxl", "px": 1024, "run": 1}]
     merge(sections, "attn1", [{"tokens": 4096}], 2)
     assert sections["attn1"] == [{"tokens": 4096, "run": 2}]
+    sections["peers"] = [{"peer": "p", "skipped": "failed", "run": 2}]       # a skip has no family
+    merge(sections, "peers", [{"peer": "p", "family": "sd15", "px": 1024}], 3)
+    assert sections["peers"] == [{"peer": "p", "family": "sd15", "px": 1024, "run": 3}]
 
 
 def test_page_says_which_run_measured_each_section_and_whether_it_was_idle():

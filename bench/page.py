@@ -9,6 +9,7 @@ measurement shows its predicted time as an estimate, never as a measurement; eve
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 from .attn1 import linfusion_flops
@@ -290,7 +291,6 @@ def idle(record: dict, before: dict | None = None) -> bool:
 
 
 def _minutes(stamp) -> float:
-    import time
     try:
         return time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M UTC")) / 60
     except (TypeError, ValueError):

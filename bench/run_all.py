@@ -32,7 +32,7 @@ ints = lambda text: [int(v) for v in text.split(",") if v]
 # What each plan measures: sizes in px, repeats n (the same for every variant compared), limits in seconds.
 PLANS = {
     # repeat_below_px: sizes below it run steps_n times, sizes from it once (the page says n): on 2 cores one
-    # SDPA step at 2048 px takes about 14 minutes. breakdown_max_s: a workflow step predicted longer is skipped.
+    # SDPA step at 2048 px takes about 10 minutes. breakdown_max_s: a workflow step predicted longer is skipped.
     "cpu": dict(attn1="CPU_SIDES", dtypes=["float32"], attn1_n=3, max_call_s=30, steps_n=3, repeat_below_px=1024,
                 max_step_s=2400, sd15=[512, 1024, 2048], sdxl=[512, 1024, 2048], low_memory=[512, 1024, 2048],
                 tiled_unet=[512, 1024, 1536], tile=64, tiled_vae=[512, 1024, 2048], vae_tile=512,

@@ -6,7 +6,8 @@
 `linear_attention_reference` is the plain formula, written to be obviously right (the fla `naive.py`
 habit). `linear_attention` is the fast path the models run: it never builds an N x N matrix, works on
 token chunks so its extra memory is O(chunk * C) on top of the output, and accumulates the tiny
-reductions (S, sum K) in fp32 whatever the input dtype.
+reductions (S, sum K) in fp32 whatever the input dtype. Blocks group whole images while they fit in a
+chunk (`token_blocks`), so at small N a call is a handful of batched ops, not a loop over images.
 
 The global state (sum K^T V, sum K, N) is additive over tokens, so it can be computed chunk by chunk,
 tile by tile or device by device and merged exactly: `linear_attention_state`, `LinearAttentionState.merge`
@@ -54,8 +55,18 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def phi_(t: torch.Tensor) -> torch.Tensor:
+    """phi(t) = elu(t) + 1, in place. On a CPU as exp(min(t, 0)) + max(t, 0), the same function (equal up to
+    one rounding of exp against expm1 + 1): torch's CPU elu runs a scalar expm1, about 10x slower than its
+    vectorised exp, enough to cost more than the attention's GEMMs at small N. A GPU's elu is one fused pass."""
+    if t.device.type != "cpu":
+        return F.elu_(t).add_(1.0)
+    low = t.clamp_max(0.0).exp_()
+    return t.clamp_min_(0.0).add_(low)
+
+
 def _phi_rows(t: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
-    """n x C tokens of one image (any dtype) -> phi(t) = elu(t) + 1 in fp32, n x C.
+    """Tokens (... x n x C, any dtype) -> phi(t) = elu(t) + 1 in fp32, same shape.
 
     In place whenever the fp32 tensor is ours to change: a fresh fp32 copy of half input, or `overwrite`
     (the caller hands over a fresh projection). Never in place on a caller's tensor or when autograd
@@ -64,29 +75,52 @@ def _phi_rows(t: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
     if _needs_grad(t):
         return F.elu(t32) + 1.0
     if t32 is not t or overwrite:
-        return F.elu_(t32).add_(1.0)
-    return F.elu(t32).add_(1.0)
+        return phi_(t32)
+    return phi_(t32.clone())
 
 
-def _head_views(rows: torch.Tensor, heads: int) -> torch.Tensor:
-    """n x C -> heads x n x d as a strided view (no copy): batched GEMMs read it in place."""
-    return rows.unflatten(-1, (heads, rows.shape[-1] // heads)).transpose(0, 1)
+def token_blocks(batch: int, tokens: int, chunk: int) -> list[tuple[int, int, int, int]]:
+    """How B x N tokens are cut into blocks of at most `chunk` tokens: (first image, end image, first token,
+    end token). Whole images are grouped while they fit (the whole batch at once at small N: one GEMM per
+    layer, nothing dispatched per image); an image larger than a chunk is cut along its tokens. Every block
+    x[i0:i1, t0:t1] of a contiguous batch is contiguous, so the Linear layers never copy their input."""
+    if tokens <= chunk:
+        per = max(1, chunk // max(tokens, 1))
+        return [(i, min(i + per, batch), 0, tokens) for i in range(0, batch, per)]
+    return [(i, i + 1, t, min(t + chunk, tokens)) for i in range(batch) for t in range(0, tokens, chunk)]
+
+
+def _head_batches(rows: torch.Tensor, heads: int) -> torch.Tensor:
+    """g x n x C (or n x C) -> (g*heads) x n x d for batched GEMMs. One image: a strided view (bmm reads it in
+    place); several: one copy into head-major order (a pass over the block, small next to its projections)."""
+    if rows.dim() == 2 or rows.shape[0] == 1:
+        rows = rows.reshape(rows.shape[-2], rows.shape[-1])
+        return rows.unflatten(-1, (heads, rows.shape[-1] // heads)).transpose(0, 1)
+    g, n, c = rows.shape
+    return rows.view(g, n, heads, c // heads).transpose(1, 2).reshape(g * heads, n, c // heads)
+
+
+def block_state(k_rows: torch.Tensor, v_rows: torch.Tensor, heads: int, overwrite: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The state sums of a block of keys/values (g x n x C each, or n x C for one image): sum phi(k)^T v
+    (g x h x d x d_v) and sum phi(k) (g x h x d), in fp32. phi runs on all channels at once before the head
+    split; the per-head K^T V of every image is one batched GEMM. `overwrite`: k_rows may be changed in place."""
+    k_phi = _phi_rows(k_rows, overwrite)
+    v32 = v_rows.float()
+    g = 1 if k_phi.dim() == 2 else k_phi.shape[0]
+    c, c_v = k_phi.shape[-1], v32.shape[-1]
+    kv = torch.bmm(_head_batches(k_phi, heads).transpose(-1, -2), _head_batches(v32, heads))
+    k_sum = k_phi.sum(dim=-2).view(g, heads, c // heads)
+    return kv.view(g, heads, c // heads, c_v // heads), k_sum
 
 
 def accumulate_state_rows(kv_sum: torch.Tensor, k_sum: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
                           heads: int, overwrite: bool = False) -> None:
-    """Add the keys/values of one image's tokens (n x C each) to its state (kv_sum h x d x d_v, k_sum h x d).
-
-    phi is applied to all channels at once before the head split; the per-head K^T V is one batched GEMM
-    on strided views, so no head-split copy is made. `overwrite`: k_rows may be changed in place."""
-    k_phi = _phi_rows(k_rows, overwrite)
-    v32 = v_rows.float()
-    k_heads = _head_views(k_phi, heads)
-    if _needs_grad(kv_sum, k_phi, v32):
-        kv_sum.add_(k_heads.transpose(-1, -2) @ _head_views(v32, heads))
-    else:
-        kv_sum.baddbmm_(k_heads.transpose(-1, -2), _head_views(v32, heads))
-    k_sum.add_(k_phi.sum(dim=0).view_as(k_sum))
+    """Add a block of keys/values (g x n x C each, or n x C) to the state of its g images (kv_sum
+    g x h x d x d_v, k_sum g x h x d; or h x d x d_v and h x d for one image)."""
+    kv, ks = block_state(k_rows, v_rows, heads, overwrite)
+    kv_sum.add_(kv.view_as(kv_sum))
+    k_sum.add_(ks.view_as(k_sum))
 
 
 def normalized_state(state: "LinearAttentionState") -> torch.Tensor:
@@ -97,12 +131,15 @@ def normalized_state(state: "LinearAttentionState") -> torch.Tensor:
 
 def attend_rows(q_rows: torch.Tensor, s_aug: torch.Tensor, heads: int, out_rows: torch.Tensor,
                 overwrite: bool = False) -> torch.Tensor:
-    """One image's queries (n x C) against its normalized state (h x d x (d_v + 1)), written into out_rows
-    (n x h*d_v, any float dtype). `overwrite`: q_rows may be changed in place."""
+    """A block of queries (g x n x C, or n x C for one image) against its images' normalized states
+    (g x h x d x (d_v + 1), or h x d x (d_v + 1)), written into out_rows (q's shape with h*d_v channels, any
+    float dtype). `overwrite`: q_rows may be changed in place (even when out_rows is q_rows itself)."""
     d_v = s_aug.shape[-1] - 1
     q_phi = _phi_rows(q_rows, overwrite)
-    num = _head_views(q_phi, heads) @ s_aug                                   # h x n x (d_v + 1), fp32
-    out_heads = _head_views(out_rows, heads)
+    g = 1 if q_phi.dim() == 2 else q_phi.shape[0]
+    num = torch.bmm(_head_batches(q_phi, heads), s_aug.reshape(g * heads, -1, d_v + 1))   # (g*h) x n x (d_v+1)
+    out_heads = out_rows.unflatten(-1, (heads, d_v)).transpose(-3, -2)       # a strided view: (g x) h x n x d_v
+    num = num.view(*out_heads.shape[:-1], d_v + 1)
     if _needs_grad(num, out_rows):
         out_heads.copy_(num[..., :d_v] / (num[..., d_v:] + EPS))
     else:
@@ -156,13 +193,13 @@ def linear_attention_state(k: torch.Tensor, v: torch.Tensor, heads: int,
         raise ValueError(f"keys {tuple(k.shape)} and values {tuple(v.shape)} have different token counts")
     b, n, c = k.shape
     d = c // heads
+    blocks = token_blocks(b, n, chunk_size)
+    if len(blocks) == 1:
+        return LinearAttentionState(*block_state(k, v, heads), n)
     kv_sum = torch.zeros(b, heads, d, v.shape[-1] // heads, dtype=torch.float32, device=k.device)
     k_sum = torch.zeros(b, heads, d, dtype=torch.float32, device=k.device)
-    # One image at a time: k[i, a:b] of a contiguous batch is contiguous, so nothing below copies it.
-    for i in range(b):
-        for start in range(0, n, chunk_size):
-            accumulate_state_rows(kv_sum[i], k_sum[i], k[i, start:start + chunk_size], v[i, start:start + chunk_size],
-                                  heads)
+    for i0, i1, t0, t1 in blocks:
+        accumulate_state_rows(kv_sum[i0:i1], k_sum[i0:i1], k[i0:i1, t0:t1], v[i0:i1, t0:t1], heads)
     return LinearAttentionState(kv_sum, k_sum, n)
 
 
@@ -177,9 +214,8 @@ def apply_linear_attention_state(q: torch.Tensor, state: LinearAttentionState, h
     s_aug = normalized_state(state)
     if out is None:
         out = torch.empty(b, n, heads * (s_aug.shape[-1] - 1), dtype=q.dtype, device=q.device)
-    for i in range(b):
-        for start in range(0, n, chunk_size):
-            attend_rows(q[i, start:start + chunk_size], s_aug[i], heads, out[i, start:start + chunk_size])
+    for i0, i1, t0, t1 in token_blocks(b, n, chunk_size):
+        attend_rows(q[i0:i1, t0:t1], s_aug[i0:i1], heads, out[i0:i1, t0:t1])
     return out
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import (DEFAULT_CHUNK_SIZE, LinearAttentionState, accumulate_state_rows, attend_rows,
-                        normalized_state)
+from .attention import (DEFAULT_CHUNK_SIZE, LinearAttentionState, accumulate_state_rows, attend_rows, block_state,
+                        normalized_state, token_blocks)
 
 
 def default_operations():
@@ -78,17 +78,19 @@ class LinFusionAttention(nn.Module):
             raise ValueError(f"LinFusion: keys {tuple(context.shape)} and values {tuple(value.shape)} have "
                              f"different token counts")
         b, n, _ = context.shape
+        # Blocks of whole images while they fit in a chunk (at small N the whole batch in one pass: a few
+        # batched ops per call, not a loop over images), token chunks of one image beyond: the MLP activations
+        # of a 16K canvas never exist at once. The projections are fresh, so phi may overwrite them.
+        blocks = token_blocks(b, n, chunk)
+        if len(blocks) == 1:
+            return LinearAttentionState(*block_state(self.project_k(context), self.to_v(value), self.heads,
+                                                     overwrite=True), n)
         d = self.dim // self.heads
         kv_sum = torch.zeros(b, self.heads, d, d, dtype=torch.float32, device=context.device)
         k_sum = torch.zeros(b, self.heads, d, dtype=torch.float32, device=context.device)
-        # One image and one token chunk at a time: context[i, a:b] of a contiguous batch is contiguous, so
-        # the Linear layers do not copy their input, and the MLP activations of a 16K canvas never exist at
-        # once. The projections are fresh, so phi may overwrite them.
-        for i in range(b):
-            for start in range(0, n, chunk):
-                end = start + chunk
-                accumulate_state_rows(kv_sum[i], k_sum[i], self.project_k(context[i, start:end]),
-                                      self.to_v(value[i, start:end]), self.heads, overwrite=True)
+        for i0, i1, t0, t1 in blocks:
+            accumulate_state_rows(kv_sum[i0:i1], k_sum[i0:i1], self.project_k(context[i0:i1, t0:t1]),
+                                  self.to_v(value[i0:i1, t0:t1]), self.heads, overwrite=True)
         return LinearAttentionState(kv_sum, k_sum, n)
 
     def attend(self, x: torch.Tensor, state: LinearAttentionState, chunk_size: int | None = None) -> torch.Tensor:
@@ -99,20 +101,19 @@ class LinFusionAttention(nn.Module):
             raise ValueError(f"LinFusion: state for batch x heads {tuple(state.kv_sum.shape[:2])} does not fit "
                              f"queries of batch {b} with {self.heads} heads")
         s_aug = normalized_state(state)
+        blocks = token_blocks(b, n, chunk)
         out = None
-        for i in range(b):
-            for start in range(0, n, chunk):
-                end = start + chunk
-                q = self.project_q(x[i, start:end])
-                # q is a fresh projection: phi and the division land in its own storage when dtypes allow.
-                attn = attend_rows(q, s_aug[i], self.heads, q if not torch.is_grad_enabled() else torch.empty_like(q),
-                                   overwrite=True)
-                part = self.to_out(attn)
-                if out is None:
-                    if b == 1 and end >= n:
-                        return part.unsqueeze(0)
-                    out = torch.empty(b, n, part.shape[-1], dtype=part.dtype, device=part.device)
-                out[i, start:end] = part
+        for i0, i1, t0, t1 in blocks:
+            q = self.project_q(x[i0:i1, t0:t1])
+            # q is a fresh projection: phi and the division land in its own storage when dtypes allow.
+            attn = attend_rows(q, s_aug[i0:i1], self.heads, q if not torch.is_grad_enabled() else torch.empty_like(q),
+                               overwrite=True)
+            part = self.to_out(attn)
+            if len(blocks) == 1:
+                return part
+            if out is None:
+                out = torch.empty(b, n, part.shape[-1], dtype=part.dtype, device=part.device)
+            out[i0:i1, t0:t1] = part
         return out
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, value: torch.Tensor | None = None,

@@ -26,7 +26,8 @@ def qkv(b, n, c, dtype=torch.float32, seed=0, scale=1.0):
 
 
 @pytest.mark.parametrize("b,n,c,heads,chunk", [(2, 77, 320, 8, 16), (1, 4096, 64, 1, 1000), (3, 300, 640, 10, 4096),
-                                              (2, 1024, 1280, 20, 256)])
+                                              (2, 1024, 1280, 20, 256), (2, 256, 1280, 20, 16384),
+                                              (3, 100, 64, 2, 200), (3, 100, 64, 2, 100), (3, 101, 64, 2, 100)])
 def test_fp32_matches_reference(core, b, n, c, heads, chunk):
     att = core.attention
     q, k, v = qkv(b, n, c)
@@ -151,3 +152,29 @@ def test_bad_shapes_raise_clear_errors(core, bad):
             att.linear_attention(q, k[:1], v[:1], 4)
         else:
             att.linear_attention(q, k, v[:, :5], 4)
+
+
+def test_token_blocks_cover_every_token_once_within_the_chunk(core):
+    blocks = core.attention.token_blocks
+    assert blocks(2, 256, 16384) == [(0, 2, 0, 256)]                          # the whole batch at once
+    assert blocks(5, 64, 128) == [(0, 2, 0, 64), (2, 4, 0, 64), (4, 5, 0, 64)]
+    assert blocks(2, 300, 128) == [(0, 1, 0, 128), (0, 1, 128, 256), (0, 1, 256, 300),
+                                   (1, 2, 0, 128), (1, 2, 128, 256), (1, 2, 256, 300)]
+    for b, n, chunk in [(1, 1, 1), (3, 7, 5), (4, 16384, 16384), (2, 16385, 16384), (7, 3, 20)]:
+        covered = torch.zeros(b, n, dtype=torch.int64)
+        for i0, i1, t0, t1 in blocks(b, n, chunk):
+            assert (i1 - i0) * (t1 - t0) <= chunk
+            covered[i0:i1, t0:t1] += 1
+        assert covered.eq(1).all()
+
+
+def test_phi_is_elu_plus_one(core):
+    """The CPU spelling exp(min(u, 0)) + max(u, 0) is elu(u) + 1 up to one rounding, in place, for every sign."""
+    u = torch.cat([torch.linspace(-30, 30, 10001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, -200.0, 80.0])])
+    exact = torch.where(u > 0, u.double() + 1, u.double().exp())      # elu(u) + 1 without double's cancellation
+    t = u.clone()
+    out = core.attention.phi_(t)
+    assert out.data_ptr() == t.data_ptr()
+    torch.testing.assert_close(out.double(), exact, rtol=2e-7, atol=2.0 ** -126)   # fp32 underflows below
+    assert (out - (F.elu(u) + 1)).abs().max().item() <= 2 ** -23      # today's fp32 spelling: one rounding at 1
+    assert core.attention.phi_(torch.tensor([float("nan")])).isnan().all()

@@ -51,18 +51,22 @@ def test_submodule_names_are_the_hub_keys(core):
     assert isinstance(core.module.LinFusionAttention(64, 4).to_q, comfy.ops.CastWeightBiasOp)
 
 
-@pytest.mark.parametrize("dim,heads,mid,n,chunk", [(320, 8, None, 256, 100), (640, 10, 40, 300, 4096),
-                                                   (64, 2, -1, 513, 128)])
-def test_module_fp32_matches_reference(core, dim, heads, mid, n, chunk):
+@pytest.mark.parametrize("dim,heads,mid,b,n,chunk", [
+    (320, 8, None, 2, 256, 100), (640, 10, 40, 2, 300, 4096), (64, 2, -1, 2, 513, 128),
+    # chunk boundaries: the whole batch in one block (b*n = chunk), images grouped two by two, one image a
+    # block (n = chunk), and an image one token over a chunk (n = chunk + 1) or one under (n = chunk - 1)
+    (64, 4, 32, 2, 64, 128), (64, 4, 32, 5, 64, 128), (64, 4, 32, 3, 128, 128), (64, 4, 32, 3, 129, 128),
+    (64, 4, 32, 3, 127, 128), (1280, 20, 80, 2, 256, 16384), (640, 10, 40, 2, 1024, 16384)])
+def test_module_fp32_matches_reference(core, dim, heads, mid, b, n, chunk):
     module = random_module(core, dim, heads, mid)
     module.chunk_size = chunk
     sd = {k: v.float() for k, v in module.state_dict().items()}
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, n, dim, generator=g)
+    x = torch.randn(b, n, dim, generator=g)
     with torch.no_grad():
         out = module(x)
     ref = reference_module_forward(sd, x, x, x, heads)
-    assert (out - ref).abs().max().item() <= 1e-5
+    assert (out - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
 
 
 def test_module_takes_keys_from_context_and_values_from_value(core):
@@ -164,3 +168,19 @@ def test_chunk_size_from_transformer_options_reaches_the_module(core):
         chunked = forward(x, transformer_options={patch.LINEAR_ATTENTION_CHUNK_KEY: 7})
     assert seen == [None, 7]
     assert torch.allclose(chunked, default, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("b,n,chunk,calls", [(2, 256, 16384, [(2, 256)]), (5, 64, 128, [(2, 64), (2, 64), (1, 64)]),
+                                             (2, 300, 128, [(1, 128), (1, 128), (1, 44)] * 2)])
+def test_projections_run_on_whole_batches_while_they_fit_a_chunk(core, b, n, chunk, calls):
+    """Images are grouped into one Linear call while b * n fits a chunk (no per-image loop at small N); an
+    image larger than a chunk is cut along its tokens, so no block exceeds the chunk."""
+    module = random_module(core, 64, 4, 32)
+    module.chunk_size = chunk
+    seen = {name: [] for name in ("to_q", "to_k", "to_v", "to_out")}
+    for name in seen:
+        layer = module.to_out[0] if name == "to_out" else getattr(module, name)
+        layer.register_forward_hook(lambda m, args, out, name=name: seen[name].append(tuple(args[0].shape[:2])))
+    with torch.inference_mode():
+        module(torch.randn(b, n, 64))
+    assert seen == dict.fromkeys(seen, calls)

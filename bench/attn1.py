@@ -1,7 +1,11 @@
 """One self-attention (attn1) call: the extension's LinFusionAttention against ComfyUI's CrossAttention with
 each softmax backend, chosen per call through ComfyUI's documented override
 (transformer_options["optimized_attention_override"]), so each backend runs as inside a ComfyUI UNet.
-Every backend at a size gets the same number of runs; a call predicted past the limit is skipped.
+The backends at a size run interleaved after one warm-up call each at that size (timing.interleaved), the
+same number of times; a call predicted past the limit is skipped.
+
+Two layouts: SD 1.5's (8 heads, LinFusion-1-5's C-wide query/key MLPs) and SDXL's (64-channel heads,
+LinFusion-XL's C/16-wide MLPs), each at its own UNet's widths and token counts.
 """
 from __future__ import annotations
 
@@ -10,16 +14,26 @@ import logging
 import torch
 
 from .models import fill_random
-from .timing import measure, predict
+from .timing import interleaved, predict
 
 log = logging.getLogger("LinFusion")
-BATCH, HEADS = 2, 8                    # cond + uncond; SD1.5's heads
-# Latent sides s: N = s^2 tokens, level 0 of SD1.5 at 8s px (wider layers meet them at 2x, 4x the side).
-CPU_SIDES = {320: [32, 48, 64, 96, 128, 192, 256, 384, 512], 640: [32, 48, 64, 96, 128, 192, 256],
-             1280: [16, 24, 32, 48, 64, 96, 128]}
-GPU_SIDES = {c: [16, 32, 48, 64, 96, 128, 192, 256, 384, 512] for c in (320, 640, 1280)}
-QUICK_SIDES = {320: [16, 32, 48]}
-SMOKE_SIDES = {320: [8, 16]}           # the GPU plan's dtypes on a CPU: half-precision matmuls are slow there
+BATCH = 2                              # cond + uncond
+# heads and LinFusion MLP width of a layout at width C (None: C wide, as LinFusion-1-5).
+LAYOUTS = {"sd15": lambda dim: (8, None), "sdxl": lambda dim: (dim // 64, dim // 16)}
+LEVEL = {320: 0, 640: 1, 1280: 2}      # the UNet level of each width: its latent side is px / 8 / 2^level
+# Latent sides s at each width: N = s^2 tokens, met at 8 * 2^level * s px.
+CPU_SIDES = {"sd15": {320: [32, 48, 64, 96, 128, 192, 256, 384, 512], 640: [32, 48, 64, 96, 128, 192, 256],
+                      1280: [16, 24, 32, 48, 64, 96, 128]},
+             "sdxl": {640: [32, 64, 128], 1280: [16, 32, 64]}}          # SDXL at 512, 1024 and 2048 px
+GPU_SIDES = {"sd15": {c: [16, 32, 48, 64, 96, 128, 192, 256, 384, 512] for c in (320, 640, 1280)},
+             "sdxl": {640: [32, 64, 128, 256, 512], 1280: [16, 32, 64, 128, 256]}}   # 512 px to 8K
+QUICK_SIDES = {"sd15": {320: [16, 32, 48]}, "sdxl": {640: [8, 16]}}
+SMOKE_SIDES = {"sd15": {320: [8, 16]}, "sdxl": {640: [8]}}   # the GPU plan's dtypes on a CPU: half matmuls are slow there
+
+
+def pixels(dim: int, side: int) -> int:
+    """The image side (px) at which a UNet level of this width has side x side tokens."""
+    return side * 8 * 2 ** LEVEL.get(dim, 0)
 
 
 def linfusion_flops(batch: int, tokens: int, dim: int, heads: int, mid_dim: int | None = None) -> float:
@@ -48,41 +62,48 @@ def backends(device: torch.device) -> dict:
     return found
 
 
-def run(core, device, dtype, sides_by_width: dict, n: int, budget, max_call_s: float) -> list[dict]:
+def run(core, device, dtype, sides_by_layout: dict, n: int, budget, max_call_s: float) -> list[dict]:
     import comfy.ldm.modules.attention as attn
     import comfy.ops
 
     rows, funcs = [], backends(device)
-    for dim, sides in sides_by_width.items():
-        lin = fill_random(core.module.LinFusionAttention(dim, HEADS, None)).to(device, dtype).eval()
-        soft = fill_random(attn.CrossAttention(dim, heads=HEADS, dim_head=dim // HEADS, dtype=dtype,
-                                               operations=comfy.ops.disable_weight_init)).to(device, dtype)
-        last = {}
-        for side in sides:
-            tokens = side * side
-            x = torch.randn(BATCH, tokens, dim, device=device, dtype=dtype)
-            for name in ["linfusion", *funcs]:
-                row = {"dim": dim, "tokens": tokens, "backend": name, "dtype": str(dtype).split(".")[-1],
-                       "flops": linfusion_flops(BATCH, tokens, dim, HEADS) if name == "linfusion"
-                       else softmax_flops(BATCH, tokens, dim)}
-                guess = predict(last.get(name), tokens, 1 if name == "linfusion" else 2)
-                skip = budget.refuse(guess, n + 1, max_call_s)
-                if skip:
-                    rows.append({**row, **skip})
-                    continue
-                if name == "linfusion":
-                    fn = lambda: lin(x)
-                else:
-                    opts = {"optimized_attention_override": lambda _d, *a, f=funcs[name], **kw: f(*a, **kw)}
-                    fn = lambda: soft(x, transformer_options=opts)
+    for family, sides_by_width in sides_by_layout.items():
+        for dim, sides in sides_by_width.items():
+            heads, mid = LAYOUTS[family](dim)
+            lin = fill_random(core.module.LinFusionAttention(dim, heads, mid)).to(device, dtype).eval()
+            soft = fill_random(attn.CrossAttention(dim, heads=heads, dim_head=dim // heads, dtype=dtype,
+                                                   operations=comfy.ops.disable_weight_init)).to(device, dtype)
+            last = {}
+            for side in sides:
+                tokens = side * side
+                x = torch.randn(BATCH, tokens, dim, device=device, dtype=dtype)
+                fns, todo = {}, {}
+                for name in ["linfusion", *funcs]:
+                    row = {"family": family, "dim": dim, "heads": heads, "mid_dim": mid or dim, "tokens": tokens,
+                           "px": pixels(dim, side), "backend": name, "dtype": str(dtype).split(".")[-1],
+                           "flops": linfusion_flops(BATCH, tokens, dim, heads, mid) if name == "linfusion"
+                           else softmax_flops(BATCH, tokens, dim)}
+                    guess = predict(last.get(name), tokens, 1 if name == "linfusion" else 2)
+                    skip = budget.refuse(guess, n + 1, max_call_s)
+                    if skip:
+                        rows.append({**row, **skip})
+                        continue
+                    if name == "linfusion":
+                        fns[name] = lambda: lin(x)
+                    else:
+                        opts = {"optimized_attention_override": lambda _d, *a, f=funcs[name], **kw: f(*a, **kw)}
+                        fns[name] = lambda opts=opts: soft(x, transformer_options=opts)
+                    todo[name] = row
                 try:
-                    row.update(measure(fn, device, n))
+                    measured = interleaved(fns, device, n) if fns else {}
                 except torch.OutOfMemoryError as e:
-                    row["skipped"] = f"out of memory ({str(e).splitlines()[0][:60]})"
-                rows.append(row)
-                if "median_s" in row:
-                    last[name] = (tokens, row["median_s"])
-                log.info("[LinFusion] bench attn1 C=%d N=%d %s %s: %s", dim, tokens, name, row["dtype"],
-                         row.get("skipped") or f"{row['median_s']:.4f} s")
-            del x
+                    measured = {name: {"skipped": f"out of memory ({str(e).splitlines()[0][:60]})"} for name in fns}
+                for name, res in measured.items():
+                    row = dict(todo[name], **res, interleaved=list(fns))
+                    rows.append(row)
+                    if "median_s" in row:
+                        last[name] = (tokens, row["median_s"])
+                    log.info("[LinFusion] bench attn1 %s C=%d N=%d %s %s: %s", family, dim, tokens, name, row["dtype"],
+                             row.get("skipped") or f"{row['median_s']:.4f} s")
+                del x
     return rows

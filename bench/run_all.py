@@ -200,13 +200,16 @@ def measure_all(core, args, plan, key, sections, budget, work, save, known) -> N
 
 
 def merge(sections: dict, section: str, rows: list[dict], run_index: int) -> None:
-    """The section's rows of this run replace its earlier rows of the same families (sd15 and sdxl rows of a
-    section are measured apart) and its earlier rows without a family (sections that have none, skips)."""
+    """The section's rows of this run replace the earlier rows they re-measure: those of the same family at the
+    same size (px) and width (dim) where the new rows have them (a step re-measured at 512 and 1024 px keeps
+    the earlier 2048 px row with the run that measured it), all of the family's rows where they have neither,
+    and every earlier row without a family (sections that have none, skips)."""
     for r in rows:
         r.setdefault("run", run_index)
-    families = {r.get("family") for r in rows}
+    same = lambda old, new: old.get("family") == new.get("family") and all(
+        old.get(k) == new[k] for k in ("px", "dim") if k in new)
     sections[section] = [r for r in sections.get(section, [])
-                         if r.get("family") is not None and r["family"] not in families] + rows
+                         if r.get("family") is not None and not any(same(r, q) for q in rows)] + rows
 
 
 def controlnet_rows(core, sizes, device, quick) -> list[dict]:

@@ -1,6 +1,10 @@
 """The one place that times and measures peak memory; every number on the benchmark page comes from here.
 
-Time: wall clock around each call, with torch.cuda.synchronize before and after on a GPU. Peak memory: on
+Time: wall clock around each call, with torch.cuda.synchronize before and after on a GPU, and the CPU time
+this process spent in it (all its threads: torch's intra-op threads too), which other processes on a shared
+machine inflate far less than the wall clock. Variants compared at one size run interleaved (`interleaved`:
+A B, B A, A B, ... after one warm-up call of each at that size), so drift of the machine (thermal, other
+work, allocator growth) lands on every variant alike instead of on the one that ran last. Peak memory: on
 CUDA torch.cuda.max_memory_allocated minus the allocation before the calls; on CPU the process's resident
 high-water mark (Linux VmHWM, reset through /proc/self/clear_refs after malloc_trim) minus the resident set
 before them, which sees everything torch allocates.
@@ -76,22 +80,69 @@ def measure(fn, device: torch.device, n: int, warmup: bool = True, keep: bool = 
     with keep, the last call's result too (under "output")."""
     if warmup:
         fn()
-    times = []
+    times, cpu = [], []
     with PeakMemory(device) as mem:
         for _ in range(n):
             sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = fn()
             sync(device)
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
             if not keep:
                 del out
-    res = {"times_s": times, "median_s": statistics.median(times), "n": n, "peak_bytes": mem.peak}
+    res = {"times_s": times, "median_s": statistics.median(times), "cpu_s": cpu, "n": n, "peak_bytes": mem.peak}
     return dict(res, output=out) if keep else res
 
 
+@torch.inference_mode()
+def interleaved(fns: dict, device: torch.device, n: int, parts: dict | None = None, warmup: bool = True) -> dict:
+    """n timed calls of every variant in fns (name -> fn), interleaved: round r runs the variants in turn,
+    the order reversed every other round (A B, B A, ...), so a slow drift costs every variant alike. Before
+    the rounds each variant runs once untimed at this very size (allocator growth, caches, lazy set-up).
+
+    Returns name -> {times_s, cpu_s, median_s, n, peak_bytes}; with parts (name -> modules, see PartClock)
+    also, per run, "<part>_times_s" / "<part>_cpu_s" (wall / process CPU seconds inside the part) and
+    "outside_times_s" / "outside_cpu_s" (the rest of the call). peak_bytes is each variant's peak over its
+    own calls (on a CPU the resident high-water mark, taken per call)."""
+    names = list(fns)
+    if warmup:
+        for name in names:
+            fns[name]()
+    res = {name: {"times_s": [], "cpu_s": [], "peaks": []} for name in names}
+    for r in range(n):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            row = res[name]
+            with PeakMemory(device) as mem, PartClock(device, parts or {}) as clock:
+                sync(device)
+                t0, c0 = time.perf_counter(), time.process_time()
+                out = fns[name]()
+                sync(device)
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            del out
+            row["times_s"].append(wall)
+            row["cpu_s"].append(cpu)
+            row["peaks"].append(mem.peak)
+            for part in parts or {}:
+                row.setdefault(f"{part}_times_s", []).append(clock.seconds[part])
+                row.setdefault(f"{part}_cpu_s", []).append(clock.cpu_seconds[part])
+            if parts:
+                row.setdefault("outside_times_s", []).append(wall - sum(clock.seconds.values()))
+                row.setdefault("outside_cpu_s", []).append(cpu - sum(clock.cpu_seconds.values()))
+    for row in res.values():
+        peaks = [p for p in row.pop("peaks") if p is not None]
+        row.update(median_s=statistics.median(row["times_s"]), n=n, peak_bytes=max(peaks) if peaks else None)
+    return res
+
+
+def spread(values: list[float]) -> dict:
+    """median, min and max of a list of per-run values (the page prints median (min-max), n)."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
 class PartClock:
-    """Seconds spent inside given modules while the block runs (outermost part only, no double counting).
+    """Seconds spent inside given modules while the block runs (outermost part only, no double counting):
+    wall clock (`seconds`) and this process's CPU time (`cpu_seconds`).
 
     parts maps a part name to modules; forward hooks on every module find them by identity.
     """
@@ -100,19 +151,25 @@ class PartClock:
         self.device = device
         self.owner = {id(m): name for name, mods in parts.items() for m in mods}
         self.seconds = dict.fromkeys(parts, 0.0)
+        self.cpu_seconds = dict.fromkeys(parts, 0.0)
         self.stack = []
 
     def _pre(self, module, args):
         if id(module) in self.owner and not self.stack:
             sync(self.device)
-            self.stack.append((module, time.perf_counter()))
+            self.stack.append((module, time.perf_counter(), time.process_time()))
 
     def _post(self, module, args, out):
         if self.stack and self.stack[-1][0] is module:
             sync(self.device)
-            self.seconds[self.owner[id(module)]] += time.perf_counter() - self.stack.pop()[1]
+            _, t0, c0 = self.stack.pop()
+            self.seconds[self.owner[id(module)]] += time.perf_counter() - t0
+            self.cpu_seconds[self.owner[id(module)]] += time.process_time() - c0
 
     def __enter__(self):
+        if not self.owner:
+            self.handles = []
+            return self
         hooks = torch.nn.modules.module
         self.handles = [hooks.register_module_forward_pre_hook(self._pre), hooks.register_module_forward_hook(self._post)]
         return self

@@ -2,15 +2,17 @@
 
 A step is comfy.sample.sample with one Euler step: exactly what each step of a user's KSampler costs. The
 same function measures the plain LinFusion vs SDPA steps, Low-Memory Mode vs normal and Tiled UNet vs
-untiled: they differ only in the variants (bench/models.py:variant) and sizes. Every variant at a size
-gets the same number of runs (n(px)), and the time spent inside attn1 is recorded beside the step time.
+untiled: they differ only in the variants (bench/models.py:variant) and sizes. The variants at a size run
+interleaved after one warm-up step each at that size (timing.interleaved), the same number of times, and
+every run records its time inside attn1 and outside it (wall and CPU time).
 """
 from __future__ import annotations
 
 import logging
+import statistics
 
 from . import models
-from .timing import PartClock, measure, predict
+from .timing import interleaved, predict
 
 log = logging.getLogger("LinFusion")
 
@@ -23,20 +25,31 @@ def run(core, base, weights, family: str, sizes: list[int], variants: list[str],
         models.sample(model, family, 64)
     rows, last, attn1 = [], {}, models.attn1_modules(base)
     for px in sizes:
+        todo = {}
         for name, model in built.items():
             row = {"family": family, "px": px, "variant": name}
             # Softmax cost grows with the square of the pixel count at the big levels; the rest linearly.
             guess = predict(last.get(name), px * px, 2 if name.startswith("sdpa") else 1)
-            skip = budget.refuse(guess, n(px), max_step_s)
+            # n timed runs and one warm-up run, for every variant (a skipped one skips the size's comparison).
+            skip = budget.refuse(guess, n(px) + 1, max_step_s)
             if skip:
                 rows.append({**row, **skip})
                 log.info("[LinFusion] bench %s step %d px %s: %s", family, px, name, skip["skipped"])
                 continue
-            with PartClock(device, {"attn1": attn1}) as clock:
-                row.update(measure(lambda: models.sample(model, family, px), device, n(px), warmup=False))
+            todo[name] = row
+        if not todo:
+            continue
+        fns = {name: (lambda m=built[name]: models.sample(m, family, px)) for name in todo}
+        for name, res in interleaved(fns, device, n(px), {"attn1": attn1}).items():
+            row = dict(todo[name], **res, interleaved=list(todo), warmup_px=px)
             # Tiled UNet runs LinFusion as per-tile state passes (compute_state / attend) that no hook sees.
-            row["attn1_s"] = None if "tiled" in name else clock.seconds["attn1"] / row["n"]
+            if "tiled" in name:
+                for k in ("attn1_times_s", "attn1_cpu_s", "outside_times_s", "outside_cpu_s"):
+                    row.pop(k, None)
+            else:
+                row["attn1_s"] = statistics.median(row["attn1_times_s"])
             last[name] = (px * px, row["median_s"])
             rows.append(row)
-            log.info("[LinFusion] bench %s step %d px %s: %.2f s (n=%d)", family, px, name, row["median_s"], row["n"])
+            log.info("[LinFusion] bench %s step %d px %s: %.2f s (n=%d, interleaved with %s)", family, px, name,
+                     row["median_s"], row["n"], ", ".join(v for v in todo if v != name) or "nothing")
     return rows

@@ -10,7 +10,7 @@ from bench import page
 from bench.attn1 import linfusion_flops
 from bench.breakdown import workflows
 from bench.models import FAMILIES, attn1_levels
-from bench.timing import Budget, PartClock, measure
+from bench.timing import Budget, PartClock, interleaved, measure
 
 
 def test_bench_unet_configs_are_detected_as_the_real_families(host):
@@ -47,6 +47,8 @@ def test_workflow_steps_are_read_from_the_shipped_graphs():
     assert (ladder["width"], ladder["height"], ladder["variant"]) == (16384, 8192, "linfusion+low-memory+tiled")
     assert found["3_sdxl_demofusion_8k"]["family"] == "sdxl" and found["3_sdxl_demofusion_8k"]["width"] == 8192
     assert found["4_controlnet_2048"]["controlnet"] is True
+    assert found["4_controlnet_2048"]["controlnet_attention"] == "linfusion"      # measured as shipped
+    assert found["1_sd15_txt2img_2048"]["controlnet_attention"] is None
     assert "skipped" in found["8_demofusion_ksampler"]
 
 
@@ -74,11 +76,15 @@ def test_budget_refuses_what_does_not_fit_and_says_why():
 
 def test_page_ratios_say_n_and_estimates_are_never_measurements():
     five, one = {"median_s": 1.0, "n": 5}, {"median_s": 16.0, "n": 1}
-    assert page.speedup(five, one) == "16.0x faster (n=5 vs 1)"
+    assert page.speedup(five, one) == "16.0x faster (n=5 vs 1: not significant)"
     assert page.speedup(five, dict(one, n=5)) == "16.0x faster"
+    assert page.speedup(five, dict(five, median_s=1.08)) == "1.08x faster"      # 10 % shows at this resolution
+    assert page.speedup(five, dict(five, median_s=0.95)) == "1.05x slower"
+    assert page.speedup(dict(five, n=2), dict(five, n=2)) == "1.00x faster (not significant)"
     skipped = {"skipped": "budget", "predicted_s": 1034.0}
     assert page.secs(skipped) == "skipped (budget; estimate 1034 s)" and page.speedup(five, skipped) == "-"
-    assert "not a headline figure" in page.headline_ratio(five, one)
+    assert "not significant" in page.headline_ratio(five, one)
+    assert page.secs({"median_s": 2.0, "n": 3, "times_s": [2.5, 2.0, 1.5]}) == "2.00 s (1.50 s-2.50 s, n=3)"
 
 
 def test_page_fits_and_crossover():
@@ -108,8 +114,15 @@ def test_a_sectioned_run_replaces_only_what_it_measured():
     from bench.run_all import merge
     sections = {"unet_step": [{"family": "sd15", "px": 512, "run": 0}, {"family": "sdxl", "px": 512, "run": 0}],
                 "attn1": [{"tokens": 1024, "run": 0}]}
-    merge(sections, "unet_step", [{"family": "sdxl", "px": 1024}], 1)
-    assert sections["unet_step"] == [{"family": "sd15", "px": 512, "run": 0}, {"family": "sdxl", "px": 1024, "run": 1}]
+    merge(sections, "unet_step", [{"family": "sdxl", "px": 1024}], 1)       # a new size: the 512 px row stays
+    assert sections["unet_step"] == [{"family": "sd15", "px": 512, "run": 0}, {"family": "sdxl", "px": 512, "run": 0},
+                                     {"family": "sdxl", "px": 1024, "run": 1}]
+    merge(sections, "unet_step", [{"family": "sdxl", "px": 512}], 4)        # the same size: replaced
+    assert sections["unet_step"] == [{"family": "sd15", "px": 512, "run": 0}, {"family": "sdxl", "px": 1024, "run": 1},
+                                     {"family": "sdxl", "px": 512, "run": 4}]
+    sections["breakdown"] = [{"family": "sd15", "workflow": "1", "run": 0}, {"family": "sdxl", "workflow": "3", "run": 0}]
+    merge(sections, "breakdown", [{"family": "sd15", "workflow": "4"}], 5)  # rows without px: the whole family
+    assert sections["breakdown"] == [{"family": "sdxl", "workflow": "3", "run": 0}, {"family": "sd15", "workflow": "4", "run": 5}]
     merge(sections, "attn1", [{"tokens": 4096}], 2)
     assert sections["attn1"] == [{"tokens": 4096, "run": 2}]
     sections["peers"] = [{"peer": "p", "skipped": "failed", "run": 2}]       # a skip has no family
@@ -139,3 +152,17 @@ def test_linfusion_xl_attn1_flops_use_its_heads_and_narrow_mlps():
     # LinFusion-XL: 64-channel heads and C/16-wide query/key MLPs (a C-wide count put SDXL above 100 % of GEMM).
     assert page.attn1_flops("sdxl", 4096, 1280) == linfusion_flops(2, 4096, 1280, 20, 80)
     assert page.attn1_flops("sdxl", 4096, 1280) < 0.6 * page.attn1_flops("sd15", 4096, 1280)
+
+
+def test_interleaved_alternates_variants_after_a_warm_up_each_and_splits_parts():
+    inner = torch.nn.Linear(64, 64)
+    order = []
+    fns = {"a": lambda: order.append("a") or inner(torch.randn(64, 64)), "b": lambda: order.append("b"),
+           "c": lambda: order.append("c")}
+    res = interleaved(fns, torch.device("cpu"), 3, parts={"inner": [inner]})
+    assert order == ["a", "b", "c", "a", "b", "c", "c", "b", "a", "a", "b", "c"]     # warm-ups, then A B C, C B A, ...
+    for name, r in res.items():
+        assert r["n"] == 3 and len(r["times_s"]) == len(r["cpu_s"]) == len(r["inner_times_s"]) == 3
+        for wall, part, outside in zip(r["times_s"], r["inner_times_s"], r["outside_times_s"]):
+            assert math.isclose(part + outside, wall) and part >= 0
+    assert all(t > 0 for t in res["a"]["inner_times_s"]) and res["b"]["inner_times_s"] == [0.0] * 3

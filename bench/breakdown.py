@@ -1,7 +1,8 @@
 """Where the time goes in the graphs we ship: the main sampling step of each example workflow at its own
-size, split into LinFusion attention (attn1), the rest of the UNet, a ControlNet (whose own self-attention
-is still softmax) and the VAE decode (its time over the workflow's step count). Workflow 4's step is also
-measured with and without its ControlNet, against SDPA.
+size, split into LinFusion attention (attn1), the rest of the UNet, a ControlNet (as the workflow ships it:
+with an active LinFusion ControlNet node its self-attention runs LinFusion's base modules, else softmax on
+SDPA) and the VAE decode (its time over the workflow's step count). Workflow 4's step is also measured with
+and without its ControlNet, against plain SD with a softmax ControlNet.
 
 The size, family, patches, step count and decoder of each workflow are read from example_workflows/*.json.
 """
@@ -25,13 +26,18 @@ def workflows() -> list[dict]:
     """One entry per example workflow: what its main sampling step runs, or why it has none to measure."""
     found = []
     for path in sorted(WORKFLOWS.glob("*.json")):
-        nodes = {n["type"]: n.get("widgets_values") or [] for n in json.loads(path.read_text())["nodes"]}
+        graph = json.loads(path.read_text())["nodes"]
+        nodes = {n["type"]: n.get("widgets_values") or [] for n in graph}
+        active = {n["type"] for n in graph if n.get("mode", 0) == 0}      # 2 muted, 4 bypassed
         ckpt = str((nodes.get("CheckpointLoaderSimple") or [""])[0])
         wf = {"workflow": path.stem, "family": "sdxl" if "xl" in ckpt.lower() else "sd15",
               "variant": "+".join(["linfusion" if "ApplyLinFusion" in nodes else "sdpa"]
                                   + ["low-memory"] * ("LinFusionLowMemory" in nodes)
                                   + ["tiled"] * ("LinFusionTiledUNet" in nodes)),
               "controlnet": "ControlNetApplyAdvanced" in nodes,
+              # the LinFusion ControlNet node (source widget first: the shipped "base modules") or softmax
+              "controlnet_attention": ("linfusion" if "LinFusionControlNet" in active else "sdpa")
+              if "ControlNetApplyAdvanced" in nodes else None,
               "tile": (nodes.get("LinFusionTiledUNet") or [64])[0],
               "vae_tile": (nodes.get("LinFusionVAEDecodeTiled") or [None])[0]}
         ladder = nodes.get("LinFusionProgressiveUpscale")
@@ -58,14 +64,15 @@ def run(core, family, base, weights, vae, cnet, quick: bool, budget, predict_ste
         div = 32 if quick else 1      # quick: the same graphs at 1/32 of the side
         w, h = (max(64, wf["width"] // div // 64 * 64), max(64, wf["height"] // div // 64 * 64))
         wf.update(width=w, height=h)
-        plans = [(wf["variant"], wf["controlnet"])]
+        shipped = wf.get("controlnet_attention")
+        plans = [(wf["variant"], wf["controlnet"], shipped)]
         if wf["controlnet"]:
-            plans += [("sdpa", True), (wf["variant"], False), ("sdpa", False)]
-        for variant, with_cnet in plans:
-            row = dict(wf, variant=variant, controlnet=with_cnet)
-            same = (variant, with_cnet, w, h, wf["tile"], wf["vae_tile"])
+            plans += [("sdpa", True, "sdpa"), (wf["variant"], False, None), ("sdpa", False, None)]
+        for variant, with_cnet, cnet_attention in plans:
+            row = dict(wf, variant=variant, controlnet=with_cnet, controlnet_attention=cnet_attention)
+            same = (variant, with_cnet, cnet_attention, w, h, wf["tile"], wf["vae_tile"])
             if same in done:
-                own = variant == wf["variant"] and with_cnet == wf["controlnet"]     # its decode is timed too
+                own = (variant, with_cnet, cnet_attention) == plans[0]     # its decode is timed too
                 keep = ("times_s", "median_s", "n", "peak_bytes", "attn1_s", "controlnet_s") + ("vae_s",) * own
                 rows.append(dict(row, same_as=done[same]["workflow"], **{k: done[same][k] for k in keep if k in done[same]}))
                 continue
@@ -77,23 +84,27 @@ def run(core, family, base, weights, vae, cnet, quick: bool, budget, predict_ste
                 continue
             model = models.variant(core, base, weights, variant, wf["tile"])
             parts = {"attn1": models.attn1_modules(base)}
+            control = None
             if with_cnet:
-                parts["controlnet"] = [cnet[family].control_model]
-                # ComfyUI passes a ControlNet no per-call attention choice: give it PyTorch SDPA, as the UNet
-                # has (on a GPU ComfyUI's default; on a CPU its default is sub-quadratic, 2.4-3.7x slower here).
-                row["controlnet_attention"] = "sdpa"
+                control = cnet[family]
+                parts["controlnet"] = [control.control_model]
+                if cnet_attention == "linfusion":       # the node's core function with its shipped source
+                    control = core.controlnet_patch.apply_linfusion_controlnet(control, weights)[0]
+            # ComfyUI passes a ControlNet no per-call attention choice: its softmax attention (all of it, or
+            # attn2 beside LinFusion) gets PyTorch SDPA, as the UNet has (on a GPU ComfyUI's default; on a
+            # CPU its default is sub-quadratic, 2.4-3.7x slower here).
             undo = sdpa_everywhere() if with_cnet else (lambda: None)
             try:
-                models.sample(model, family, 64, controlnet=cnet[family] if with_cnet else None)   # warm-up
+                models.sample(model, family, 64, controlnet=control)   # warm-up
                 with PartClock(device, parts) as clock:
-                    row.update(measure(lambda: models.sample(model, family, w, controlnet=cnet[family] if with_cnet
-                                                             else None, height=h), device, 1, warmup=False))
+                    row.update(measure(lambda: models.sample(model, family, w, controlnet=control, height=h),
+                                       device, 1, warmup=False))
             finally:
                 undo()
             row.update({f"{k}_s": v for k, v in clock.seconds.items()})
             if "tiled" in variant:      # per-tile state passes (compute_state / attend): no hook sees them
                 row["attn1_s"] = None
-            if variant == wf["variant"] and with_cnet == wf["controlnet"]:
+            if (variant, with_cnet, cnet_attention) == plans[0]:
                 latent = torch.randn(1, 4, h // 8, w // 8, generator=torch.Generator().manual_seed(0))
                 decode = (lambda: core.tiled_vae.decode(vae, latent, tile_size=wf["vae_tile"] // div, park="cpu")) \
                     if wf["vae_tile"] else (lambda: vae.decode(latent))

@@ -22,7 +22,9 @@ Design (why not object patches): ComfyUI's module tree and state dict stay exact
 from __future__ import annotations
 
 import logging
+import math
 import os
+import time
 from dataclasses import dataclass
 
 from torch import nn
@@ -37,6 +39,7 @@ INJECTION_KEY = "linfusion"
 # transformer_options key for LinFusion's token chunk size (set by LinFusion Low-Memory Mode).
 LINEAR_ATTENTION_CHUNK_KEY = "linfusion_chunk_size"
 BLOCK_CHOICES = ("all", "highest resolution only")
+AUTO = "auto"          # min_tokens: softmax on the levels where it is measured faster (auto_min_tokens.py)
 
 
 class LinFusionModules(nn.Module):
@@ -67,21 +70,25 @@ class LinFusionForward:
 
 @dataclass
 class LinFusionInstall:
-    """What one ApplyLinFusion installs: the placements, their modules, and the switch."""
+    """What one ApplyLinFusion installs: the placements, their modules, and the switch. min_tokens: one
+    threshold for every placement, or one per placement (min_tokens = auto: each width its own)."""
     placements: list[Placement]
     modules: LinFusionModules
-    min_tokens: int
+    min_tokens: int | list[int]
+
+    def min_tokens_of(self, index: int) -> int:
+        return self.min_tokens[index] if isinstance(self.min_tokens, list) else self.min_tokens
 
     def inject(self, patcher) -> None:
         diffusion_model = patcher.model.diffusion_model
-        for placement, module in zip(self.placements, self.modules_of(patcher).blocks):
+        for index, (placement, module) in enumerate(zip(self.placements, self.modules_of(patcher).blocks)):
             attn1 = diffusion_model.get_submodule(placement.site.comfy_path)
             current = attn1.__dict__.get("forward")
             if isinstance(current, LinFusionForward):
                 if current.linfusion is module:
                     continue
                 current = current.previous_instance_forward
-            forward = LinFusionForward(module, self.min_tokens, current or attn1.forward)
+            forward = LinFusionForward(module, self.min_tokens_of(index), current or attn1.forward)
             forward.previous_instance_forward = current
             attn1.forward = forward
         self._log_bypassed(patcher)
@@ -164,17 +171,49 @@ def modules_patcher(weights: LinFusionWeights, placements: list[Placement], dtyp
     return patcher
 
 
-def apply_linfusion(model, weights: LinFusionWeights, blocks: str = "all", min_tokens: int = 0):
+def auto_min_tokens(model, placements: list[Placement]) -> tuple[list[int], str]:
+    """min_tokens = auto: each placement's threshold is the measured crossover of its width on the model's
+    load device and compute dtype, with the softmax the model would run; and a summary naming them."""
+    from .auto_min_tokens import crossover_tokens
+
+    base_model = model.model
+    dtype = base_model.manual_cast_dtype or base_model.get_dtype()
+    options = model.model_options.get("transformer_options", {})
+    by_width, started = {}, time.perf_counter()
+    for p in placements:
+        key = (p.site.dim, p.site.heads, p.spec.projection_mid_dim)
+        if key not in by_width:
+            by_width[key] = crossover_tokens(*key, model.load_device, dtype, options)
+    seconds = time.perf_counter() - started
+    parts = []
+    for (dim, heads, mid), tokens in sorted(by_width.items()):
+        blocks = sorted({p.site.comfy_path.split(".transformer_blocks")[0] for p in placements if p.site.dim == dim})
+        side = math.isqrt(max(tokens - 1, 0)) + 1 if tokens else 0
+        parts.append(f"C={dim} ({', '.join(blocks)}): " + (
+            "LinFusion at every size" if tokens == 0 else
+            f"softmax below {tokens} tokens (latent side < {side} at that level), LinFusion from there"))
+    summary = (f"min_tokens auto ({model.load_device}, {str(dtype).replace('torch.', '')}, measured in "
+               f"{seconds:.2f} s or cached): " + "; ".join(parts))
+    return [by_width[(p.site.dim, p.site.heads, p.spec.projection_mid_dim)] for p in placements], summary
+
+
+def apply_linfusion(model, weights: LinFusionWeights, blocks: str = "all", min_tokens: int | str = 0):
     """A clone of `model` (ModelPatcher) running LinFusion; returns (clone, human-readable summary).
-    All checks run before the clone exists, so a bad file leaves nothing half-patched."""
+    min_tokens: blocks with fewer tokens keep softmax; AUTO picks that threshold per width from a measured
+    crossover. All checks run before the clone exists, so a bad file leaves nothing half-patched."""
     import comfy.patcher_extension
 
     base_model = model.model
     every = place_modules(weights, base_model)
     placements = select_placements(every, blocks)
+    auto_note = None
+    if min_tokens == AUTO:
+        thresholds, auto_note = auto_min_tokens(model, placements)
+    else:
+        thresholds = int(min_tokens)
     linfusion_patcher = modules_patcher(weights, placements, base_model.get_dtype(), base_model.manual_cast_dtype,
                                         model.load_device, model.offload_device)
-    install = LinFusionInstall(placements, linfusion_patcher.model, int(min_tokens))
+    install = LinFusionInstall(placements, linfusion_patcher.model, thresholds)
 
     patched = model.clone()
     if patched.get_injections(INJECTION_KEY):
@@ -184,7 +223,8 @@ def apply_linfusion(model, weights: LinFusionWeights, blocks: str = "all", min_t
 
     summary = (f"LinFusion {os.path.basename(weights.source.rstrip('/'))} ({weights.family}, config from "
                f"{weights.config_source}) on {model_label(base_model)}: {len(placements)} of {len(every)} self-attention "
-               f"modules patched" + (f"; softmax kept below {min_tokens} tokens" if min_tokens > 0 else ""))
+               f"modules patched" + (f"; {auto_note}" if auto_note else
+                                     f"; softmax kept below {min_tokens} tokens" if thresholds > 0 else ""))
     log.info("[LinFusion] %s", summary)
     note = assumed_family_note(weights, base_model)
     if note:

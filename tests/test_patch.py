@@ -242,3 +242,76 @@ def test_attention_patches_compose(core, sd15):
     a = run_unet(zeroed_lf, inputs, zeroed_lf.model_options["transformer_options"])
     b = run_unet(zeroed_plain, inputs, zeroed_plain.model_options["transformer_options"])
     assert calls["out"] > 0 and torch.equal(a, b)
+
+
+def auto_graph(fixtures, blocks, mode, min_tokens=0, tag=""):
+    """checkpoint -> Apply LinFusion (min_tokens_mode given, or left out as in a prompt saved before it
+    existed) -> KSampler (64 px, 2 steps); captures the latent and Apply LinFusion's info."""
+    inputs = {"model": ["ckpt", 0], "linfusion": ["lf", 0], "blocks": blocks, "min_tokens": min_tokens}
+    if mode is not None:
+        inputs["min_tokens_mode"] = mode
+    return {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": fixtures.checkpoint["sd15"]}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse", "clip": ["ckpt", 1]}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "lf": {"class_type": "LinFusionLoader", "inputs": {"linfusion_name": fixtures.linfusion_folder["sd15"]}},
+        "apply": {"class_type": "ApplyLinFusion", "inputs": inputs},
+        "ks": {"class_type": "KSampler", "inputs": {"model": ["apply", 0], "seed": 3, "steps": 2, "cfg": 5.0,
+                                                    "sampler_name": "euler", "scheduler": "normal", "positive": ["pos", 0],
+                                                    "negative": ["neg", 0], "latent_image": ["latent", 0], "denoise": 1.0}},
+        f"latent_out{tag}": {"class_type": "LinFusionTest_Capture", "inputs": {"value": ["ks", 0]}},
+        f"info_out{tag}": {"class_type": "LinFusionTest_Capture", "inputs": {"value": ["apply", 1]}},
+    }
+
+
+def auto_thresholds(info: str) -> dict[int, int]:
+    """width -> the token threshold min_tokens auto picked, read from Apply LinFusion's info."""
+    import re
+
+    found = {}
+    for dim, text in re.findall(r"C=(\d+) \([^)]*\): ([^;]+)", info.split("min_tokens auto", 1)[1]):
+        below = re.search(r"softmax below (\d+) tokens", text)
+        found[int(dim)] = int(below.group(1)) if below else 0
+    return found
+
+
+def test_min_tokens_auto_equals_the_manual_threshold_it_picked(host, fixtures, core):
+    """Through ComfyUI's executor: auto measures a crossover per width, names it in info, and samples exactly
+    as the manual min_tokens at that threshold does; a prompt without min_tokens_mode (saved before it
+    existed) still validates and runs the manual setting."""
+    def run(blocks, mode, min_tokens=0, tag=""):
+        res = host.run(auto_graph(fixtures, blocks, mode, min_tokens, tag))
+        return res.captured[f"latent_out{tag}"]["samples"], res.captured[f"info_out{tag}"]
+
+    for blocks in ("highest resolution only", "all"):
+        auto, info = run(blocks, "auto", tag=f"a{blocks}")
+        thresholds = auto_thresholds(info)
+        assert thresholds and "min_tokens auto (cpu, float32" in info, info
+        if blocks == "highest resolution only":
+            assert len(thresholds) == 1
+        # levels at 64 px: latent 8 x 8, so the widths' levels see 64, 16 and 4 tokens (SD 1.x layout)
+        tokens = {dim: 64 >> (2 * i) for i, dim in enumerate(sorted(thresholds))}
+        softmax = {d for d in thresholds if tokens[d] < thresholds[d]}
+        linear = set(thresholds) - softmax
+        low = max((tokens[d] for d in softmax), default=-1) + 1       # a global min_tokens giving the same split
+        high = min((tokens[d] for d in linear), default=1 << 20)
+        if low > high:
+            continue        # the measured thresholds split the levels in a way no single min_tokens can
+        at = next(iter(thresholds.values())) if len(thresholds) == 1 else low     # one width: its own threshold
+        manual, _ = run(blocks, "manual", min_tokens=at, tag=f"m{blocks}")
+        assert torch.equal(auto, manual)
+    legacy, legacy_info = run("all", None, min_tokens=0, tag="legacy")
+    everywhere, _ = run("all", "manual", min_tokens=0, tag="manual0")
+    assert torch.equal(legacy, everywhere) and "min_tokens auto" not in legacy_info
+
+
+def test_crossover_from_probes_is_where_the_power_laws_cross(core):
+    from importlib import import_module
+
+    cross = import_module(core.__name__ + ".auto_min_tokens").crossover_from_probes
+    # linear ~ N, softmax ~ N^2: softmax 4x faster at 128 tokens -> equal at 512
+    assert cross((128, 512), (4.0, 16.0), (1.0, 16.0)) == 512
+    assert cross((128, 512), (1.0, 4.0), (4.0, 64.0)) == 32           # LinFusion already faster: below the probes
+    assert cross((128, 512), (1.0, 4.0), (2.0, 4.0)) == 0             # softmax not growing faster, slower: never
+    assert cross((128, 512), (4.0, 16.0), (1.0, 4.0)) == 16 * 512     # softmax faster and not growing faster: the cap

@@ -1,0 +1,94 @@
+"""`min_tokens = auto`: where on this device and dtype softmax attention is faster than LinFusion.
+
+Both modules share the q/k/v/out projections; LinFusion adds its query/key MLPs and the d x d state work
+(linear in the token count N), softmax adds Q K^T and P V (quadratic in N). So below some N per width
+softmax is the faster one (LinFusion-1-5's C-wide MLPs put it near N ~ 2C; LinFusion-XL's narrow ones far
+lower). This measures that crossover once per (device, dtype, width, heads, MLP width, softmax function)
+and caches it for the process: one LinFusion module and one ComfyUI CrossAttention with random weights
+(timing does not depend on the values), batch 1, at two token counts (PROBE_TOKENS), each timed
+interleaved, the minimum of RUNS. A power law through the two points of each gives the crossover, clamped
+to [0, CAP x the larger probe]: a softmax that does not grow faster than LinFusion over the probes stays
+below that cap rather than everywhere.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+# Token counts the two modules are timed at: small enough on a CPU to take a fraction of a second per
+# width, large enough on a GPU that the kernels, not their launches, set the time.
+PROBE_TOKENS = {"cpu": (128, 512), "other": (1024, 4096)}
+RUNS = 2
+CAP = 16
+_CACHE: dict[tuple, int] = {}
+
+
+def _timer(device: torch.device):
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def run(fn) -> float:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+    return run
+
+
+def _random_(module: torch.nn.Module) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_((torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1])) if p.ndim > 1 else torch.ones(p.shape))
+    return module
+
+
+def crossover_from_probes(tokens: tuple[int, int], linear_s: tuple[float, float], softmax_s: tuple[float, float]) -> int:
+    """The token count where the power laws through (tokens, linear_s) and (tokens, softmax_s) cross."""
+    n1, n2 = tokens
+    e_lin = math.log(linear_s[1] / linear_s[0]) / math.log(n2 / n1)
+    e_soft = math.log(softmax_s[1] / softmax_s[0]) / math.log(n2 / n1)
+    ratio = linear_s[0] / softmax_s[0]                       # > 1: softmax faster at n1
+    if e_soft <= e_lin:
+        return 0 if ratio <= 1 and linear_s[1] <= softmax_s[1] else CAP * n2
+    return int(min(CAP * n2, max(0.0, n1 * ratio ** (1.0 / (e_soft - e_lin)))))
+
+
+@torch.inference_mode()
+def crossover_tokens(dim: int, heads: int, mid_dim, device, dtype, transformer_options: dict | None = None,
+                     operations=None) -> int:
+    """Tokens from which LinFusion is faster than the host's softmax attn1 at this width (cached)."""
+    import comfy.ldm.modules.attention as attention
+    import comfy.ops
+
+    from .module import LinFusionAttention
+
+    device = torch.device(device)
+    override = (transformer_options or {}).get("optimized_attention_override")
+    key = (str(device), str(dtype), dim, heads, mid_dim, override or attention.optimized_attention)
+    if key in _CACHE:
+        return _CACHE[key]
+    operations = operations or comfy.ops.disable_weight_init
+    lin = _random_(LinFusionAttention(dim, heads, mid_dim, operations=operations)).to(device, dtype).eval()
+    soft = _random_(attention.CrossAttention(dim, heads=heads, dim_head=dim // heads, operations=operations)).to(device, dtype)
+    options = {"optimized_attention_override": override} if override else {}
+    tokens = PROBE_TOKENS["cpu" if device.type == "cpu" else "other"]
+    timed = _timer(device)
+    best = {}
+    for n in tokens:
+        x = torch.randn(1, n, dim, device=device, dtype=dtype)
+        calls = {"linear": lambda: lin(x), "softmax": lambda: soft(x, transformer_options=options)}
+        for fn in calls.values():             # warm-up at this size
+            fn()
+        for r in range(RUNS):                 # interleaved, the minimum of RUNS each
+            for name in (calls if r % 2 == 0 else list(calls)[::-1]):
+                t = timed(calls[name])
+                best[name, n] = min(best.get((name, n), t), t)
+    found = crossover_from_probes(tokens, tuple(best["linear", n] for n in tokens),
+                                  tuple(best["softmax", n] for n in tokens))
+    _CACHE[key] = found
+    return found

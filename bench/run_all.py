@@ -5,6 +5,8 @@
     python3 scripts/comfy_host.py python bench/run_all.py --device cuda    # the GPU plan (bench/gpu.sh), < 8 min
     python3 scripts/comfy_host.py python bench/run_all.py --device cpu --smoke   # the GPU plan's code path on CPU
     python3 scripts/comfy_host.py python bench/run_all.py --from-json docs/benchmarks.json   # page only
+    python3 scripts/comfy_host.py python bench/run_all.py --sections attn1,sd15,sdxl --step-px 512,1024
+                                              # the attn1 tables and the steps at 512 and 1024 px, n = 3 each
 
 Raw rows go to benchmarks.json (one entry per device: a CPU run keeps the GPU entry and vice versa), the
 page (benchmarks.md) and plots are rendered from that file only (bench/page.py). Measurements predicted to
@@ -62,6 +64,10 @@ def parse(argv):
     p.add_argument("--official-linfusion", metavar="PATH", help="checkout of github.com/Huage001/LinFusion")
     p.add_argument("--tiled-diffusion", metavar="PATH", help="checkout of github.com/shiimizu/ComfyUI-TiledDiffusion")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--step-px", type=ints, help="the SD1.5 and SDXL step sizes (px, comma-separated), each run the "
+                   "plan's steps_n times (n = 3 on the CPU plan) instead of the plan's sizes")
+    p.add_argument("--attn1-layouts", help="attn1 layouts to measure: sd15, sdxl (default: both)")
+    p.add_argument("--attn1-max-px", type=int, help="attn1: only the sizes met at up to this image side")
     p.add_argument("--from-json", type=Path, help="only render the page and plots from this benchmarks.json")
     return p.parse_args(argv)
 
@@ -92,6 +98,10 @@ def main(argv=None) -> int:
     plan = dict(PLANS[key])
     if args.budget_min:
         plan["budget_min"] = args.budget_min
+    if args.step_px:
+        plan.update(sd15=args.step_px, sdxl=args.step_px, repeat_below_px=max(args.step_px) + 1)
+    plan["attn1_layouts"] = (args.attn1_layouts or "sd15,sdxl").split(",")
+    plan["attn1_max_px"] = args.attn1_max_px
     out = args.out or (Path(tempfile.mkdtemp(prefix="linfusion-bench-")) if args.quick or args.smoke else REPO / "docs")
     work = Path(tempfile.mkdtemp(prefix="linfusion-bench-models-"))
     host = boot(args.device, work)
@@ -144,8 +154,12 @@ def measure_all(core, args, plan, key, sections, budget, work, save, known) -> N
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     n = lambda px: plan["steps_n"] if px < plan.get("repeat_below_px", float("inf")) else 1
     if "attn1" in sections:
-        save("attn1", [r for d in plan["dtypes"] for r in attn1.run(core, device, getattr(torch, d),
-                       getattr(attn1, plan["attn1"]), plan["attn1_n"], budget, plan["max_call_s"])])
+        sides = {family: {dim: [s for s in ss if attn1.pixels(dim, s) <= (plan.get("attn1_max_px") or 1 << 30)]
+                          for dim, ss in widths.items()}
+                 for family, widths in getattr(attn1, plan["attn1"]).items()
+                 if family in plan.get("attn1_layouts", ["sd15", "sdxl"])}
+        save("attn1", [r for d in plan["dtypes"] for r in attn1.run(core, device, getattr(torch, d), sides,
+                                                                     plan["attn1_n"], budget, plan["max_call_s"])])
     steps, shares = [], []
 
     def predict_step(family, pixels, variant="linfusion"):

@@ -1,0 +1,78 @@
+"""How many ops one attn1 call dispatches: LinFusionAttention (of this checkout, or of another one given by
+--repo, e.g. an older commit) against ComfyUI's CrossAttention on PyTorch SDPA, counted with torch.profiler
+(every recorded CPU event of one call, nested ones included), at SDXL's and SD 1.5's shapes, batch 2.
+
+    python3 scripts/comfy_host.py python bench/op_count.py --out docs/op_count.json
+    git worktree add /tmp/old <commit> && python3 scripts/comfy_host.py python bench/op_count.py --repo /tmp/old \\
+        --out /tmp/old_ops.json
+
+Counts, not times: they do not depend on the machine's load.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# (layout, C, N): SDXL's two widths at 512 px, SD 1.5's top level at 512 px.
+SHAPES = [("sdxl", 1280, 256), ("sdxl", 640, 1024), ("sd15", 320, 4096)]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repo", type=Path, default=REPO, help="checkout whose linfusion_core is counted")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--label", help="what --repo holds (e.g. the commit it was extracted from)")
+    args = p.parse_args(argv)
+    sys.path.insert(0, os.environ["COMFYUI_PATH"])
+    saved, sys.argv = sys.argv, ["main.py", "--cpu"]
+    import comfy.options
+    comfy.options.enable_args_parsing()
+    import comfy.cli_args  # noqa: F401
+    sys.argv = saved
+    import comfy.ldm.modules.attention as attention
+    import comfy.ops
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.path.insert(0, str(args.repo.resolve()))
+    module = importlib.import_module("linfusion_core.module")
+    sys.path.insert(0, str(REPO))
+    from bench.attn1 import LAYOUTS
+    from bench.models import fill_random
+
+    torch.set_num_threads(1)
+    ops = comfy.ops.disable_weight_init
+    sdpa = {"optimized_attention_override": lambda _d, *a, **kw: attention.attention_pytorch(*a, **kw)}
+    rows = []
+    for layout, dim, tokens in SHAPES:
+        heads, mid = LAYOUTS[layout](dim)
+        lin = fill_random(module.LinFusionAttention(dim, heads, mid, operations=ops)).eval()
+        soft = fill_random(attention.CrossAttention(dim, heads=heads, dim_head=dim // heads, operations=ops))
+        x = torch.randn(2, tokens, dim)
+        for name, fn in (("linfusion", lambda: lin(x)), ("sdpa", lambda: soft(x, transformer_options=sdpa))):
+            with torch.inference_mode():
+                fn()
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    fn()
+            events = prof.events()
+            rows.append({"layout": layout, "dim": dim, "tokens": tokens, "attention": name, "events": len(events),
+                         "top_level": sum(1 for e in events if e.cpu_parent is None)})
+            print(json.dumps(rows[-1]))
+    commit = subprocess.run(["git", "-C", str(args.repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    result = {"command": "python3 scripts/comfy_host.py python bench/op_count.py " + " ".join(sys.argv[1:]),
+              "repo_commit": args.label or commit or "?", "torch": torch.__version__, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"written: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,7 +2,7 @@
 
     python3 scripts/comfy_host.py python bench/run_all.py                  # CPU, all sections: hours on 2 cores
     python3 scripts/comfy_host.py python bench/run_all.py --quick          # tiny sizes, < 3 min, temp folder
-    python3 scripts/comfy_host.py python bench/run_all.py --device cuda    # the GPU plan (bench/gpu.sh), < 8 min
+    python3 scripts/comfy_host.py python bench/run_all.py --device cuda    # the GPU plan (bench/gpu.sh), < 7 min
     python3 scripts/comfy_host.py python bench/run_all.py --device cpu --smoke   # the GPU plan's code path on CPU
     python3 scripts/comfy_host.py python bench/run_all.py --from-json docs/benchmarks.json   # page only
     python3 scripts/comfy_host.py python bench/run_all.py --sections attn1,sd15,sdxl --step-px 512,1024
@@ -44,7 +44,7 @@ PLANS = {
                   peers=[64], controlnet=[64], breakdown_max_s=60, ladder=[], budget_min=2),
     "cuda": dict(attn1="GPU_SIDES", dtypes=["float16", "bfloat16"], attn1_n=5, max_call_s=5, steps_n=3,
                  max_step_s=60, sd15=[1024, 2048, 4096], sdxl=[2048, 4096], low_memory=[], tiled_unet=[],
-                 tiled_vae=[], peers=[], controlnet=[], ladder=[8192, 16384], tile=256, vae_tile=1024, budget_min=7),
+                 tiled_vae=[], peers=[], controlnet=[], ladder=[8192, 16384], tile=256, vae_tile=1024, budget_min=6),
     "smoke": dict(attn1="SMOKE_SIDES", dtypes=["float16", "bfloat16"], attn1_n=1, max_call_s=20, steps_n=1,
                   max_step_s=60, sd15=[64], sdxl=[64], low_memory=[], tiled_unet=[], tiled_vae=[], peers=[],
                   controlnet=[], ladder=[128], tile=4, vae_tile=32, budget_min=2),

@@ -57,8 +57,8 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
 
 def phi_(t: torch.Tensor) -> torch.Tensor:
     """phi(t) = elu(t) + 1, in place. On a CPU as exp(min(t, 0)) + max(t, 0), the same function (equal up to
-    one rounding of exp against expm1 + 1): torch's CPU elu runs a scalar expm1, about 10x slower than its
-    vectorised exp, enough to cost more than the attention's GEMMs at small N. A GPU's elu is one fused pass."""
+    one rounding of exp against expm1 + 1): torch's CPU elu runs a scalar expm1, several times slower than its
+    vectorised exp, enough to cost more than the state GEMMs at small N. A GPU's elu is one fused pass."""
     if t.device.type != "cpu":
         return F.elu_(t).add_(1.0)
     low = t.clamp_max(0.0).exp_()

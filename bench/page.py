@@ -154,7 +154,8 @@ def crossover(rows, dim, dtype, base="sdpa", family=None) -> str:
 LEVEL_OF_WIDTH = {320: 0, 640: 1, 1280: 2}
 
 
-def attn1_section(rows, gemm) -> list[str]:
+def attn1_section(rows, gemm, gemm_of_run=None) -> list[str]:
+    """gemm_of_run: run index -> that run's GEMM peaks, None for a run on a busy machine (no % GEMM then)."""
     out = []
     backends = list(dict.fromkeys(r["backend"] for r in rows if r["backend"] != "linfusion"))
     for family in dict.fromkeys(r.get("family", "sd15") for r in rows):
@@ -166,17 +167,21 @@ def attn1_section(rows, gemm) -> list[str]:
                 body = []
                 for n in sorted({r["tokens"] for r in fam if r["dim"] == dim and r["dtype"] == dtype}):
                     lin, sdpa = get(n, "linfusion"), get(n, "sdpa")
-                    pct = lambda r: f"{r['flops'] / r['median_s'] / peak * 100:.0f}%" if peak and r and "median_s" in r else "-"
+                    def pct(r):
+                        top = peak if gemm_of_run is None else (gemm_of_run.get(r.get("run", 0)) or {}).get(dtype) if r else None
+                        return f"{r['flops'] / r['median_s'] / top * 100:.0f}%" if top and r and "median_s" in r else "-"
                     px = (lin or sdpa or {}).get("px") or int(n ** 0.5) * 8 * 2 ** LEVEL_OF_WIDTH.get(dim, 0)
                     body.append([f"{n} ({px} px)", secs(lin)] + [secs(get(n, b)) for b in backends]
-                                + [speedup(lin, sdpa), mem(lin), mem(sdpa), pct(lin), pct(sdpa)])
+                                + [speedup(lin, sdpa), cpu_text(lin), cpu_text(sdpa), mem(lin), mem(sdpa), pct(lin),
+                                   pct(sdpa)])
                 heads = (fam[0].get("heads") if fam else None) or 8
                 layout = ("SDXL layout (LinFusion-XL: 64-channel heads, C/16-wide MLPs)" if family == "sdxl"
                           else "SD 1.5 layout (LinFusion-1-5: 8 heads, C-wide MLPs)")
                 out += ["", f"#### {layout}, {dtype}, C = {dim} (where LinFusion starts to beat SDPA: "
                             f"{crossover(fam, dim, dtype, family=family)})", ""]
-                out += table(["N tokens", "LinFusion", *backends, "LinFusion vs SDPA", "peak MiB LinFusion",
-                              "peak MiB SDPA", "LinFusion % GEMM", "SDPA % GEMM"], body)
+                out += table(["N tokens", "LinFusion", *backends, "LinFusion vs SDPA", "CPU time LinFusion",
+                              "CPU time SDPA", "peak MiB LinFusion", "peak MiB SDPA", "LinFusion % GEMM",
+                              "SDPA % GEMM"], body)
     return out
 
 
@@ -396,7 +401,7 @@ def runs_table(runs: list[dict], used: set[int]) -> list[str]:
     whose rows were all re-measured since stay in the json only)."""
     body = [[f"#{i}", f"`{r.get('command', '?')}`", r.get("started", "?"), f"{r.get('elapsed_s', 0) / 60:.1f}",
              r.get("machine", {}).get("commit", "?"),
-             idle_words(r, runs[i - 1] if i else None),
+             idle_words(r, runs[i - 1] if i else None) + (f"; {r['note']}" if r.get("note") else ""),
              ", ".join(r.get("sections", []))] for i, r in enumerate(runs) if i in used]
     return table(["run", "command", "started", "min", "code measured", "machine",
                   "sections written"], body)
@@ -443,9 +448,12 @@ def slot_section(name, run) -> list[str]:
         made = sorted({r.get("run", 0) for r in rows})
         if len(runs) > 1:
             out += ["", "Measured by run " + ", ".join(f"#{i}" for i in made) + "."]
+        # % GEMM only against the GEMM peak its own run measured, on an idle machine (a busy one makes both meaningless)
+        gemm_of_run = {i: r.get("gemm_peak_flops") if idle(r, runs[i - 1] if i else None) else None
+                       for i, r in enumerate(runs)} if len(runs) > 1 else None
         gemm = (runs[made[-1]] if len(runs) > 1 and made[-1] < len(runs) else m).get("gemm_peak_flops") or m.get(
             "gemm_peak_flops", {})
-        body = {"attn1": lambda: attn1_section(rows, gemm), "unet_step": lambda: step_section(rows, gemm, quick),
+        body = {"attn1": lambda: attn1_section(rows, gemm, gemm_of_run), "unet_step": lambda: step_section(rows, gemm, quick),
                 "low_memory": lambda: pairs_section(rows), "tiled_unet": lambda: pairs_section(rows),
                 "tiled_vae": lambda: vae_section(rows), "breakdown": lambda: breakdown_section(rows),
                 "peers": lambda: peers_section(rows, sec.get("unet_step", []))}.get(

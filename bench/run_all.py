@@ -7,6 +7,7 @@
     python3 scripts/comfy_host.py python bench/run_all.py --from-json docs/benchmarks.json   # page only
     python3 scripts/comfy_host.py python bench/run_all.py --sections attn1,sd15,sdxl --step-px 512,1024
                                               # the attn1 tables and the steps at 512 and 1024 px, n = 3 each
+    python3 scripts/comfy_host.py python bench/run_all.py --sections sd15,sdxl --step-px 2048 --steps-n 1
 
 Raw rows go to benchmarks.json (one entry per device: a CPU run keeps the GPU entry and vice versa), the
 page (benchmarks.md) and plots are rendered from that file only (bench/page.py). Measurements predicted to
@@ -66,6 +67,7 @@ def parse(argv):
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--step-px", type=ints, help="the SD1.5 and SDXL step sizes (px, comma-separated), each run the "
                    "plan's steps_n times (n = 3 on the CPU plan) instead of the plan's sizes")
+    p.add_argument("--steps-n", type=int, help="timed runs per step variant and size (default: the plan's steps_n)")
     p.add_argument("--attn1-layouts", help="attn1 layouts to measure: sd15, sdxl (default: both)")
     p.add_argument("--attn1-max-px", type=int, help="attn1: only the sizes met at up to this image side")
     p.add_argument("--from-json", type=Path, help="only render the page and plots from this benchmarks.json")
@@ -98,6 +100,8 @@ def main(argv=None) -> int:
     plan = dict(PLANS[key])
     if args.budget_min:
         plan["budget_min"] = args.budget_min
+    if args.steps_n:
+        plan["steps_n"] = args.steps_n
     if args.step_px:
         plan.update(sd15=args.step_px, sdxl=args.step_px, repeat_below_px=max(args.step_px) + 1)
     plan["attn1_layouts"] = (args.attn1_layouts or "sd15,sdxl").split(",")

@@ -13,8 +13,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comfy_harness import get_host  # noqa: E402
 from ci_rules import pytest_make_collect_report, pytest_runtest_makereport  # noqa: E402,F401  (CI: no skips)
 
-HOST_DIR = Path(os.environ.get("LINFUSION_HOST_DIR", Path(__file__).resolve().parent.parent / ".host"))
-MODEL_ROOT = HOST_DIR / "fixtures"
+# The generated model files, one cache for both hosts (scripts/comfy_host.py sets it; see fixture_models.py).
+MODEL_ROOT = Path(os.environ.get("LINFUSION_FIXTURES_DIR")
+                  or Path(os.environ.get("LINFUSION_HOST_DIR", Path(__file__).resolve().parent.parent / ".host"))
+                  / "fixtures")
 
 
 @pytest.fixture(scope="session")

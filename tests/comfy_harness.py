@@ -71,7 +71,8 @@ class ComfyHost:
         sys.path.insert(0, str(self.comfy_path))
         # comfy.cli_args parses sys.argv once, at its first import (main.py's first lines).
         saved_argv = sys.argv
-        sys.argv = ["main.py", "--cpu", "--disable-auto-launch", "--base-directory", str(base),
+        # No API nodes: they call paid web services, which tests never reach.
+        sys.argv = ["main.py", "--cpu", "--disable-auto-launch", "--disable-api-nodes", "--base-directory", str(base),
                     "--database-url", "sqlite:///:memory:"]
         try:
             import main

@@ -4,7 +4,8 @@ ComfyUI is started through `main.start_comfyui()`, the entry point main.py itsel
 "other code" that integrates with ComfyUI): its command line, its executor and cache settings (each host's
 own defaults), its prompt worker thread, progress hook and custom-node loader. A prompt goes in as the HTTP
 API's POST /prompt puts it in (`execution.validate_prompt`, then the server's prompt queue) and its result is
-read from the queue's history, as GET /history serves it. The extension is loaded by ComfyUI's own loader
+read from the queue's history, as GET /history serves it; the HTTP server itself listens on a free port
+of 127.0.0.1 (`host.url`, `host.get_json`). The extension is loaded by ComfyUI's own loader
 from the custom_nodes folder of a base directory of this session, which holds a link to this checkout,
 exactly as a user's clone in `ComfyUI/custom_nodes` is loaded. Nothing of ComfyUI is stubbed.
 """
@@ -12,12 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import os
+import socket
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +29,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 EXTENSION_DIR_NAME = "ComfyUI-LinFusion"
 TEST_NODES_DIR = Path(__file__).resolve().parent / "support" / "custom_nodes"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class PromptFailed(RuntimeError):
@@ -72,8 +82,9 @@ class ComfyHost:
         # comfy.cli_args parses sys.argv once, at its first import (main.py's first lines).
         saved_argv = sys.argv
         # No API nodes: they call paid web services, which tests never reach.
+        self.port = free_port()
         sys.argv = ["main.py", "--cpu", "--disable-auto-launch", "--disable-api-nodes", "--base-directory", str(base),
-                    "--database-url", "sqlite:///:memory:"]
+                    "--database-url", "sqlite:///:memory:", "--listen", "127.0.0.1", "--port", str(self.port)]
         try:
             import main
         finally:
@@ -83,11 +94,13 @@ class ComfyHost:
         for kind in ("checkpoints", "loras", "controlnet", "vae", "diffusion_models"):
             folder_paths.add_model_folder_path(kind, str(self.model_root / kind), is_default=True)
 
-        self.loop, self.server, _start_http = main.start_comfyui()
-        # The server's message loop, without the HTTP listener: what the worker sends (progress, status) is
-        # consumed as in a served ComfyUI, and validation runs on this loop as POST /prompt runs it.
-        threading.Thread(target=self.loop.run_until_complete, args=(self.server.publish_loop(),),
-                         daemon=True, name="comfy-publish-loop").start()
+        self.loop, self.server, start_all = main.start_comfyui()
+        # The HTTP server on its event loop, as main.py runs it (in a thread here, so tests keep this one):
+        # the HTTP API answers at self.url, and validation runs on this loop as POST /prompt runs it.
+        threading.Thread(target=self.loop.run_forever, daemon=True, name="comfy-server-loop").start()
+        asyncio.run_coroutine_threadsafe(start_all(), self.loop)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._wait_for_http()
         # linfusion is registered by the extension itself; add the fixture folder beside its default.
         folder_paths.add_model_folder_path("linfusion", str(self.model_root / "linfusion"))
         import comfy.utils
@@ -97,6 +110,22 @@ class ComfyHost:
         self.nodes = nodes
         self.execution = execution
         self.queue = self.server.prompt_queue
+
+    def _wait_for_http(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.get_json("/system_stats")
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"ComfyUI's HTTP server did not answer on {self.url} in {timeout:.0f} s")
+                time.sleep(0.1)
+
+    def get_json(self, path: str):
+        """GET one of the HTTP API's routes (/object_info, /history/<id>, ...) from this session's server."""
+        with urllib.request.urlopen(self.url + path, timeout=60) as r:
+            return json.loads(r.read())
 
     def _install_progress_hook(self, comfy_utils) -> None:
         """Record every progress update on its way to the hook main.py installed (which sends it to the

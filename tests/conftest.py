@@ -58,3 +58,14 @@ def pu(core):
 @pytest.fixture(scope="session")
 def vae(hm):
     return hm.tiny_vae()
+
+
+@pytest.fixture
+def every_progress_update(host, monkeypatch):
+    """ComfyUI 0.33's ProgressBar sends an update on only when it is >= 100 ms and 0.5 % after the last one sent
+    (the first and the final one always go); 0.3.75 sends every one. Tests that look at the updates the
+    extension makes (per tile, per step) turn that throttle off where the host has it."""
+    import comfy.utils
+    for name in ("PROGRESS_THROTTLE_MIN_INTERVAL", "PROGRESS_THROTTLE_MIN_PERCENT"):
+        if hasattr(comfy.utils, name):
+            monkeypatch.setattr(comfy.utils, name, 0)

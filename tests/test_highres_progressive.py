@@ -218,7 +218,8 @@ def upscale_model(host, tmp_path_factory):
     return model
 
 
-def test_upscale_model_replaces_bicubic_and_lands_on_the_stage_size(host, core, hm, vae, pu, upscale_model):
+def test_upscale_model_replaces_bicubic_and_lands_on_the_stage_size(host, core, hm, vae, pu, upscale_model,
+                                                                   every_progress_update):
     from comfy_extras.nodes_upscale_model import ImageUpscaleWithModel
 
     px = importlib.import_module(core.__name__ + ".pixel_upscale")

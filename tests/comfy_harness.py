@@ -130,12 +130,18 @@ class ComfyHost:
     def _install_progress_hook(self, comfy_utils) -> None:
         """Record every progress update on its way to the hook main.py installed (which sends it to the
         browser and raises when the user pressed cancel)."""
+        import comfy.model_management
         from comfy_execution.utils import get_executing_context
         served = comfy_utils.PROGRESS_BAR_HOOK
 
         def hook(value, total, preview_image, prompt_id=None, node_id=None):
             ctx = get_executing_context()
             self.progress.append((node_id if node_id is not None or ctx is None else ctx.node_id, value, total))
+            if ctx is None and prompt_id is None:
+                # A test calling ComfyUI's functions itself, outside any prompt: there is no prompt to report
+                # to (main.py's hook would look for one), but a cancel is honoured as the served hook does.
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                return
             served(value, total, preview_image, prompt_id=prompt_id, node_id=node_id)
 
         comfy_utils.set_progress_bar_global_hook(hook)

@@ -429,8 +429,9 @@ def main(argv: list[str]) -> int:
         comfy, py = prepare(host)
         link_extension(comfy)
         base = Path(rest[rest.index("--base-directory") + 1]) if "--base-directory" in rest[:-1] else comfy
-        log(f"ComfyUI {host.version}; models folders: {base.resolve() / 'models'}/ (checkpoints/, linfusion/, "
-            f"controlnet/, loras/, ...); the LinFusion sets download into linfusion/ on first use")
+        log(f"models folders: {base.resolve() / 'models'}/ (checkpoints/, linfusion/, controlnet/, loras/, ...); "
+            f"the LinFusion sets download into linfusion/ on first use")
+        log(f"ComfyUI at {comfy}" if custom_comfyui() else f"ComfyUI {host.version} (--host {host.name})")
         found = None if rest else accelerator(py)
         if not rest:
             log(f"accelerator: {found}" if found else "no accelerator visible to the venv's torch: serving with --cpu")

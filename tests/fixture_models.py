@@ -1,8 +1,8 @@
 """Deterministic random-weight model files for the tests: checkpoints, LinFusion weights, a LoRA, a ControlNet.
 
 Nothing here is downloaded. Every file is generated from a seeded torch.Generator with ComfyUI's own
-classes, and written with ComfyUI's own key conversion, so that ComfyUI 0.3.75's detection classifies the
-checkpoints exactly as it classifies the real ones:
+classes, and checkpoints are written by ComfyUI's own comfy.sd.save_checkpoint, so that the detection of
+both test hosts (ComfyUI 0.3.75 and 0.33) classifies them exactly as it classifies the real ones:
 
 - ``sd15``: a reduced SD 1.5 UNet (two levels, one res block each, ~107 M params) -> ``SD15``.
 - ``sd21``: an SD 2.x UNet with 12 output blocks and a transformer in output block 11, whose
@@ -11,8 +11,9 @@ checkpoints exactly as it classifies the real ones:
   CLIP-G -> ``Segmind_Vega`` (an SDXL subclass). The big one: generated only when a test asks for it.
 
 Text encoders and VAE are the real architectures (their configs are fixed in ComfyUI, not read from the
-file), with random weights. Files are cached under ``<LINFUSION_HOST_DIR>/fixtures/`` (see ``FixtureModels``),
-keyed by a hash of this file and the ComfyUI version: editing a generator regenerates its files.
+file), with random weights. Files are cached under ``$LINFUSION_FIXTURES_DIR`` (by default ``.host/fixtures/``;
+see ``FixtureModels``), keyed by a hash of this file: editing a generator regenerates its files. One cache
+serves both hosts, since each writes the same files (checked by tests/test_fixtures.py).
 
 LinFusion weights come in the three layouts users have (LINFUSION_FACTS.md section 3), all with the same
 tensors: a hub folder (``config.json`` + ``diffusion_pytorch_model.safetensors``), a single
@@ -105,10 +106,10 @@ def unet_config(family: str) -> dict:
 
 
 def _source_key() -> str:
-    """Files are valid for this generator source and this ComfyUI version only."""
-    import comfyui_version
-    text = Path(__file__).read_bytes() + comfyui_version.__version__.encode()
-    return hashlib.sha256(text).hexdigest()[:16]
+    """Files are valid for this generator source. Not for one ComfyUI version only: they stand for the files
+    users download, which any ComfyUI reads, and every host writes the same bytes (tests/test_fixtures.py
+    checks that for the SD 1.5 checkpoint), so both test hosts share one cache."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -163,18 +164,21 @@ def build_unet_model(family: str, dtype=torch.float16, fill: bool = True, device
     return model
 
 
-def checkpoint_state_dict(family: str) -> dict:
-    """UNet + text encoder(s) + VAE, keyed as comfy.sd.save_checkpoint keys a real checkpoint."""
+def write_checkpoint(family: str, path: Path) -> None:
+    """UNet + text encoder(s) + VAE in one file, written by ComfyUI's own comfy.sd.save_checkpoint (what its
+    Save Checkpoint node calls), so the keys are exactly a real checkpoint's."""
+    import comfy.model_patcher
     import comfy.sd
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
-    model = build_unet_model(family)
-    clip = comfy.sd.CLIP(target=model.model_config.clip_target(), model_options=_cpu_model_options())
+    cpu = torch.device("cpu")
+    model = comfy.model_patcher.ModelPatcher(build_unet_model(family), load_device=cpu, offload_device=cpu)
+    clip = comfy.sd.CLIP(target=model.model.model_config.clip_target(), model_options=_cpu_model_options())
     fill_random_(clip.cond_stage_model, _generator(family, "clip"))
-    vae = AutoencoderKL(ddconfig=dict(VAE_DDCONFIG), embed_dim=4).to(torch.float16)
-    fill_random_(vae, _generator(family, "vae"))
-    sd = model.state_dict_for_saving(clip.get_sd(), vae.state_dict())
-    return {k: v.contiguous() for k, v in sd.items()}
+    vae_model = AutoencoderKL(ddconfig=dict(VAE_DDCONFIG), embed_dim=4).to(torch.float16)
+    fill_random_(vae_model, _generator(family, "vae"))
+    vae = comfy.sd.VAE(sd=vae_model.state_dict(), dtype=torch.float16)
+    comfy.sd.save_checkpoint(str(path), model, clip, vae)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -399,7 +403,10 @@ class FixtureModels:
             log.info("[LinFusion] generated fixture %s/%s in %.1f s (%.0f MB)", unit, family, seconds, size / 2**20)
 
     def _generate_checkpoint(self, family: str) -> None:
-        _save(checkpoint_state_dict(family), self._outputs("checkpoint", family)[0])
+        path = self._outputs("checkpoint", family)[0]
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        write_checkpoint(family, tmp)
+        os.replace(tmp, path)
 
     def _generate_linfusion(self, family: str) -> None:
         import comfy.utils

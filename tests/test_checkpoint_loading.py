@@ -1,4 +1,5 @@
 """Loading LinFusion files in every layout users have, and clear errors for every bad input."""
+import dataclasses
 import json
 import os
 
@@ -180,6 +181,7 @@ def test_bare_sdxl_weights_on_sd15_model(core, models, folder):
 
 @pytest.mark.parametrize("kind", ["Flux", "SD3"])
 def test_unsupported_model_families(core, kind):
+    import comfy.ldm.flux.model
     import comfy.model_patcher
     import comfy.supported_models
 
@@ -194,6 +196,10 @@ def test_unsupported_model_families(core, kind):
                                                                                      "out_features": 64}},
                 "adm_in_channels": 64},
     }
+    # What the host's own detection gives a Flux.1 checkpoint: ComfyUI 0.3.76 added FluxParams.txt_ids_dims
+    # (no text position ids for Flux.1), a field 0.3.75 does not have.
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
+        configs["Flux"]["txt_ids_dims"] = []
     model_config = getattr(comfy.supported_models, kind)(configs[kind])
     model = model_config.get_model({}, device="meta")
     cpu = torch.device("cpu")

@@ -60,3 +60,21 @@ def test_browser_tests_without_chromium(ci):
     else:
         assert run.returncode in (0, 5) and "1 skipped" in run.stdout, run.stdout   # 5: nothing else collected
         assert "browser tests skipped: no Chromium at /nonexistent/chromium" in run.stdout
+
+
+def test_a_host_difference_the_readme_states_may_skip_under_ci(tmp_path):
+    """One test per host may not apply (CI runs both): its skip stands under CI only when it names a difference
+    README.md states; any other wording fails like every other skip."""
+    (tmp_path / "conftest.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(TESTS)!r})\n"
+        "from ci_rules import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401\n")
+    stated = "on 0.33 a progress bar is redrawn at most every 100 ms"
+    assert stated in " ".join((REPO / "README.md").read_text().split())
+    (tmp_path / "test_hosts.py").write_text(
+        "from ci_rules import skip_for_host_difference\n\n"
+        f"def test_stated():\n    skip_for_host_difference({stated!r})\n\n"
+        "def test_not_stated():\n    skip_for_host_difference('0.33 has a purple logo')\n")
+    run = child_pytest([], tmp_path, ci=True)
+    assert run.returncode != 0 and "1 failed, 1 skipped" in run.stdout, run.stdout
+    assert "skipped under CI=true, where nothing may skip: not on this ComfyUI, because (README.md): 0.33 has a " \
+           "purple logo" in run.stdout

@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 def comfy_host():
     spec = importlib.util.spec_from_file_location("comfy_host_script", REPO / "scripts" / "comfy_host.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module     # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -99,3 +100,31 @@ def test_serve_log_names_models_and_has_no_tracebacks(tmp_path):
         import torchaudio  # noqa: F401
     except ImportError:
         assert log.count("audio nodes are off") == 1
+
+
+def test_two_hosts_and_the_host_choice(comfy_host, monkeypatch):
+    """test runs every host unless --host picks one; serve and python use the newest; under COMFYUI_PATH there
+    is only the developer's own ComfyUI."""
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    assert list(comfy_host.HOSTS) == ["0.3.75", "0.33"] and comfy_host.NEWEST == "0.33"
+    hosts, rest = comfy_host.pick_hosts(["-x", "tests/test_patch.py"], list(comfy_host.HOSTS))
+    assert [h.version for h in hosts] == ["0.3.75", "0.33.0"] and rest == ["-x", "tests/test_patch.py"]
+    for args in (["--host", "0.3.75", "-q"], ["--host=0.3.75", "-q"]):
+        hosts, rest = comfy_host.pick_hosts(args, list(comfy_host.HOSTS))
+        assert [h.name for h in hosts] == ["0.3.75"] and rest == ["-q"]
+    assert [h.name for h in comfy_host.pick_hosts([], [comfy_host.NEWEST])[0]] == ["0.33"]
+    with pytest.raises(SystemExit, match="unknown host '0.40'"):
+        comfy_host.pick_hosts(["--host", "0.40"], list(comfy_host.HOSTS))
+    monkeypatch.setenv("COMFYUI_PATH", "/somewhere/ComfyUI")
+    assert len(comfy_host.pick_hosts([], list(comfy_host.HOSTS))[0]) == 1
+    # Each host has its own folder, movable by its own variable; the 0.33 archive is checked by its sha256.
+    monkeypatch.setenv("LINFUSION_HOST_DIR_033", "/elsewhere/h033")
+    assert comfy_host.HOSTS["0.33"].dir == Path("/elsewhere/h033") and comfy_host.HOSTS["0.3.75"].dir != Path("/elsewhere/h033")
+    assert len(comfy_host.HOSTS["0.33"].archive_sha256) == 64
+
+
+def test_summary_line_is_recognised(comfy_host):
+    for line in ("======= 275 passed, 2 skipped in 812.31s (0:13:32) =======",
+                 "===== 1 failed, 3 passed, 1 error in 9.10s =====", "==== no tests ran in 0.01s ===="):
+        assert comfy_host.SUMMARY_LINE.match(line), line
+    assert not comfy_host.SUMMARY_LINE.match("tests/test_patch.py ....")

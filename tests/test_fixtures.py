@@ -175,6 +175,20 @@ def test_reference_unet_matches_comfyui(host, family):
     assert err < 1e-5, f"ComfyUI and diffusers UNets disagree by {err:.2e} (relative)"
 
 
+def test_this_host_writes_the_shared_cache_files(host, fixtures, tmp_path):
+    """Both test hosts read one fixture cache, filled by whichever ran first: this host's own
+    comfy.sd.save_checkpoint must write the same checkpoint, key for key, dtype for dtype, bit for bit."""
+    import comfy.utils
+
+    cached = comfy.utils.load_torch_file(str(fixtures.path("checkpoint", fixtures.checkpoint["sd15"])))
+    fresh_path = tmp_path / "sd15.safetensors"
+    fixture_models.write_checkpoint("sd15", fresh_path)
+    fresh = comfy.utils.load_torch_file(str(fresh_path))
+    assert sorted(fresh) == sorted(cached)
+    different = [k for k in fresh if fresh[k].dtype != cached[k].dtype or not torch.equal(fresh[k], cached[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
 def test_cache_reuses_files_and_regenerates_when_the_generator_changes(host, tmp_path, monkeypatch):
     models = fixture_models.FixtureModels(tmp_path)
     lora = models.path("lora", models.lora_sd15)

@@ -218,7 +218,7 @@ def test_wrapper_chains_with_other_wrappers(core, host):
     assert not base.wrappers.get(WrappersMP.DIFFUSION_MODEL)
 
 
-def test_progress_and_interruption_leave_model_clean(core, host):
+def test_progress_and_interruption_leave_model_clean(core, host, every_progress_update):
     import comfy.model_management
     base = model_patcher(core, "sd15", 31)
     before = state_snapshot(base)

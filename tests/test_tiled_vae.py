@@ -110,7 +110,7 @@ def test_decode_full_size_sd_vae_detected_from_file_layout(tv, host):
 def test_ours_beats_comfyui_tiled_decode(tv, small_vae, latent, untiled):
     # ComfyUI's VAEDecodeTiled with small tiles (64 px, overlap 16 px): blended independent tiles.
     theirs = small_vae.decode_tiled(latent, tile_x=8, tile_y=8, overlap=2).movedim(-1, 1)
-    truth = small_vae.process_output(untiled)
+    truth = small_vae.process_output(untiled.clone())    # works in place since ComfyUI 0.3.76; untiled is shared
     ours = small_vae.process_output(tv.decode_raw(small_vae, latent, tile_size=64))
     err_theirs, err_ours = _max_err(theirs, truth), _max_err(ours, truth)
     print(f"max |tiled - untiled| on [0, 1]: ComfyUI decode_tiled {err_theirs:.4f}, LinFusion {err_ours:.2e}")
@@ -271,7 +271,7 @@ def test_unsupported_layer_is_found_before_any_pass_and_named(tv, swapped_vae, l
     assert "decoder.up.1.block.0.conv1" in note and "untiled" in note
     assert ticks == [(1, 1)]                                   # one untiled image, no tiled pass started
     assert _max_err(images, swapped_vae.decode(latent)) <= 1e-6
-    assert _max_err(images, swapped_vae.process_output(untiled).movedim(1, -1)) > 1e-3   # the swap matters
+    assert _max_err(images, swapped_vae.process_output(untiled.clone()).movedim(1, -1)) > 1e-3   # the swap matters
     # The ladder never takes ComfyUI's inexact tiles: where the untiled VAE would not fit (a latent shape only
     # measured by ComfyUI's estimate, never allocated), it says what to change instead.
     huge = (1, 4, 8, 1 << 22)
@@ -312,7 +312,7 @@ def vae_file(host):
     return name
 
 
-def test_nodes_through_host_match_core_vae_nodes(host, vae_file):
+def test_nodes_through_host_match_core_vae_nodes(host, vae_file, every_progress_update):
     image = {"class_type": "ImageCompositeMasked",       # a blue box on red: edges and flat areas
              "inputs": {"destination": ["red", 0], "source": ["blue", 0], "x": 20, "y": 16, "resize_source": False}}
     prompt = {

@@ -3,18 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 from workflow_build import UIGraph
-from workflow_convert import WorkflowError, live_object_info, widget_slots, workflow_to_api
-
-TEMPLATE_PACKAGES = ("comfyui_workflow_templates_media_image", "comfyui_workflow_templates_media_video",
-                     "comfyui_workflow_templates_media_other")
-
+from workflow_convert import WorkflowError, input_specs, live_object_info, widget_slots, workflow_to_api
 
 @pytest.fixture(scope="module")
 def object_info(host):
@@ -28,31 +23,46 @@ def validate(prompt: dict):
 
 
 def shipped_templates(object_info) -> list[Path]:
-    """Workflows the ComfyUI frontend saved, as shipped with this ComfyUI, that use only nodes this host has."""
+    """Workflows the ComfyUI frontend saved, as this ComfyUI serves them under /templates/ (its own list of
+    template files, wherever the installed template packages keep them), that use only nodes this host has."""
+    from app.frontend_management import FrontendManager
+
     found = []
-    for pkg in TEMPLATE_PACKAGES:
-        spec = importlib.util.find_spec(pkg)
-        if spec is None:
+    for name, path in sorted((FrontendManager.template_asset_map() or {}).items()):
+        if not name.endswith(".json"):
             continue
-        for f in sorted(Path(spec.origin).parent.glob("templates/*.json")):
-            wf = json.loads(f.read_text())
-            if not isinstance(wf, dict) or "nodes" not in wf or wf.get("definitions", {}).get("subgraphs"):
-                continue
-            virtual = {"Reroute", "PrimitiveNode", "Note", "MarkdownNote"}
-            if all(n["type"] in object_info or n["type"] in virtual for n in wf["nodes"]):
-                found.append(f)
+        wf = json.loads(Path(path).read_text())
+        if not isinstance(wf, dict) or "nodes" not in wf or wf.get("definitions", {}).get("subgraphs"):
+            continue
+        virtual = {"Reroute", "PrimitiveNode", "Note", "MarkdownNote"}
+        if all(n["type"] in virtual or (n["type"] in object_info and not dynamic_inputs(object_info[n["type"]]))
+               for n in wf["nodes"]):
+            found.append(Path(path))
     return found
+
+
+def dynamic_inputs(info) -> bool:
+    """Inputs of the V3 schema's dynamic kinds, which the converter does not handle (its docstring says so)."""
+    return any(str(kind).startswith("COMFY_") and str(kind).endswith("_V3") for _, kind, _ in input_specs(info))
 
 
 def test_shipped_templates_convert_to_prompts_the_server_accepts(object_info):
     """Every frontend-saved template converts, and the server's validation objects only to model and
-    image files this test host does not have (a wrong widget order would give type or range errors)."""
+    image files this test host does not have (a wrong widget order would give type or range errors).
+    A template saved with an older version of a node than its ComfyUI has (fewer widget values than the node
+    now takes: ComfyUI 0.33 ships a few) is refused by the converter with a message that says so, which is
+    the converter's job; those are counted, and must stay a small minority."""
     templates = shipped_templates(object_info)
-    assert len(templates) >= 20, "too few shipped templates found to check the converter against"
     checked_reroute = checked_primitive = 0
+    stale = []
     for path in templates:
         wf = json.loads(path.read_text())
-        prompt = workflow_to_api(wf, object_info, strict=False)
+        try:
+            prompt = workflow_to_api(wf, object_info, strict=False)
+        except WorkflowError as e:
+            assert "the file does not match this version of the node" in str(e), f"{path.name}: {e}"
+            stale.append(path.name)
+            continue
         types = {n["type"] for n in wf["nodes"]}
         checked_reroute += "Reroute" in types
         checked_primitive += "PrimitiveNode" in types
@@ -62,6 +72,9 @@ def test_shipped_templates_convert_to_prompts_the_server_accepts(object_info):
                 missing_file = e["type"] == "value_not_in_list" or (
                     e["type"] == "custom_validation_failed" and " - Invalid " in e["details"])  # image, video
                 assert missing_file, f"{path.name}: node {node_id} {prompt[node_id]['class_type']}: {e}"
+    print(f"{len(templates) - len(stale)} templates converted; stale against this ComfyUI's nodes: {stale}")
+    assert len(templates) - len(stale) >= 20, "too few shipped templates found to check the converter against"
+    assert len(stale) * 10 <= len(templates), f"{len(stale)} of {len(templates)} templates refused: {stale}"
     assert checked_reroute and checked_primitive
 
 

@@ -13,6 +13,9 @@ definitions, so a workflow file can be checked and run in a test:
   muted nodes (mode 2) are dropped; bypassed nodes (mode 4) pass the input of the same type through.
 Anything the frontend would show as a missing node, or a `widgets_values` that does not fit the node's
 definition, raises WorkflowError naming the node: these are the errors a user would hit.
+Not handled: subgraphs, and the V3 schema's dynamic inputs (`COMFY_AUTOGROW_V3` groups such as
+ComfyMathExpression's `values.a`, `COMFY_DYNAMICCOMBO_V3` choices that bring their own widgets), which
+ComfyUI 0.33's core nodes started to use; this project's workflows use neither.
 """
 from __future__ import annotations
 
@@ -164,7 +167,8 @@ def workflow_to_api(workflow: Mapping, object_info: Mapping[str, Mapping], *, st
     live_object_info); a node type missing from it is an error, as a missing node is for a user.
     strict=False accepts trailing widgets_values entries beyond the definition's: frontend extensions
     append display widgets to some core nodes (e.g. GetImageSize's size text), which files saved with
-    them carry.
+    them carry. It also accepts fewer entries, as the frontend loads a file saved before a node gained a
+    widget (CreateVideo's bit_depth in ComfyUI 0.33): the missing trailing widgets keep their defaults.
     """
     graph = _Graph(workflow)
     prompt = {}
@@ -211,6 +215,8 @@ def _widget_inputs(node: Mapping, info: Mapping, strict: bool) -> dict:
         values = []
     if isinstance(values, Mapping):  # some extensions save widgets by name
         return {s.name: values[s.name] for s in slots if s.to_api and s.name in values}
+    if not strict and len(values) < len(slots):
+        values = list(values) + [_default(node, info, slot) for slot in slots[len(values):]]
     if len(values) < len(slots) or (strict and len(values) != len(slots)):
         raise WorkflowError(
             f"{_where(node)}: widgets_values has {len(values)} entries but {node['type']} has "
@@ -225,6 +231,32 @@ def _widget_inputs(node: Mapping, info: Mapping, strict: bool) -> dict:
         _check_value(node, slot.name, kind, opts, value)
         out[slot.name] = value
     return out
+
+
+def _default(node: Mapping, info: Mapping, slot: WidgetSlot):
+    """The value the frontend gives a widget the file has no entry for: the definition's default, else the
+    first choice of a COMBO (the frontend's own control widgets are never sent)."""
+    if not slot.to_api:
+        return None
+    kind, opts = {name: (kind, opts) for name, kind, opts in input_specs(info)}[slot.name]
+    if "default" in opts:
+        return opts["default"]
+    choices = _combo_choices(info, slot.name)
+    if kind == "COMBO" and choices:
+        return choices[0]
+    raise WorkflowError(f"{_where(node)}: widgets_values has no entry for {slot.name!r}, which has no default")
+
+
+def _combo_choices(info: Mapping, name: str) -> list:
+    for section in ("required", "optional"):
+        spec = info["input"].get(section, {}).get(name)
+        if spec is not None:
+            kind = spec[0]
+            if isinstance(kind, (list, tuple)):
+                return list(kind)
+            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            return list(opts.get("options", []))
+    return []
 
 
 def _check_value(node, name, kind, opts, value) -> None:

@@ -23,7 +23,10 @@ import torch
 
 from . import progress
 from .demofusion import DemoFusionWrapper, native_long_side
-from .highres_schedule import Stage, super_resolution_ratio
+from . import deis_sampler
+from .highres_schedule import (ANCHOR_AUTO, ANCHOR_BASE, ANCHOR_INPUT, ANCHOR_OFF, ANCHORINGS,  # noqa: F401
+                               DEIS_SAMPLER, FOLLOW_LADDER, LADDER_RECIPES, LEADING_SCHEDULER, Stage,
+                               super_resolution_ratio)
 from .latent_filters import channel_stats, match_stats
 from .pixel_upscale import resize_image  # noqa: F401  (kept importable here)
 from .vae_codec import VaeCodec, resize_latent  # noqa: F401
@@ -34,12 +37,7 @@ log = logging.getLogger("LinFusion")
 
 DEMOFUSION_WRAPPER_KEY = "linfusion_demofusion"
 
-# Mean/std anchoring after every stage (before it is decoded and upscaled for the next).
-ANCHOR_AUTO = "paper (follows ladder)"
-ANCHOR_BASE = "every stage to the base (paper high-res)"
-ANCHOR_INPUT = "every stage to its input (paper super-res)"
-ANCHOR_OFF = "off"
-ANCHORINGS = (ANCHOR_AUTO, ANCHOR_BASE, ANCHOR_INPUT, ANCHOR_OFF)
+# Mean/std anchoring after every stage (before it is decoded and upscaled for the next): ANCHOR_* (highres_schedule).
 
 # Where the DemoFusion skip residual acts.
 SKIP_ON_STATE = "sampler state (paper)"
@@ -60,19 +58,35 @@ def resolve_anchoring(anchoring, ladder: str) -> str:
     return anchoring
 
 
+def resolve_sampling(sampler_name: str, scheduler: str, ladder: str) -> tuple[str, str]:
+    """(sampler, scheduler) a run uses: "paper (follows ladder)" is the ladder's recipe (sd15: diffusers' DEIS on
+    its leading grid, as the SD 1.5 notebook; sdxl: euler + ddim_uniform, the SDXL pipelines' Euler grid)."""
+    recipe = LADDER_RECIPES[ladder]
+    return (recipe.sampler if sampler_name == FOLLOW_LADDER else sampler_name,
+            recipe.scheduler if scheduler == FOLLOW_LADDER else scheduler)
+
+
 def stage_sigmas(model, sampler_name: str, scheduler: str, base_steps: int, steps: int) -> torch.Tensor:
-    """The last steps + 1 sigmas of ComfyUI's base_steps schedule for this sampler and scheduler."""
+    """The last steps + 1 sigmas of the base_steps schedule: ComfyUI's for its schedulers, or diffusers' leading
+    DEIS grid (deis_sampler.leading_sigmas) for LEADING_SCHEDULER."""
     import comfy.samplers
 
+    if scheduler == LEADING_SCHEDULER:
+        return deis_sampler.leading_sigmas(model.get_model_object("model_sampling"), base_steps, steps)
+    if sampler_name == DEIS_SAMPLER:
+        sampler_name = "euler"   # ComfyUI's schedulers do not depend on the sampler but for a few named ones
     full = comfy.samplers.KSampler(model, steps=base_steps, device=model.load_device, sampler=sampler_name,
                                    scheduler=scheduler, denoise=1.0, model_options=model.model_options).sigmas
     return full[-(steps + 1):]
 
 
-def stage_sampler(sampler_name: str, exact_skip_residual: bool, noise: torch.Tensor):
-    """The SAMPLER of one stage: ComfyUI's own, or wrapped to apply the skip residual to its state."""
+def stage_sampler(sampler_name: str, exact_skip_residual: bool, noise: torch.Tensor, base_steps: int = 50):
+    """The SAMPLER of one stage: ComfyUI's own, diffusers' DEIS (deis_sampler.py), or wrapped to apply the skip
+    residual to its state."""
     import comfy.samplers
 
+    if sampler_name == DEIS_SAMPLER:
+        return deis_sampler.deis_sampler(lower_order_final=deis_sampler.lower_order_final_for(base_steps))
     if exact_skip_residual:
         return skip_residual_sampler(sampler_name, noise=noise)
     return comfy.samplers.sampler_object(sampler_name)
@@ -141,7 +155,7 @@ def progressive_upscale(model, positive, negative, codec: VaeCodec, samples: tor
                                           skip_residual=not exact_skip_residual, blur_padding=blur_padding)
         noise = comfy.sample.prepare_noise(samples, seed + stage.index)
         sigmas = stage_sigmas(stage_model, sampler_name, scheduler, base_steps, stage.steps)
-        sampler = stage_sampler(sampler_name, exact_skip_residual, noise)
+        sampler = stage_sampler(sampler_name, exact_skip_residual, noise, base_steps)
         stage_positive, stage_negative = (
             stage_conditioning(model.model, c, size_conditioning, (stage.width, stage.height), final_size)
             for c in (positive, negative))

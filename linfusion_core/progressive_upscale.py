@@ -104,10 +104,19 @@ def with_demofusion(model, reference: torch.Tensor, ratio: int, seed: int, **opt
     return m
 
 
+def _needs_base_latent(latent_upscale: bool, anchoring: str) -> bool:
+    """Whether a ladder started from an image must encode it as such: to resize it as a latent, or for the stats
+    of anchoring to the base. Otherwise the first stage resizes the image itself (the paper's super-resolution)."""
+    return latent_upscale or anchoring == ANCHOR_BASE
+
+
 def _work_units(model, positive, negative, codec: VaeCodec, samples, stages: Sequence[Stage], *,
-                latent_upscale: bool = False, keep_images: bool = False, **_) -> int:
+                latent_upscale: bool = False, keep_images: bool = False, anchoring: str = ANCHOR_OFF, **_) -> int:
     """The ladder's progress units: every sampling step and every VAE pass (and upscale-model pass)."""
-    return sum(s.steps for s in stages) + codec.units(len(stages), latent_upscale, keep_images, samples is None)
+    from_image = samples is None
+    return sum(s.steps for s in stages) + codec.units(
+        len(stages), latent_upscale, keep_images, from_image and _needs_base_latent(latent_upscale, anchoring),
+        from_pixels=from_image)
 
 
 @progress.one_bar(_work_units)
@@ -118,7 +127,8 @@ def progressive_upscale(model, positive, negative, codec: VaeCodec, samples: tor
                         skip_residual: str = SKIP_ON_STATE, blur_padding: str = "zeros", keep_images: bool = False,
                         on_stage: Callable[[Stage, torch.Tensor], None] | None = None,
                         base_image: torch.Tensor | None = None):
-    """Run the ladder from `samples` (the base stage latent; None: encode `base_image` first, inside the job).
+    """Run the ladder from `samples` (the base stage latent; None: from `base_image`, which the first stage resizes
+    itself, encoded only where the base latent is needed: latent upscale, anchoring to the base).
     Returns (final latent, stage images), the stage images (decoded base and every stage) only when
     keep_images. anchoring is ANCHOR_BASE, ANCHOR_INPUT or ANCHOR_OFF (resolve_anchoring first),
     size_conditioning one of sdxl_size.SIZE_CONDITIONINGS, skip_residual one of SKIP_RESIDUAL_FORMS (used with
@@ -137,14 +147,20 @@ def progressive_upscale(model, positive, negative, codec: VaeCodec, samples: tor
                     "the sampler state (exact only for single-step samplers such as euler)", sampler_name)
         exact_skip_residual = False
     job = progress.current()
+    pixels = None
     if samples is None:
-        samples = codec.encode(base_image)
-    base_mean, base_std = channel_stats(samples)
+        if _needs_base_latent(latent_upscale, anchoring):
+            samples = codec.encode(base_image)
+        if not latent_upscale:
+            pixels = base_image   # the first stage resizes the image itself, as the paper's super-resolution
+    base_mean, base_std = channel_stats(samples) if anchoring == ANCHOR_BASE else (None, None)
     final_size = (stages[-1].width, stages[-1].height)
     images = []
     for stage in stages:
         comfy.model_management.throw_exception_if_processing_interrupted()
-        samples = codec.to_stage(samples, stage.width, stage.height, latent_upscale, images if keep_images else None)
+        samples = codec.to_stage(samples, stage.width, stage.height, latent_upscale, images if keep_images else None,
+                                 pixels=pixels)
+        pixels = None
         input_stats = channel_stats(samples) if anchoring == ANCHOR_INPUT else None
         stage_model = model
         if demofusion:

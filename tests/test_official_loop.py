@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 TOL = 5e-6  # relative to the largest latent magnitude; see the module docstring
+TIGHT = 2e-6  # for one short stage (8 steps), where the rounding stays near 4e-7
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +43,10 @@ def official_sigma(t) -> float:
 
 
 def official_timesteps(num_inference_steps: int, strength: float) -> list[int]:
-    """'leading' spacing with steps_offset 1, then img2img's truncation int(steps * strength)."""
+    """Euler's 'leading' spacing with steps_offset 1, then the SDXL pipelines' truncation ceil(steps * strength)."""
     step_ratio = 1000 // num_inference_steps
     timesteps = [i * step_ratio + 1 for i in range(num_inference_steps)][::-1]
-    init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+    init_timestep = min(math.ceil(num_inference_steps * strength), num_inference_steps)
     return timesteps[max(num_inference_steps - init_timestep, 0):]
 
 
@@ -158,10 +159,11 @@ def test_official_loop_grid_is_euler_ddim_uniform(hm, pu):
     assert torch.allclose(sigmas.double(), expected, rtol=1e-6, atol=0)
     model_sampling = model.get_model_object("model_sampling")
     assert model_sampling.timestep(sigmas[:-1]).tolist() == timesteps
-    # The SD 1.5 ladder's strengths 0.4/0.3/0.2/0.1 take the official step counts, int(50 * strength).
-    for strength, steps in zip((0.4, 0.3, 0.2, 0.1), (20, 15, 10, 5)):
+    # The SDXL ladder's strengths 0.32/0.24/0.16/0.08 take the official step counts, ceil(50 * strength).
+    for strength, steps in zip((0.32, 0.24, 0.16, 0.08), (16, 12, 8, 4)):
         assert len(official_timesteps(50, strength)) == steps
         assert len(pu.stage_sigmas(model, "euler", "ddim_uniform", 50, steps)) == steps + 1
+    assert pu.resolve_sampling(pu.FOLLOW_LADDER, pu.FOLLOW_LADDER, "sdxl") == ("euler", "ddim_uniform")
     # The default 'normal' schedule is not the grid: the choice matters.
     normal = pu.stage_sigmas(model, "euler", "normal", 50, 16)
     assert not torch.allclose(normal.double(), expected, rtol=1e-3)
@@ -195,7 +197,7 @@ def test_official_loop_sdxl_two_stages(hm, vae, node):
     reference = raw
 
     args = node_args(node, seed=seed, stages=2, ladder="sdxl", cfg=cfg, demofusion=True, base_steps=base_steps)
-    assert (args["sampler_name"], args["scheduler"]) == ("euler", "ddim_uniform")
+    assert (args["sampler_name"], args["scheduler"]) == ("paper (follows ladder)",) * 2   # euler + ddim_uniform
     out = node.upscale(model, pos, neg, vae, latent={"samples": base}, **args)[0]["samples"]
     error = relative_error(out, reference)
     print(f"\nSDXL 2 stages: max |ladder - official| / max |official| = {error:.2e}")
@@ -216,8 +218,8 @@ def test_official_loop_skip_residual_forms_at_high_strength(hm, vae, node, pu):
     latents = official_stage(unet, raw * scale, stage_noise(raw.shape, seed + 1), official_timesteps(10, 0.7), cfg,
                              [neg[0][0], pos[0][0]], ratio=2, demofusion=True)
     reference = latents / scale
-    args = node_args(node, seed=seed, stages=1, ladder="sd15", strengths="0.7", base_steps=10, cfg=cfg,
-                     demofusion=True)
+    args = node_args(node, seed=seed, stages=1, ladder="sdxl", strengths="0.7", base_steps=10, cfg=cfg,
+                     demofusion=True, anchoring="off")
     exact = node.upscale(model, pos, neg, vae, latent={"samples": base}, **args)[0]["samples"]
     on_input = node.upscale(model, pos, neg, vae, latent={"samples": base},
                             **{**args, "skip_residual": pu.SKIP_ON_INPUT})[0]["samples"]
@@ -382,3 +384,53 @@ def test_official_loop_sd15_sdedit_stages(hm, vae, node, base_steps):
           f"= {error:.2e}")
     assert out.shape == (1, 4, 16, 32)
     assert error <= TOL
+
+
+def test_official_loop_sdxl_superres_from_image(hm, vae, node, pu):
+    """The SDXL super-resolution pipeline's loop on a non-square image, no base latent: resize the image itself to
+    the stage size (x2 here), encode, condition SDXL on that size (original = target = stage size), dilate by
+    num_scales = ceil(stage width / image width) (landscape), skip residual on x, and anchor the result to the
+    upscaled input's mean/std == the ladder node from `image`, one stage, with the super-resolution choices.
+    (The paper runs super-resolution as one stage; the ladder's further x2 stages are its own extension.)
+    The smallest changes of recipe are asserted to move the result by more than the tolerance: here the bound is
+    TIGHT (one stage of 8 steps: measured 3.7e-7), so even the skip residual moved to the model input, 1.9e-5 at
+    this strength, fails it."""
+    model = hm.sdxl_unet_patcher(seed=45)
+    unet = model.model.diffusion_model
+    scale = model.model.latent_format.scale_factor
+    image = torch.rand(1, 40, 56, 3, generator=torch.Generator().manual_seed(10))   # 56 x 40 px, landscape
+    pos, neg = hm.sdxl_conditioning(56), hm.sdxl_conditioning(57)
+    seed, cfg, base_steps, strength = 6, 5.0, 25, 0.32
+    width, height = 112, 80
+    num_scales = math.ceil(width / image.shape[2])
+    big = F.interpolate(image.movedim(-1, 1), size=(height, width), mode="bicubic").movedim(1, -1).clamp(0, 1)
+    latents = vae.encode(big) * scale
+    anchor_mean, anchor_std = latents.mean(dim=(2, 3), keepdim=True), latents.std(dim=(2, 3), keepdim=True)
+    sizes = size_embedding([height, width, 0, 0, height, width])
+    y = [torch.cat([c[0][1]["pooled_output"], sizes], dim=1) for c in (neg, pos)]
+    latents = official_stage(unet, latents, stage_noise(latents.shape, seed + 1),
+                             official_timesteps(base_steps, strength), cfg, [neg[0][0], pos[0][0]], y,
+                             ratio=num_scales, demofusion=True)
+    latents = (latents - latents.mean(dim=(2, 3), keepdim=True)) / latents.std(dim=(2, 3), keepdim=True) \
+        * anchor_std + anchor_mean
+    reference = latents / scale
+
+    args = node_args(node, seed=seed, stages=1, ladder="sdxl", cfg=cfg, demofusion=True, base_steps=base_steps,
+                     anchoring=pu.ANCHOR_INPUT, size_conditioning="stage size")
+
+    def run(conditioning=(pos, neg), **changes):
+        return node.upscale(model, *conditioning, vae, image=image, **{**args, **changes})[0]["samples"]
+
+    out = run()
+    error = relative_error(out, reference)
+    sized = [[[c[0][0], {**c[0][1], "width": 1024, "height": 1024, "target_width": 1024, "target_height": 1024}]]
+             for c in (pos, neg)]   # prompts encoded at 1024 px (CLIPTextEncodeSDXL's default), kept as given
+    gaps = {"anchored to the base": relative_error(run(anchoring=pu.ANCHOR_BASE), reference),
+            "size conditioning as given (1024)": relative_error(run(sized, size_conditioning="as given"), reference),
+            "skip residual on the model input": relative_error(run(skip_residual=pu.SKIP_ON_INPUT), reference)}
+    print(f"\nSDXL super-resolution from an image: max |ladder - official| / max |official| = {error:.2e}; "
+          + ", ".join(f"{k} {v:.2e}" for k, v in gaps.items()))
+    assert out.shape == reference.shape == (1, 4, 10, 14)
+    assert error <= TIGHT
+    for what, gap in gaps.items():
+        assert gap > 4 * TIGHT, what

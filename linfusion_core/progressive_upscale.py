@@ -6,7 +6,8 @@ through ComfyUI's own sampling (comfy.sample.sample_custom, what SamplerCustom r
 resized by ComfyUI to each stage's latent), hooks and every model patch apply to every stage.
 The sampled sigmas are the last `steps + 1` of the base_steps schedule: the paper's img2img, where
 ComfyUI's denoise would round int(steps / denoise) down (16 / 0.32 -> 49 steps). With euler + ddim_uniform
-they are the official grid (Euler, "leading" spacing: t = 301, 281, ..., 1 at strength 0.32 of 50 steps).
+they are the SDXL pipelines' grid (Euler, "leading" spacing: t = 301, 281, ..., 1 at strength 0.32 of 50 steps);
+the SD 1.5 notebook's is diffusers' DEIS on its own leading grid (deis_sampler.py), the sd15 ladder's default.
 
 Per stage, as the paper's pipelines do: SDXL size conditioning (sdxl_size.py), the DemoFusion refinement with
 its skip residual on the sampler state (skip_residual_sampler.py), and the latent re-normalised to the base

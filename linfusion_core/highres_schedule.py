@@ -19,6 +19,75 @@ PAPER_BASE_STEPS = 50
 COSINE_SCALES = (3.0, 1.0, 1.0)
 LATENT_GRID = 8  # pixels per latent cell of the SD VAEs
 
+# How a stage's step count follows from its strength: the SD 1.5 img2img pipeline truncates,
+# init_timestep = int(steps * strength); the paper's SDXL pipelines round up, ceil(steps * strength).
+STEPS_INT = "int"
+STEPS_CEIL = "ceil"
+
+# The ladder's recipe choices (widget values of LinFusion Progressive Upscale).
+FOLLOW_LADDER = "paper (follows ladder)"
+ANCHOR_AUTO = FOLLOW_LADDER
+ANCHOR_BASE = "every stage to the base (paper high-res)"
+ANCHOR_INPUT = "every stage to its input (paper super-res)"
+ANCHOR_OFF = "off"
+ANCHORINGS = (ANCHOR_AUTO, ANCHOR_BASE, ANCHOR_INPUT, ANCHOR_OFF)
+# The SD 1.5 notebook's sampler and grid: diffusers' DEISMultistepScheduler of Lykon/dreamshaper-8 on its "leading"
+# grid (deis_sampler.py); the SDXL pipelines' Euler on the leading grid is ComfyUI's euler + ddim_uniform.
+SAMPLER_AUTO = FOLLOW_LADDER
+SCHEDULER_AUTO = FOLLOW_LADDER
+DEIS_SAMPLER = "deis_diffusers (paper sd15)"
+LEADING_SCHEDULER = "leading_diffusers (paper sd15)"
+# What the paper uses as negative conditioning (no negative prompt is given anywhere): the SD 1.5 pipeline encodes
+# the empty string; the SDXL pipelines (force_zeros_for_empty_prompt) use all-zero embeddings and pooled vector.
+NEGATIVE_EMPTY_PROMPT = "empty prompt"
+NEGATIVE_ZEROS = "zeros"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One of the paper's high-resolution recipes (LINFUSION_FACTS.md section 4): what its official code runs.
+    The single table the ladder node's defaults, the example workflows and their test read."""
+    name: str
+    ladder: str                     # the ladder node's `ladder` value
+    sampler: str                    # the ladder's sampler_name / scheduler values that are the official grid
+    scheduler: str
+    base_steps: int
+    cfg: float
+    strengths: tuple[float, ...] | None   # fixed per stage (sd15), or None: linspace(max_strength, 0, S + 1)
+    max_strength: float | None
+    steps_rule: str                 # STEPS_INT or STEPS_CEIL
+    anchoring: str                  # resolved: ANCHOR_BASE / ANCHOR_INPUT / ANCHOR_OFF
+    size_conditioning: str | None   # SDXL only (sdxl_size values); None for SD 1.5
+    demofusion: bool
+    negative: str                   # NEGATIVE_EMPTY_PROMPT or NEGATIVE_ZEROS
+    source: str
+
+    def stage_strengths(self, num_stages: int) -> list[float]:
+        if self.strengths is not None:
+            return list(self.strengths[:num_stages])
+        return sdxl_strengths(num_stages, self.max_strength)
+
+
+def _recipes():
+    from .sdxl_size import SIZE_FINAL, SIZE_STAGE
+
+    return {
+        "sd15": Recipe("sd15", "sd15", DEIS_SAMPLER, LEADING_SCHEDULER, PAPER_BASE_STEPS, 7.5, SD15_STRENGTHS, None,
+                       STEPS_INT, ANCHOR_OFF, None, False, NEGATIVE_EMPTY_PROMPT,
+                       "examples/inference/ultra_text2image_w_sdedit.ipynb (Lykon/dreamshaper-8, its DEIS scheduler)"),
+        "sdxl": Recipe("sdxl", "sdxl", "euler", "ddim_uniform", PAPER_BASE_STEPS, 7.5, None, SDXL_MAX_STRENGTH,
+                       STEPS_CEIL, ANCHOR_BASE, SIZE_FINAL, True, NEGATIVE_ZEROS,
+                       "src/pipelines/pipeline_highres_sdxl.py (Euler, leading spacing)"),
+        "sdxl_superres": Recipe("sdxl_superres", "sdxl", "euler", "ddim_uniform", PAPER_BASE_STEPS, 7.5, None,
+                                SDXL_MAX_STRENGTH, STEPS_CEIL, ANCHOR_INPUT, SIZE_STAGE, True, NEGATIVE_ZEROS,
+                                "src/pipelines/pipeline_superres_sdxl.py (Euler, leading spacing)"),
+    }
+
+
+RECIPES = _recipes()
+# The recipe a `ladder` value stands for (the super-resolution recipe is the sdxl ladder with its own choices).
+LADDER_RECIPES = {"sd15": RECIPES["sd15"], "sdxl": RECIPES["sdxl"]}
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -26,15 +95,19 @@ class Stage:
     width: int        # pixels
     height: int
     strength: float   # img2img denoise of this stage
-    steps: int        # sampler steps actually run: ceil(base_steps * strength)
+    steps: int        # sampler steps actually run: int or ceil(base_steps * strength), the recipe's rule
     ratio: int        # integer scale of this stage over the base (the DemoFusion dilation factor)
 
 
-def steps_for_strength(base_steps: int, strength: float) -> int:
-    """ceil(base_steps * strength), robust to float noise (50 * 0.14 is 7.000000000000001 in floats)."""
+def steps_for_strength(base_steps: int, strength: float, rule: str = STEPS_CEIL) -> int:
+    """ceil (SDXL pipelines) or int (SD 1.5 img2img) of base_steps * strength, robust to float noise (50 * 0.14 is
+    7.000000000000001 in floats); at least 1 (where the paper's int would run no step at all)."""
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must lie in [0, 1], got {strength}")
-    return max(1, math.ceil(round(base_steps * strength, 9)))
+    if rule not in (STEPS_CEIL, STEPS_INT):
+        raise ValueError(f"steps rule must be {STEPS_CEIL!r} or {STEPS_INT!r}, got {rule!r}")
+    exact = round(base_steps * strength, 9)
+    return max(1, math.ceil(exact) if rule == STEPS_CEIL else math.floor(exact))
 
 
 def snap_to_grid(pixels: float, grid: int = LATENT_GRID) -> int:
@@ -75,6 +148,7 @@ def plan_stages(base_w: int, base_h: int, *, num_stages: int | None = None,
     until the last, which lands on the target snapped to the grid. The aspect ratio of the base is kept on the
     doubling stages; a target with another aspect ratio is reached at the last stage. Strengths come from
     `strengths` if given, else from the ladder: "sd15" (0.4/0.3/0.2/0.1) or "sdxl" (linspace(max_strength, 0)).
+    Steps per stage follow the ladder's recipe: int(base_steps * strength) for sd15, ceil for sdxl.
     """
     if (num_stages is None) == (target is None):
         raise ValueError("give exactly one of num_stages or target")
@@ -92,8 +166,9 @@ def plan_stages(base_w: int, base_h: int, *, num_stages: int | None = None,
         strengths = sd15_strengths(num_stages)
     elif ladder == "sdxl":
         strengths = sdxl_strengths(num_stages, max_strength)
-    else:
+    if ladder not in LADDER_RECIPES:
         raise ValueError(f"unknown ladder {ladder!r}: expected 'sd15' or 'sdxl'")
+    rule = LADDER_RECIPES[ladder].steps_rule
 
     stages = []
     for s in range(1, num_stages + 1):
@@ -102,7 +177,7 @@ def plan_stages(base_w: int, base_h: int, *, num_stages: int | None = None,
         else:
             w, h = snap_to_grid(base_w * 2 ** s, grid), snap_to_grid(base_h * 2 ** s, grid)
         ratio = max(1, round(max(w / base_w, h / base_h)))
-        stages.append(Stage(s, w, h, strengths[s - 1], steps_for_strength(base_steps, strengths[s - 1]), ratio))
+        stages.append(Stage(s, w, h, strengths[s - 1], steps_for_strength(base_steps, strengths[s - 1], rule), ratio))
     return stages
 
 

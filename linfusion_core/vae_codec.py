@@ -80,16 +80,18 @@ class VaeCodec:
                          lambda tile, bar: tiled_vae.encode_or_fallback(self.vae, images, tile, self.park, bar,
                                                                         inexact_ok=False))
 
-    def to_stage(self, samples: torch.Tensor, width: int, height: int, latent_upscale: bool = False,
-                 keep: Optional[list] = None) -> torch.Tensor:
+    def to_stage(self, samples: torch.Tensor | None, width: int, height: int, latent_upscale: bool = False,
+                 keep: Optional[list] = None, pixels: torch.Tensor | None = None) -> torch.Tensor:
         """The next stage's starting latent at width x height px: decode, x2 in pixel space (bicubic, or the
         upscale model then a resize to the exact size), encode; or, latent_upscale, a bicubic latent resize.
-        keep: a list that receives the decoded image of `samples` (the previous stage's result)."""
+        pixels: the image itself instead of the decoded `samples` (a ladder started from an image resizes that
+        image, as the paper's super-resolution pipeline does, not its VAE round trip).
+        keep: a list that receives the decoded image of `samples` (the previous stage's result), or `pixels`."""
         if latent_upscale:
             if keep is not None:
                 keep.append(self.decode(samples))
             return resize_latent(samples, width, height)
-        image = self.decode(samples)
+        image = self.decode(samples) if pixels is None else pixels
         if keep is not None:
             keep.append(image)
         with progress.unit(1 if self.upscale_model is not None else 0):
@@ -97,10 +99,13 @@ class VaeCodec:
         del image
         return self.encode(big)
 
-    def units(self, stages: int, latent_upscale: bool, keep_images: bool, encode_base: bool) -> int:
-        """Progress units of the crossings of a ladder of `stages` stages (a sampling step is one unit too)."""
+    def units(self, stages: int, latent_upscale: bool, keep_images: bool, encode_base: bool,
+              from_pixels: bool = False) -> int:
+        """Progress units of the crossings of a ladder of `stages` stages (a sampling step is one unit too).
+        from_pixels: the first stage resizes a given image (no decode)."""
         if latent_upscale:
             per_stage = 1 if keep_images else 0
         else:
             per_stage = 2 + (1 if self.upscale_model is not None else 0)
-        return stages * per_stage + (1 if keep_images else 0) + (1 if encode_base else 0)
+        skipped = 1 if from_pixels and not latent_upscale else 0
+        return stages * per_stage - skipped + (1 if keep_images else 0) + (1 if encode_base else 0)

@@ -2,9 +2,10 @@
 linfusion_core.progressive_upscale; stage arithmetic in linfusion_core.highres_schedule)."""
 import comfy.samplers
 
-from ..linfusion_core.highres_schedule import PAPER_BASE_STEPS, parse_strengths, plan_stages
+from ..linfusion_core.highres_schedule import (DEIS_SAMPLER, LEADING_SCHEDULER, PAPER_BASE_STEPS, SAMPLER_AUTO,
+                                               SCHEDULER_AUTO, parse_strengths, plan_stages)
 from ..linfusion_core.progressive_upscale import (ANCHOR_AUTO, ANCHORINGS, SKIP_ON_STATE, SKIP_RESIDUAL_FORMS,
-                                                  progressive_upscale, resolve_anchoring)
+                                                  progressive_upscale, resolve_anchoring, resolve_sampling)
 from ..linfusion_core.sdxl_size import SIZE_CONDITIONINGS, SIZE_FINAL
 from ..linfusion_core.vae_codec import AUTO_TILE, VaeCodec
 
@@ -32,22 +33,34 @@ class LinFusionProgressiveUpscale:
                                                     "the last, which lands on the target."}),
                 "target_height": ("INT", {"default": 0, "min": 0, "max": 32768, "step": 8,
                                           "tooltip": "Final height in pixels (0: use 'stages')."}),
-                "ladder": (["sd15", "sdxl"], {"tooltip": "Default strengths: 'sd15' 0.4/0.3/0.2/0.1 (paper's 16K "
-                                                         "SD 1.5 ladder), 'sdxl' linspace(0.32, 0) "
-                                                         "(0.32/0.24/0.16/0.08 for 4 stages)."}),
+                "ladder": (["sd15", "sdxl"], {"tooltip": "The paper's recipe. 'sd15' (16K SD 1.5 notebook): strengths "
+                                                         "0.4/0.3/0.2/0.1, int(base_steps x strength) steps, "
+                                                         "diffusers' DEIS on its leading grid, no anchoring. 'sdxl' "
+                                                         "(high-res pipeline): linspace(0.32, 0) "
+                                                         "(0.32/0.24/0.16/0.08 for 4 stages), ceil(base_steps x "
+                                                         "strength) steps, euler + ddim_uniform, anchoring to the "
+                                                         "base. The 'paper (follows ladder)' choices below follow "
+                                                         "it."}),
                 "strengths": ("STRING", {"default": "", "tooltip": "Comma-separated strength per stage, e.g. "
                                                                   "'0.4, 0.3'. Empty: the ladder's defaults."}),
                 "base_steps": ("INT", {"default": PAPER_BASE_STEPS, "min": 1, "max": 1000,
-                                       "tooltip": "Steps of a full denoise; a stage runs ceil(base_steps * strength) "
-                                                  "of them (the last ones of the schedule)."}),
+                                       "tooltip": "Steps of a full denoise; a stage runs the last int (sd15) or "
+                                                  "ceil (sdxl) of base_steps x strength of them, as the paper's "
+                                                  "img2img pipelines (at least 1)."}),
                 "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
                                   "tooltip": "Classifier-free guidance scale (paper: 7.5 SD 1.5, 5-7.5 SDXL)."}),
-                "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {
-                    "default": "euler", "tooltip": "Sampler of every stage. Paper: euler (with ddim_uniform)."}),
-                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {
-                    "default": "ddim_uniform",
-                    "tooltip": "Noise schedule of every stage. Paper: ddim_uniform, which with euler is the official "
-                               "grid (Euler, 'leading' spacing: t = 301, 281, ..., 1 at strength 0.32 of 50 steps)."}),
+                "sampler_name": ([SAMPLER_AUTO, DEIS_SAMPLER] + list(comfy.samplers.KSampler.SAMPLERS), {
+                    "default": SAMPLER_AUTO,
+                    "tooltip": "Sampler of every stage. 'paper (follows ladder)': sd15 -> '" + DEIS_SAMPLER + "' "
+                               "(diffusers' 2nd-order DEIS of the SD 1.5 notebook's checkpoint, Lykon/dreamshaper-8; "
+                               "not ComfyUI's 'deis', a different solver), sdxl -> euler (the SDXL pipelines). "
+                               "Any other sampler departs from the paper."}),
+                "scheduler": ([SCHEDULER_AUTO, LEADING_SCHEDULER] + list(comfy.samplers.KSampler.SCHEDULERS), {
+                    "default": SCHEDULER_AUTO,
+                    "tooltip": "Timestep grid of every stage. 'paper (follows ladder)': sd15 -> '" + LEADING_SCHEDULER
+                               + "' (diffusers' DEIS 'leading' grid: t = 381, 362, ..., 20 at strength 0.4 of 50 "
+                               "steps, then sigma(0)), sdxl -> ddim_uniform (with euler the SDXL pipelines' Euler "
+                               "grid: t = 301, 281, ..., 1 at strength 0.32)."}),
                 "upscale_in": (["pixels", "latent"], {"tooltip": "'pixels': VAE decode, x2 in pixels (bicubic, the "
                                                                "paper's, or the upscale_model), VAE encode. "
                                                                "'latent': bicubic on the latent (no VAE round "
@@ -144,6 +157,7 @@ class LinFusionProgressiveUpscale:
             raise ValueError("give both target_width and target_height, or neither (then 'stages' counts)")
         plan = plan_stages(base_w, base_h, num_stages=None if target else stages, target=target, ladder=ladder,
                            strengths=parse_strengths(strengths), base_steps=base_steps, grid=grid)
+        sampler_name, scheduler = resolve_sampling(sampler_name, scheduler, ladder)
         out, images = progressive_upscale(model, positive, negative, codec, samples, plan, seed=seed, cfg=cfg,
                                           sampler_name=sampler_name, scheduler=scheduler, base_steps=base_steps,
                                           latent_upscale=upscale_in == "latent", demofusion=demofusion,

@@ -17,8 +17,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
 
 from workflow_build import NODE_WIDTH, UIGraph  # noqa: E402
+from linfusion_core.highres_schedule import RECIPES as PAPER_RECIPES  # noqa: E402  (the one recipe table)
 
 OUT_DIR = REPO / "example_workflows"
 
@@ -55,7 +57,9 @@ STEPS, CFG, SEED = 50, 7.5, 42
 SAMPLER = {"sampler_name": "euler", "scheduler": "normal"}
 # The official timestep grid of the SDXL recipes: Euler, "leading" spacing (t = 301, 281, ..., 1 at strength 0.32
 # of 50 steps). euler + ddim_uniform is that grid in the ladder and in a KSampler at denoise = the strength.
-PAPER_GRID = {"sampler_name": "euler", "scheduler": "ddim_uniform"}
+PAPER_GRID = {"sampler_name": PAPER_RECIPES["sdxl"].sampler, "scheduler": PAPER_RECIPES["sdxl"].scheduler}
+# The SD 1.5 notebook's: diffusers' DEIS of Lykon/dreamshaper-8 on its own leading grid (t = 381, ... at 0.4).
+SD15_PAPER_GRID = {"sampler_name": PAPER_RECIPES["sd15"].sampler, "scheduler": PAPER_RECIPES["sd15"].scheduler}
 # The ladder's recipe choices, as the paper's SDXL high-res pipeline / super-resolution pipeline.
 PAPER_HIGHRES = {"anchoring": "every stage to the base (paper high-res)", "size_conditioning": "final size (paper)",
                  "skip_residual": "sampler state (paper)", "blur_padding": "zeros (paper)"}
@@ -64,6 +68,16 @@ PAPER_SUPERRES = {"anchoring": "every stage to its input (paper super-res)", "si
 PROMPT = ("a breathtaking alpine valley at sunrise, snow-capped peaks, a crystal clear lake, pine forest, "
           "a small wooden cabin, ultra detailed, sharp focus, professional landscape photograph")
 NEGATIVE = "blurry, lowres, jpeg artifacts, watermark, text, deformed, duplicated, tiling"
+# The paper gives no negative prompt: the SD 1.5 pipeline encodes "", the SDXL pipelines use all-zero embeddings.
+PAPER_NEGATIVE_NOTE = {
+    "sd15": "**Negative prompt: empty**, as the paper's notebook (no negative prompt: the empty string is encoded). "
+            "Type one into it to steer away from something; that departs from the paper, and at CFG 7.5 it changes "
+            "the image a lot.",
+    "sdxl": "**Negative: zeros**, as the paper's SDXL pipelines (no negative prompt: all-zero embeddings and pooled "
+            "vector, diffusers' force_zeros_for_empty_prompt) through ComfyUI's ConditioningZeroOut. To add a "
+            "negative prompt, connect a CLIPTextEncodeSDXL with your text (same sizes) to `negative` instead; that "
+            "departs from the paper, and at CFG 7.5 it changes the image a lot.",
+}
 REGISTRY_IDS = {"ours": "comfyui-linfusion", "core": "comfy-core", "ipadapter": "comfyui_ipadapter_plus"}
 LINFUSION_FOLDER_NOTE = (
     "**LinFusion weights** download by themselves on the first run, into `ComfyUI/models/linfusion/` (progress "
@@ -108,17 +122,29 @@ def checkpoint_and_linfusion(g: UIGraph, ckpt: str, linfusion: str, lora: bool =
     return applied[0], clip, loader["VAE"]
 
 
-def prompts(g: UIGraph, clip, text=PROMPT, negative=NEGATIVE):
+def prompts(g: UIGraph, clip, text=PROMPT, negative=NEGATIVE, zero_negative=False):
+    """Positive and negative prompt; zero_negative: the SDXL pipelines' all-zero negative (ConditioningZeroOut)."""
     pos = g.node("CLIPTextEncode", title="Positive prompt", color="positive", text=text, clip=clip)
-    neg = g.node("CLIPTextEncode", title="Negative prompt", color="negative", text=negative, clip=clip)
+    if zero_negative:
+        return pos[0], zero_out(g, pos[0])
+    title = "Negative prompt (empty: the paper's)" if negative == "" else "Negative prompt"
+    neg = g.node("CLIPTextEncode", title=title, color="negative", text=negative, clip=clip)
     return pos[0], neg[0]
 
 
-def sdxl_prompts(g: UIGraph, clip, width: int, height: int, text=PROMPT, negative=NEGATIVE):
-    """SDXL prompts with the size conditioning set: original and target size = width x height, crop 0."""
+def zero_out(g: UIGraph, conditioning):
+    return g.node("ConditioningZeroOut", title="Negative: zeros (the paper's)", color="negative",
+                  conditioning=conditioning)[0]
+
+
+def sdxl_prompts(g: UIGraph, clip, width: int, height: int, text=PROMPT, negative=NEGATIVE, zero_negative=False):
+    """SDXL prompts with the size conditioning set: original and target size = width x height, crop 0.
+    zero_negative: the SDXL pipelines' negative, the positive zeroed (its size conditioning kept, as theirs)."""
     size = dict(width=width, height=height, crop_w=0, crop_h=0, target_width=width, target_height=height)
     pos = g.node("CLIPTextEncodeSDXL", title="Positive prompt", color="positive", clip=clip, text_g=text, text_l=text,
                  **size)
+    if zero_negative:
+        return pos[0], zero_out(g, pos[0])
     neg = g.node("CLIPTextEncodeSDXL", title="Negative prompt", color="negative", clip=clip, text_g=negative,
                  text_l=negative, **size)
     return pos[0], neg[0]
@@ -127,6 +153,16 @@ def sdxl_prompts(g: UIGraph, clip, width: int, height: int, text=PROMPT, negativ
 def sampler(g: UIGraph, model, pos, neg, latent, **kw):
     values = {"seed": SEED, "steps": STEPS, "cfg": CFG, **SAMPLER, "denoise": 1.0, **kw}
     return g.node("KSampler", model=model, positive=pos, negative=neg, latent_image=latent, **values)[0]
+
+
+def deis_txt2img(g: UIGraph, model, pos, neg, latent):
+    """The SD 1.5 notebook's txt2img: diffusers' DEIS on its leading grid, through SamplerCustomAdvanced."""
+    noise = g.node("RandomNoise", noise_seed=SEED)[0]
+    guider = g.node("CFGGuider", model=model, positive=pos, negative=neg, cfg=CFG)[0]
+    deis = g.node("LinFusionDEISSampler", steps=STEPS)[0]
+    sigmas = g.node("LinFusionLeadingSigmas", model=model, steps=STEPS, denoise=1.0)[0]
+    return g.node("SamplerCustomAdvanced", noise=noise, guider=guider, sampler=deis, sigmas=sigmas,
+                  latent_image=latent)[0]
 
 
 def wf_sd15_txt2img_2048(g: UIGraph):
@@ -149,17 +185,20 @@ def wf_sd15_16k_ladder(g: UIGraph):
     with g.group("1. Models", 0):
         g.note("## SD 1.5 + LinFusion: 16K (16384 x 8192)\n\nThe paper's SDEdit ladder: txt2img at 1024 x 512, "
                "then four x2 stages (2048 x 1024, 4096 x 2048, 8192 x 4096, 16384 x 8192) with strengths "
-               "0.4 / 0.3 / 0.2 / 0.1 and ceil(50 x strength) steps each. The VAE works in tiles from the "
+               "0.4 / 0.3 / 0.2 / 0.1 and int(50 x strength) = 20 / 15 / 10 / 5 steps each, CFG 7.5. Sampler of "
+               "the base and every stage: the notebook's, diffusers' DEIS (the scheduler of its checkpoint, "
+               "Lykon/dreamshaper-8) on its leading grid: LinFusion DEIS Sampler + Leading Sigmas for the base, "
+               "the ladder's `" + SD15_PAPER_GRID["sampler_name"] + "`. The VAE works in tiles from the "
                "start (exact, seamless). The ladder's UNet runs in tiles (LinFusion Tiled UNet, exact). Lower "
-               "`stages` for 4K or 8K.\n\n" + LINFUSION_FOLDER_NOTE,
+               "`stages` for 4K or 8K.\n\n" + PAPER_NEGATIVE_NOTE["sd15"] + "\n\n" + LINFUSION_FOLDER_NOTE,
                title="About this workflow", width=420, height=530)
         model, clip, vae = checkpoint_and_linfusion(g, SD15_CKPT, LINFUSION_SD15)
         model = g.node("LinFusionLowMemory", model=model)[0]
     with g.group("2. Prompt", 1):
-        pos, neg = prompts(g, clip)
+        pos, neg = prompts(g, clip, negative="")
     with g.group("3. Base image 1024 x 512", 2):
         latent = g.node("EmptyLatentImage", width=1024, height=512, batch_size=1)[0]
-        base = sampler(g, model, pos, neg, latent)
+        base = deis_txt2img(g, model, pos, neg, latent)
     with g.group("4. Ladder to 16384 x 8192", 3):
         g.note("**Tiled UNet** (exact: same result as untiled). At 8K and 16K the UNet's own activations no longer "
                "fit; this runs every step in 512 x 512 px tiles (`tile_size` 64 latent px) with the full-size "
@@ -168,7 +207,7 @@ def wf_sd15_16k_ladder(g: UIGraph):
                "costs time.", title="When to use the tiled UNet", width=NODE_WIDTH, height=230)
         ladder_model = g.node("LinFusionTiledUNet", model=model, tile_size=64, park_device="cpu", mode="exact")[0]
         big = g.node("LinFusionProgressiveUpscale", model=ladder_model, positive=pos, negative=neg, vae=vae,
-                     latent=base, seed=SEED, stages=4, ladder="sd15", base_steps=STEPS, cfg=CFG, **SAMPLER,
+                     latent=base, seed=SEED, stages=4, ladder="sd15", base_steps=STEPS, cfg=CFG, **SD15_PAPER_GRID,
                      upscale_in="pixels", vae_tile_size=1024)[0]
         image = g.node("LinFusionVAEDecodeTiled", samples=big, vae=vae, tile_size=1024)[0]
         g.node("SaveImage", images=image, filename_prefix="LinFusion/sd15_16k")
@@ -183,11 +222,12 @@ def wf_sdxl_demofusion(g: UIGraph):
                "ddim_uniform = the official timestep grid. SDXL is conditioned on the FINAL size everywhere: "
                "the prompts here say 8192 x 8192 (change them with `stages`), the ladder sets it per stage. "
                "Linear attention sees the whole canvas, so no patches are needed. Set `stages` to 4 for 16K "
-               "(16384 x 16384).\n\n" + LINFUSION_FOLDER_NOTE, title="About this workflow", width=420, height=600)
+               "(16384 x 16384).\n\n" + PAPER_NEGATIVE_NOTE["sdxl"] + "\n\n" + LINFUSION_FOLDER_NOTE,
+               title="About this workflow", width=420, height=600)
         model, clip, vae = checkpoint_and_linfusion(g, SDXL_CKPT, LINFUSION_SDXL)
         model = g.node("LinFusionLowMemory", model=model)[0]
     with g.group("2. Prompt (size conditioning = final size)", 1):
-        pos, neg = sdxl_prompts(g, clip, 8192, 8192)
+        pos, neg = sdxl_prompts(g, clip, 8192, 8192, zero_negative=True)
     with g.group("3. Base image 1024 x 1024", 2):
         latent = g.node("EmptyLatentImage", width=1024, height=1024, batch_size=1)[0]
         base = sampler(g, model, pos, neg, latent, **PAPER_GRID)
@@ -285,13 +325,13 @@ def wf_super_resolution(g: UIGraph):
                "its long side works best) and describe it in the prompt. Two x2 stages refine it "
                "DemoFusion-style to 4x its size, with the settings of the paper's super-resolution pipeline: "
                "each stage's colours anchored to its own upscaled input, SDXL conditioned on each stage's size, "
-               "euler + ddim_uniform (the official timestep grid).\n\n"
+               "euler + ddim_uniform (the official timestep grid).\n\n" + PAPER_NEGATIVE_NOTE["sdxl"] + "\n\n"
                + LINFUSION_FOLDER_NOTE, title="About this workflow", width=420, height=500)
         model, clip, vae = checkpoint_and_linfusion(g, SDXL_CKPT, LINFUSION_SDXL)
     with g.group("2. Your image", 1):
         image = g.node("LoadImage", image=INPUT_IMAGE)[0]
     with g.group("3. Prompt (describe the image)", 2):
-        pos, neg = prompts(g, clip, text="a detailed, sharp, high resolution photograph")
+        pos, neg = prompts(g, clip, text="a detailed, sharp, high resolution photograph", zero_negative=True)
     with g.group("4. Upscale x4", 3):
         big = g.node("LinFusionProgressiveUpscale", model=model, positive=pos, negative=neg, vae=vae, image=image,
                      seed=SEED, stages=2, ladder="sdxl", base_steps=STEPS, cfg=CFG, **PAPER_GRID,
@@ -315,14 +355,16 @@ def wf_demofusion_ksampler(g: UIGraph):
                "reach the sampler's state): at strength 0.32 that differs from the paper by a negligible amount; "
                "the Progressive Upscale node (workflow 7) has the exact form. Keep DemoFusion's `reference` on "
                "the latent the KSampler starts from; chain more x2 stages by copying group 4 (strengths 0.24, "
-               "0.16, ...).\n\n" + LINFUSION_FOLDER_NOTE, title="About this workflow", width=420, height=760)
+               "0.16, ...).\n\n" + PAPER_NEGATIVE_NOTE["sdxl"] + "\n\n" + LINFUSION_FOLDER_NOTE,
+               title="About this workflow", width=420, height=760)
         model, clip, vae = checkpoint_and_linfusion(g, SDXL_CKPT, LINFUSION_SDXL)
     with g.group("2. Your image, x2 bicubic", 1):
         image = g.node("LoadImage", image=INPUT_IMAGE)[0]
         bigger = g.node("ImageScaleBy", image=image, upscale_method="bicubic", scale_by=2.0)[0]
         latent = g.node("VAEEncode", pixels=bigger, vae=vae)[0]
     with g.group("3. Prompt (describe the image; size = the upscaled image's)", 2):
-        pos, neg = sdxl_prompts(g, clip, 2048, 2048, text="a detailed, sharp, high resolution photograph")
+        pos, neg = sdxl_prompts(g, clip, 2048, 2048, text="a detailed, sharp, high resolution photograph",
+                                zero_negative=True)
     with g.group("4. DemoFusion refine", 3):
         refine = g.node("LinFusionDemoFusion", model=model, reference=latent, dilation_ratio=0, seed=SEED,
                         skip_residual=True, blur_sigma=0.8, cosine_scale_1=3.0, cosine_scale_2=1.0,

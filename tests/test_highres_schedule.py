@@ -83,8 +83,12 @@ def test_bad_ladders_are_refused_with_a_clear_error(hs):
         hs.parse_strengths("0.4, abc")
     assert hs.parse_strengths(" 0.4, 0.25 ") == [0.4, 0.25]
     assert hs.parse_strengths("") is None
-    stages = hs.plan_stages(512, 512, num_stages=2, strengths=[0.5, 0.25], base_steps=30)
+    # Each recipe's own step rule: the SD 1.5 img2img pipeline truncates (int(7.5) = 7), the SDXL pipelines ceil.
+    stages = hs.plan_stages(512, 512, num_stages=2, strengths=[0.5, 0.25], base_steps=30, ladder="sd15")
+    assert [s.steps for s in stages] == [15, 7]
+    stages = hs.plan_stages(512, 512, num_stages=2, strengths=[0.5, 0.25], base_steps=30, ladder="sdxl")
     assert [s.steps for s in stages] == [15, 8]
+    assert hs.steps_for_strength(10, 0.01, hs.STEPS_INT) == 1   # never 0 steps
 
 
 def test_cosine_factor_and_weights(hs):

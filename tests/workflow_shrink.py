@@ -10,7 +10,7 @@ WORKFLOWS = sorted(p.name for p in WORKFLOW_DIR.glob("*.json"))
 NEEDS_THIRD_PARTY = {"5_ipadapter.json"}   # ComfyUI_IPAdapter_plus nodes
 TEST_LONG_SIDE = 64        # px of the shrunk base image
 TEST_STEPS = 2
-TEST_BASE_STEPS = 4        # a stage of strength s runs ceil(4 * s) steps
+TEST_BASE_STEPS = 4        # a stage of strength s runs int (sd15) or ceil (sdxl) of 4 * s steps, at least 1
 TEST_MAX_STAGES = 2
 TEST_TILE = 64             # px, LinFusion tiled VAE: the 256 px final image is 4 x 2 tiles
 TEST_LADDER_TILE = 256     # px, the ladder's VAE tiles: ComfyUI's tiled encode needs tile / 2 > overlap (64)
@@ -45,7 +45,7 @@ def shrink(prompt: dict, fixtures, input_image: str) -> dict:
         elif kind == "EmptyLatentImage":
             scale = TEST_LONG_SIDE / max(inputs["width"], inputs["height"])
             inputs["width"], inputs["height"] = (max(8, round(inputs[k] * scale / 8) * 8) for k in ("width", "height"))
-        elif kind == "KSampler":
+        elif kind in ("KSampler", "LinFusionLeadingSigmas", "LinFusionDEISSampler"):
             inputs["steps"] = TEST_STEPS
         elif kind == "LinFusionProgressiveUpscale":
             inputs["base_steps"] = TEST_BASE_STEPS

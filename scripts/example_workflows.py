@@ -27,7 +27,8 @@ SDXL_CKPT = "sd_xl_base_1.0.safetensors"
 LINFUSION_SD15 = "LinFusion-1-5"          # models/linfusion/LinFusion-1-5/{config.json, diffusion_pytorch_model.safetensors}
 LINFUSION_SDXL = "LinFusion-XL"
 CONTROLNET_CANNY = "control_v11p_sd15_canny_fp16.safetensors"
-LORA_SD15 = "your_sd15_lora.safetensors"
+# A public SD 1.5 style LoRA (27 MB; pixel art, trigger word "PixArFK"), so workflow 6 runs as shipped.
+LORA_SD15 = "PixelArtRedmond15V-PixelArt-PIXARFK.safetensors"
 INPUT_IMAGE = "example.png"
 IPADAPTER_PRESET = "PLUS (high strength)"
 IPADAPTER_PLUS = "ip-adapter-plus_sd15.safetensors"                  # what the PLUS preset loads
@@ -38,6 +39,8 @@ MODELS = {   # the frontend offers these downloads when the file is missing
                                "v1-5-pruned-emaonly.safetensors?download=true"),
     SDXL_CKPT: ("checkpoints", "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/"
                                "sd_xl_base_1.0.safetensors?download=true"),
+    LORA_SD15: ("loras", "https://huggingface.co/artificialguybr/pixelartredmond-1-5v-pixel-art-loras-for-sd-1-5/"
+                         "resolve/main/PixelArtRedmond15V-PixelArt-PIXARFK.safetensors?download=true"),
     CONTROLNET_CANNY: ("controlnet", "https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safetensors/"
                                      "resolve/main/control_v11p_sd15_canny_fp16.safetensors?download=true"),
     # The two files ComfyUI_IPAdapter_plus's README lists for the PLUS preset (the vision model is renamed).
@@ -100,7 +103,7 @@ def checkpoint_and_linfusion(g: UIGraph, ckpt: str, linfusion: str, lora: bool =
     loader = g.node("CheckpointLoaderSimple", ckpt_name=ckpt, models=model_entry(ckpt))
     model, clip = loader["MODEL"], loader["CLIP"]
     if lora:
-        lora_node = g.node("LoraLoader", model=model, clip=clip, lora_name=LORA_SD15,
+        lora_node = g.node("LoraLoader", model=model, clip=clip, lora_name=LORA_SD15, models=model_entry(LORA_SD15),
                            strength_model=0.8, strength_clip=0.8)
         model, clip = lora_node["MODEL"], lora_node["CLIP"]
     lin = g.node("LinFusionLoader", linfusion_name=linfusion)
@@ -264,14 +267,17 @@ def wf_ipadapter(g: UIGraph):
 
 def wf_lora(g: UIGraph):
     with g.group("1. Models", 0):
-        g.note("## LoRA + LinFusion, 2048 x 2048\n\n**Pick your LoRA** in Load LoRA (any SD 1.5 LoRA in "
-               "`models/loras/`). Load the LoRA first, then apply LinFusion: the LoRA's changes to the text "
+        g.note("## LoRA + LinFusion, 2048 x 2048\n\nThe LoRA here is PixelArt.Redmond for SD 1.5 "
+               "(`artificialguybr/pixelartredmond-1-5v-pixel-art-loras-for-sd-1-5` on Hugging Face, into "
+               "`models/loras/`; the missing-models dialog offers it), so the prompt starts with its trigger "
+               "words. Any SD 1.5 LoRA works: pick yours in Load LoRA and change the prompt. Load the LoRA first, "
+               "then apply LinFusion: the LoRA's changes to the text "
                "encoder and to every UNet layer apply, except the self-attention, which LinFusion replaces by "
                "its own distilled weights.\n\n" + LINFUSION_FOLDER_NOTE, title="About this workflow",
                width=420, height=460)
         model, clip, vae = checkpoint_and_linfusion(g, SD15_CKPT, LINFUSION_SD15, lora=True)
     with g.group("2. Prompt", 1):
-        pos, neg = prompts(g, clip)
+        pos, neg = prompts(g, clip, text="pixel art, PixArFK, " + PROMPT)
     with g.group("3. Generate 2048 x 2048", 2):
         latent = g.node("EmptyLatentImage", width=2048, height=2048, batch_size=1)[0]
         samples = sampler(g, model, pos, neg, latent)

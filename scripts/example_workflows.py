@@ -137,7 +137,7 @@ def wf_sd15_txt2img_2048(g: UIGraph):
         g.note("## SD 1.5 + LinFusion, 2048 x 2048\n\nLinFusion replaces every self-attention of the UNet by "
                "a linear attention, so memory and time grow linearly with the pixels and SD 1.5 draws "
                "2048 x 2048 in one pass.\n\n" + LINFUSION_FOLDER_NOTE, title="About this workflow",
-               width=420, height=460)
+               width=420)
         model, clip, vae = checkpoint_and_linfusion(g, SD15_CKPT, LINFUSION_SD15)
     with g.group("2. Prompt", 1):
         pos, neg = prompts(g, clip)
@@ -155,7 +155,7 @@ def wf_sd15_16k_ladder(g: UIGraph):
                "0.4 / 0.3 / 0.2 / 0.1 and ceil(50 x strength) steps each. The VAE works in tiles from the "
                "start (exact, seamless). The ladder's UNet runs in tiles (LinFusion Tiled UNet, exact). Lower "
                "`stages` for 4K or 8K.\n\n" + LINFUSION_FOLDER_NOTE,
-               title="About this workflow", width=420, height=530)
+               title="About this workflow", width=420)
         model, clip, vae = checkpoint_and_linfusion(g, SD15_CKPT, LINFUSION_SD15)
         model = g.node("LinFusionLowMemory", model=model)[0]
     with g.group("2. Prompt", 1):
@@ -168,7 +168,7 @@ def wf_sd15_16k_ladder(g: UIGraph):
                "fit; this runs every step in 512 x 512 px tiles (`tile_size` 64 latent px) with the full-size "
                "activations parked in CPU memory (`park_device` cpu), bounding GPU memory by the tile. Keep it "
                "for the largest sizes; bypass it (Ctrl+B) at 4K or when memory is plentiful, since tiling "
-               "costs time.", title="When to use the tiled UNet", width=NODE_WIDTH, height=230)
+               "costs time.", title="When to use the tiled UNet", width=NODE_WIDTH)
         ladder_model = g.node("LinFusionTiledUNet", model=model, tile_size=64, park_device="cpu", mode="exact")[0]
         big = g.node("LinFusionProgressiveUpscale", model=ladder_model, positive=pos, negative=neg, vae=vae,
                      latent=base, seed=SEED, stages=4, ladder="sd15", base_steps=STEPS, cfg=CFG, **SAMPLER,
@@ -186,10 +186,10 @@ def wf_sdxl_demofusion(g: UIGraph):
                "ddim_uniform = the official timestep grid. SDXL is conditioned on the FINAL size everywhere: "
                "the prompts here say 8192 x 8192 (change them with `stages`), the ladder sets it per stage. "
                "Linear attention sees the whole canvas, so no patches are needed. Set `stages` to 4 for 16K "
-               "(16384 x 16384).\n\n" + LINFUSION_FOLDER_NOTE, title="About this workflow", width=420, height=600)
+               "(16384 x 16384).\n\n" + LINFUSION_FOLDER_NOTE, title="About this workflow", width=420)
         model, clip, vae = checkpoint_and_linfusion(g, SDXL_CKPT, LINFUSION_SDXL)
         model = g.node("LinFusionLowMemory", model=model)[0]
-    with g.group("2. Prompt (size conditioning = final size)", 1):
+    with g.group("2. Prompt (final size)", 1):
         pos, neg = sdxl_prompts(g, clip, 8192, 8192)
     with g.group("3. Base image 1024 x 1024", 2):
         latent = g.node("EmptyLatentImage", width=1024, height=1024, batch_size=1)[0]
@@ -209,7 +209,7 @@ def wf_controlnet(g: UIGraph):
                "the edge map the canny ControlNet expects. **LinFusion ControlNet** gives the ControlNet's own "
                "self-attention LinFusion too, so the ControlNet does not bring back the quadratic cost LinFusion "
                "removed from the UNet.\n\n" + LINFUSION_FOLDER_NOTE,
-               title="About this workflow", width=420, height=480)
+               title="About this workflow", width=420)
         loader = g.node("CheckpointLoaderSimple", ckpt_name=SD15_CKPT, models=model_entry(SD15_CKPT))
         lin = g.node("LinFusionLoader", linfusion_name=LINFUSION_SD15)
         model = g.node("ApplyLinFusion", model=loader["MODEL"], linfusion=lin[0])[0]
@@ -228,7 +228,7 @@ def wf_controlnet(g: UIGraph):
                "ControlNet's own attention at 512 px (this image and prompt, `distill_steps` per layer: minutes "
                "on a GPU, once), saved in `models/linfusion/controlnet_distilled/` and reused next time.\n\n"
                "Bypass the node (Ctrl+B) to run the ControlNet with softmax attention (slower at 2048 px).",
-               title="LinFusion ControlNet: base or distilled", width=NODE_WIDTH, height=330)
+               title="LinFusion ControlNet: base or distilled", width=NODE_WIDTH)
         lf_control = g.node("LinFusionControlNet", control_net=control[0], linfusion=lin[0], image=edges,
                             conditioning=pos, source="base modules")
         cond = g.node("ControlNetApplyAdvanced", positive=pos, negative=neg, control_net=lf_control[0], image=edges,
@@ -248,7 +248,7 @@ def wf_ipadapter(g: UIGraph):
                "`h94/IP-Adapter` on Hugging Face; the vision model is `models/image_encoder/model.safetensors` "
                "there, renamed). The missing-models dialog offers both.\n\nIP-Adapter patches the "
                "cross-attention, LinFusion the self-attention: they stack in either order.\n\n"
-               + LINFUSION_FOLDER_NOTE, title="About this workflow", width=420, height=640)
+               + LINFUSION_FOLDER_NOTE, title="About this workflow", width=420)
         model, clip, vae = checkpoint_and_linfusion(g, SD15_CKPT, LINFUSION_SD15)
         ipa = g.node("IPAdapterUnifiedLoader", model=model, preset=IPADAPTER_PRESET)
     with g.group("2. Reference image", 1):
@@ -274,7 +274,7 @@ def wf_lora(g: UIGraph):
                "then apply LinFusion: the LoRA's changes to the text "
                "encoder and to every UNet layer apply, except the self-attention, which LinFusion replaces by "
                "its own distilled weights.\n\n" + LINFUSION_FOLDER_NOTE, title="About this workflow",
-               width=420, height=460)
+               width=420)
         model, clip, vae = checkpoint_and_linfusion(g, SD15_CKPT, LINFUSION_SD15, lora=True)
     with g.group("2. Prompt", 1):
         pos, neg = prompts(g, clip, text="pixel art, PixArFK, " + PROMPT)
@@ -292,7 +292,7 @@ def wf_super_resolution(g: UIGraph):
                "DemoFusion-style to 4x its size, with the settings of the paper's super-resolution pipeline: "
                "each stage's colours anchored to its own upscaled input, SDXL conditioned on each stage's size, "
                "euler + ddim_uniform (the official timestep grid).\n\n"
-               + LINFUSION_FOLDER_NOTE, title="About this workflow", width=420, height=500)
+               + LINFUSION_FOLDER_NOTE, title="About this workflow", width=420)
         model, clip, vae = checkpoint_and_linfusion(g, SDXL_CKPT, LINFUSION_SDXL)
     with g.group("2. Your image", 1):
         image = g.node("LoadImage", image=INPUT_IMAGE)[0]
@@ -321,13 +321,13 @@ def wf_demofusion_ksampler(g: UIGraph):
                "reach the sampler's state): at strength 0.32 that differs from the paper by a negligible amount; "
                "the Progressive Upscale node (workflow 7) has the exact form. Keep DemoFusion's `reference` on "
                "the latent the KSampler starts from; chain more x2 stages by copying group 4 (strengths 0.24, "
-               "0.16, ...).\n\n" + LINFUSION_FOLDER_NOTE, title="About this workflow", width=420, height=760)
+               "0.16, ...).\n\n" + LINFUSION_FOLDER_NOTE, title="About this workflow", width=420)
         model, clip, vae = checkpoint_and_linfusion(g, SDXL_CKPT, LINFUSION_SDXL)
     with g.group("2. Your image, x2 bicubic", 1):
         image = g.node("LoadImage", image=INPUT_IMAGE)[0]
         bigger = g.node("ImageScaleBy", image=image, upscale_method="bicubic", scale_by=2.0)[0]
         latent = g.node("VAEEncode", pixels=bigger, vae=vae)[0]
-    with g.group("3. Prompt (describe the image; size = the upscaled image's)", 2):
+    with g.group("3. Prompt (upscaled size)", 2):
         pos, neg = sdxl_prompts(g, clip, 2048, 2048, text="a detailed, sharp, high resolution photograph")
     with g.group("4. DemoFusion refine", 3):
         refine = g.node("LinFusionDemoFusion", model=model, reference=latent, dilation_ratio=0, seed=SEED,

@@ -22,7 +22,7 @@ from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, LinFusionLoadError, families_
 RELEASES = {"LinFusion-1-5": "SD1.x", "LinFusion-2-1": "SD2.x", "LinFusion-XL": "SDXL"}
 HUB_OWNER = "Yuanshi"
 FILES = (CONFIG_FILE, WEIGHTS_FILE)    # small file first: a wrong endpoint fails before the big transfer
-DOWNLOAD_MARK = " (download)"          # how a released set that is not on disk is offered in a node's list
+DOWNLOAD_MARK = " (download)"          # how earlier versions listed a set not on disk; saved values still load
 DEFAULT_ENDPOINT = "https://huggingface.co"
 _STAGING = ".{name}.download"          # hidden: model folder listings skip it
 

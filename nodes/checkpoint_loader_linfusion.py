@@ -8,10 +8,10 @@ import folder_paths
 
 from ..linfusion_core.checkpoint import LinFusionLoadError, load_linfusion, peek_linfusion
 from ..linfusion_core.patch import apply_linfusion
-from ..linfusion_core.hub_download import DOWNLOAD_MARK, release_for_family
+from ..linfusion_core.hub_download import release_for_family
 from ..linfusion_core.placement import model_family, model_label, place_modules
-from .model_folder import (linfusion_path, list_linfusion_choices, list_linfusion_entries, resolve_linfusion_entry,
-                           validate_linfusion_choice)
+from .model_folder import (linfusion_path, list_linfusion_choices, list_linfusion_entries, release_not_on_disk,
+                           resolve_linfusion_entry, validate_linfusion_choice)
 
 log = logging.getLogger("LinFusion")
 AUTO = "auto (match the checkpoint)"
@@ -30,7 +30,7 @@ def pick_linfusion(base_model) -> str:
             continue
         fits.append((weights.config_source == "weights only", name))
     release = release_for_family(model_family(base_model))
-    if not fits and release is not None and release + DOWNLOAD_MARK in list_linfusion_choices():
+    if not fits and release is not None and release_not_on_disk(release):
         return release
     if not fits:
         raise LinFusionLoadError(f"no LinFusion weights in models/linfusion fit this {model_label(base_model)} "
@@ -47,7 +47,7 @@ class CheckpointLoaderLinFusion:
             "linfusion_name": ([AUTO] + list_linfusion_choices(), {
                 "tooltip": "LinFusion weights from models/linfusion; 'auto' picks the ones that fit the checkpoint, "
                            "and downloads the released set for its family (Yuanshi/LinFusion-1-5, -2-1, -XL) when "
-                           "none on disk fit. A set marked (download) is fetched when the prompt runs."}),
+                           "none on disk fit. A released set not on disk is fetched when the prompt runs."}),
         }}
 
     @classmethod

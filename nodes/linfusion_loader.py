@@ -11,9 +11,9 @@ class LinFusionLoader:
             "linfusion_name": (list_linfusion_choices(), {
                 "tooltip": "LinFusion weights in models/linfusion: a hub folder (config.json + "
                            "diffusion_pytorch_model.safetensors) or a single .safetensors. Use "
-                           "LinFusion-1-5 for SD 1.x, LinFusion-2-1 for SD 2.x, LinFusion-XL for SDXL. A set "
-                           "marked (download) is fetched from Hugging Face (Yuanshi/<name>) into "
-                           "models/linfusion/<name>/ the first time a prompt uses it."}),
+                           "LinFusion-1-5 for SD 1.x, LinFusion-2-1 for SD 2.x, LinFusion-XL for SDXL: these "
+                           "three are always listed, and one not on disk is fetched from Hugging Face "
+                           "(Yuanshi/<name>) into models/linfusion/<name>/ the first time a prompt uses it."}),
         }}
 
     @classmethod

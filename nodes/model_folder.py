@@ -7,7 +7,7 @@ import comfy.utils
 import folder_paths
 
 from ..linfusion_core.checkpoint import LinFusionLoadError
-from ..linfusion_core.hub_download import DOWNLOAD_MARK, RELEASES, download_release, release_name, repo_id
+from ..linfusion_core.hub_download import RELEASES, download_release, release_name, repo_id
 
 FOLDER_NAME = "linfusion"
 # Folders (hub layout: config.json + diffusion_pytorch_model.safetensors) are listed as well as files.
@@ -62,9 +62,17 @@ def resolve_linfusion_entry(name: str) -> str:
 
 
 def list_linfusion_choices() -> list[str]:
-    """What the loaders offer: everything on disk, then each released set not on disk, marked for download."""
+    """What the loaders offer: everything on disk, then each released set not among it, by its plain name (it
+    is downloaded when a prompt uses it). Always listing the plain names keeps the value a shipped or saved
+    workflow holds in the list, before and after the download. Values saved with the old " (download)" mark
+    are not listed but still validate and load (validate_linfusion_choice, linfusion_path)."""
     entries = list_linfusion_entries()
-    return entries + [name + DOWNLOAD_MARK for name in RELEASES if name not in entries and not _folder(name)]
+    return entries + [name for name in RELEASES if name not in entries]
+
+
+def release_not_on_disk(name: str) -> bool:
+    """A released set with no folder of its name under any linfusion path: a prompt using it downloads it."""
+    return release_name(name) is not None and _folder(release_name(name)) is None
 
 
 def validate_linfusion_choice(name: str):

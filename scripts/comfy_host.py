@@ -176,25 +176,33 @@ def host_requirements(host: Host, comfy: Path) -> list[str]:
     return reqs
 
 
-def install_venv(host: Host, comfy: Path) -> Path:
+def install_venv(host: Host, comfy: Path, extras: tuple[str, ...] = ()) -> Path:
+    """The host's venv with what serving needs (torch, ComfyUI's requirements, ours); `extras` adds the
+    packages of tests/ or bench/ (their requirements.txt), each under its own stamp, so `serve` installs
+    nothing of theirs and `test` does not redo the base install."""
     py = venv_python(host)
     if custom_comfyui():
         return py
     reqs = host_requirements(host, comfy)
-    extra = [REPO / "requirements.txt", REPO / "tests" / "requirements.txt", REPO / "bench" / "requirements.txt"]
-    ours = "".join(f.read_text() for f in extra)
+    ours = (REPO / "requirements.txt").read_text()
     stamp = host.dir / "venv.stamp"
     key = digest(" ".join(TORCH_SPEC), "\n".join(reqs), ours, sys.version, *host.no_deps)
-    if stamped(stamp, key) and py.exists():
-        return py
-    if not py.exists():
-        run([sys.executable, "-m", "venv", host.dir / "venv"])
     pip = [py, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
-    run(pip + TORCH_SPEC)
-    run(pip + reqs + ["requests"] + [arg for f in extra for arg in ("-r", f)])
-    if host.no_deps:
-        run(pip + ["--no-deps"] + list(host.no_deps))
-    stamp.write_text(key)
+    if not (stamped(stamp, key) and py.exists()):
+        if not py.exists():
+            run([sys.executable, "-m", "venv", host.dir / "venv"])
+        run(pip + TORCH_SPEC)
+        run(pip + reqs + ["requests", "-r", REPO / "requirements.txt"])
+        if host.no_deps:
+            run(pip + ["--no-deps"] + list(host.no_deps))
+        stamp.write_text(key)
+    for extra in extras:
+        req = REPO / extra / "requirements.txt"
+        extra_stamp = host.dir / f"venv-{extra}.stamp"
+        extra_key = digest(key, req.read_text())
+        if not stamped(extra_stamp, extra_key):
+            run(pip + ["-r", req])
+            extra_stamp.write_text(extra_key)
     return py
 
 
@@ -353,9 +361,9 @@ def run_comfyui(py: Path, comfy: Path, args: list[str]) -> int:
             proc.terminate()
 
 
-def prepare(host: Host) -> tuple[Path, Path]:
+def prepare(host: Host, extras: tuple[str, ...] = ()) -> tuple[Path, Path]:
     comfy = install_comfyui(host)
-    py = install_venv(host, comfy)
+    py = install_venv(host, comfy, extras)
     return comfy, py
 
 
@@ -389,7 +397,7 @@ SUMMARY_LINE = re.compile(r"^=+ .*\b(passed|failed|error|skipped|no tests ran)\b
 
 def run_tests(hosts: list[Host], pytest_args: list[str]) -> int:
     """pytest inside each host's venv in turn (all of them, even after a failure), then each one's summary."""
-    prepared = [(host, *prepare(host)) for host in hosts]
+    prepared = [(host, *prepare(host, ("tests", "bench"))) for host in hosts]
     ensure_system_chromium()
     os.chdir(REPO)
     if len(prepared) == 1:
@@ -441,7 +449,7 @@ def main(argv: list[str]) -> int:
         return run_tests(hosts, rest)
     if cmd == "python":  # run a script (a benchmark, the workflow writer) inside a host's environment
         (host,), rest = pick_hosts(rest, [NEWEST])
-        comfy, py = prepare(host)
+        comfy, py = prepare(host, ("tests", "bench"))   # scripts use the test harness; benchmarks their own packages
         os.execve(str(py), [str(py), *rest], host_env(host, comfy))
     sys.exit(f"unknown command {cmd!r}: use install, serve, test or python")
 

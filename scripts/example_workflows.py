@@ -29,7 +29,8 @@ SDXL_CKPT = "sd_xl_base_1.0.safetensors"
 LINFUSION_SD15 = "LinFusion-1-5"          # models/linfusion/LinFusion-1-5/{config.json, diffusion_pytorch_model.safetensors}
 LINFUSION_SDXL = "LinFusion-XL"
 CONTROLNET_CANNY = "control_v11p_sd15_canny_fp16.safetensors"
-LORA_SD15 = "your_sd15_lora.safetensors"
+# A public SD 1.5 style LoRA (27 MB; pixel art, trigger word "PixArFK"), so workflow 6 runs as shipped.
+LORA_SD15 = "PixelArtRedmond15V-PixelArt-PIXARFK.safetensors"
 INPUT_IMAGE = "example.png"
 IPADAPTER_PRESET = "PLUS (high strength)"
 IPADAPTER_PLUS = "ip-adapter-plus_sd15.safetensors"                  # what the PLUS preset loads
@@ -40,6 +41,8 @@ MODELS = {   # the frontend offers these downloads when the file is missing
                                "v1-5-pruned-emaonly.safetensors?download=true"),
     SDXL_CKPT: ("checkpoints", "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/"
                                "sd_xl_base_1.0.safetensors?download=true"),
+    LORA_SD15: ("loras", "https://huggingface.co/artificialguybr/pixelartredmond-1-5v-pixel-art-loras-for-sd-1-5/"
+                         "resolve/main/PixelArtRedmond15V-PixelArt-PIXARFK.safetensors?download=true"),
     CONTROLNET_CANNY: ("controlnet", "https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safetensors/"
                                      "resolve/main/control_v11p_sd15_canny_fp16.safetensors?download=true"),
     # The two files ComfyUI_IPAdapter_plus's README lists for the PLUS preset (the vision model is renamed).
@@ -114,7 +117,7 @@ def checkpoint_and_linfusion(g: UIGraph, ckpt: str, linfusion: str, lora: bool =
     loader = g.node("CheckpointLoaderSimple", ckpt_name=ckpt, models=model_entry(ckpt))
     model, clip = loader["MODEL"], loader["CLIP"]
     if lora:
-        lora_node = g.node("LoraLoader", model=model, clip=clip, lora_name=LORA_SD15,
+        lora_node = g.node("LoraLoader", model=model, clip=clip, lora_name=LORA_SD15, models=model_entry(LORA_SD15),
                            strength_model=0.8, strength_clip=0.8)
         model, clip = lora_node["MODEL"], lora_node["CLIP"]
     lin = g.node("LinFusionLoader", linfusion_name=linfusion)
@@ -170,7 +173,7 @@ def wf_sd15_txt2img_2048(g: UIGraph):
         g.note("## SD 1.5 + LinFusion, 2048 x 2048\n\nLinFusion replaces every self-attention of the UNet by "
                "a linear attention, so memory and time grow linearly with the pixels and SD 1.5 draws "
                "2048 x 2048 in one pass.\n\n" + LINFUSION_FOLDER_NOTE, title="About this workflow",
-               width=420, height=460)
+               width=420)
         model, clip, vae = checkpoint_and_linfusion(g, SD15_CKPT, LINFUSION_SD15)
     with g.group("2. Prompt", 1):
         pos, neg = prompts(g, clip)
@@ -191,7 +194,7 @@ def wf_sd15_16k_ladder(g: UIGraph):
                "the ladder's `" + SD15_PAPER_GRID["sampler_name"] + "`. The VAE works in tiles from the "
                "start (exact, seamless). The ladder's UNet runs in tiles (LinFusion Tiled UNet, exact). Lower "
                "`stages` for 4K or 8K.\n\n" + PAPER_NEGATIVE_NOTE["sd15"] + "\n\n" + LINFUSION_FOLDER_NOTE,
-               title="About this workflow", width=420, height=530)
+               title="About this workflow", width=420)
         model, clip, vae = checkpoint_and_linfusion(g, SD15_CKPT, LINFUSION_SD15)
         model = g.node("LinFusionLowMemory", model=model)[0]
     with g.group("2. Prompt", 1):
@@ -204,7 +207,7 @@ def wf_sd15_16k_ladder(g: UIGraph):
                "fit; this runs every step in 512 x 512 px tiles (`tile_size` 64 latent px) with the full-size "
                "activations parked in CPU memory (`park_device` cpu), bounding GPU memory by the tile. Keep it "
                "for the largest sizes; bypass it (Ctrl+B) at 4K or when memory is plentiful, since tiling "
-               "costs time.", title="When to use the tiled UNet", width=NODE_WIDTH, height=230)
+               "costs time.", title="When to use the tiled UNet", width=NODE_WIDTH)
         ladder_model = g.node("LinFusionTiledUNet", model=model, tile_size=64, park_device="cpu", mode="exact")[0]
         big = g.node("LinFusionProgressiveUpscale", model=ladder_model, positive=pos, negative=neg, vae=vae,
                      latent=base, seed=SEED, stages=4, ladder="sd15", base_steps=STEPS, cfg=CFG, **SD15_PAPER_GRID,
@@ -223,10 +226,10 @@ def wf_sdxl_demofusion(g: UIGraph):
                "the prompts here say 8192 x 8192 (change them with `stages`), the ladder sets it per stage. "
                "Linear attention sees the whole canvas, so no patches are needed. Set `stages` to 4 for 16K "
                "(16384 x 16384).\n\n" + PAPER_NEGATIVE_NOTE["sdxl"] + "\n\n" + LINFUSION_FOLDER_NOTE,
-               title="About this workflow", width=420, height=600)
+               title="About this workflow", width=420)
         model, clip, vae = checkpoint_and_linfusion(g, SDXL_CKPT, LINFUSION_SDXL)
         model = g.node("LinFusionLowMemory", model=model)[0]
-    with g.group("2. Prompt (size conditioning = final size)", 1):
+    with g.group("2. Prompt (final size)", 1):
         pos, neg = sdxl_prompts(g, clip, 8192, 8192, zero_negative=True)
     with g.group("3. Base image 1024 x 1024", 2):
         latent = g.node("EmptyLatentImage", width=1024, height=1024, batch_size=1)[0]
@@ -246,7 +249,7 @@ def wf_controlnet(g: UIGraph):
                "the edge map the canny ControlNet expects. **LinFusion ControlNet** gives the ControlNet's own "
                "self-attention LinFusion too, so the ControlNet does not bring back the quadratic cost LinFusion "
                "removed from the UNet.\n\n" + LINFUSION_FOLDER_NOTE,
-               title="About this workflow", width=420, height=480)
+               title="About this workflow", width=420)
         loader = g.node("CheckpointLoaderSimple", ckpt_name=SD15_CKPT, models=model_entry(SD15_CKPT))
         lin = g.node("LinFusionLoader", linfusion_name=LINFUSION_SD15)
         model = g.node("ApplyLinFusion", model=loader["MODEL"], linfusion=lin[0])[0]
@@ -265,7 +268,7 @@ def wf_controlnet(g: UIGraph):
                "ControlNet's own attention at 512 px (this image and prompt, `distill_steps` per layer: minutes "
                "on a GPU, once), saved in `models/linfusion/controlnet_distilled/` and reused next time.\n\n"
                "Bypass the node (Ctrl+B) to run the ControlNet with softmax attention (slower at 2048 px).",
-               title="LinFusion ControlNet: base or distilled", width=NODE_WIDTH, height=330)
+               title="LinFusion ControlNet: base or distilled", width=NODE_WIDTH)
         lf_control = g.node("LinFusionControlNet", control_net=control[0], linfusion=lin[0], image=edges,
                             conditioning=pos, source="base modules")
         cond = g.node("ControlNetApplyAdvanced", positive=pos, negative=neg, control_net=lf_control[0], image=edges,
@@ -285,7 +288,7 @@ def wf_ipadapter(g: UIGraph):
                "`h94/IP-Adapter` on Hugging Face; the vision model is `models/image_encoder/model.safetensors` "
                "there, renamed). The missing-models dialog offers both.\n\nIP-Adapter patches the "
                "cross-attention, LinFusion the self-attention: they stack in either order.\n\n"
-               + LINFUSION_FOLDER_NOTE, title="About this workflow", width=420, height=640)
+               + LINFUSION_FOLDER_NOTE, title="About this workflow", width=420)
         model, clip, vae = checkpoint_and_linfusion(g, SD15_CKPT, LINFUSION_SD15)
         ipa = g.node("IPAdapterUnifiedLoader", model=model, preset=IPADAPTER_PRESET)
     with g.group("2. Reference image", 1):
@@ -304,14 +307,17 @@ def wf_ipadapter(g: UIGraph):
 
 def wf_lora(g: UIGraph):
     with g.group("1. Models", 0):
-        g.note("## LoRA + LinFusion, 2048 x 2048\n\n**Pick your LoRA** in Load LoRA (any SD 1.5 LoRA in "
-               "`models/loras/`). Load the LoRA first, then apply LinFusion: the LoRA's changes to the text "
+        g.note("## LoRA + LinFusion, 2048 x 2048\n\nThe LoRA here is PixelArt.Redmond for SD 1.5 "
+               "(`artificialguybr/pixelartredmond-1-5v-pixel-art-loras-for-sd-1-5` on Hugging Face, into "
+               "`models/loras/`; the missing-models dialog offers it), so the prompt starts with its trigger "
+               "words. Any SD 1.5 LoRA works: pick yours in Load LoRA and change the prompt. Load the LoRA first, "
+               "then apply LinFusion: the LoRA's changes to the text "
                "encoder and to every UNet layer apply, except the self-attention, which LinFusion replaces by "
                "its own distilled weights.\n\n" + LINFUSION_FOLDER_NOTE, title="About this workflow",
-               width=420, height=460)
+               width=420)
         model, clip, vae = checkpoint_and_linfusion(g, SD15_CKPT, LINFUSION_SD15, lora=True)
     with g.group("2. Prompt", 1):
-        pos, neg = prompts(g, clip)
+        pos, neg = prompts(g, clip, text="pixel art, PixArFK, " + PROMPT)
     with g.group("3. Generate 2048 x 2048", 2):
         latent = g.node("EmptyLatentImage", width=2048, height=2048, batch_size=1)[0]
         samples = sampler(g, model, pos, neg, latent)
@@ -326,7 +332,7 @@ def wf_super_resolution(g: UIGraph):
                "DemoFusion-style to 4x its size, with the settings of the paper's super-resolution pipeline: "
                "each stage's colours anchored to its own upscaled input, SDXL conditioned on each stage's size, "
                "euler + ddim_uniform (the official timestep grid).\n\n" + PAPER_NEGATIVE_NOTE["sdxl"] + "\n\n"
-               + LINFUSION_FOLDER_NOTE, title="About this workflow", width=420, height=500)
+               + LINFUSION_FOLDER_NOTE, title="About this workflow", width=420)
         model, clip, vae = checkpoint_and_linfusion(g, SDXL_CKPT, LINFUSION_SDXL)
     with g.group("2. Your image", 1):
         image = g.node("LoadImage", image=INPUT_IMAGE)[0]
@@ -356,13 +362,13 @@ def wf_demofusion_ksampler(g: UIGraph):
                "the Progressive Upscale node (workflow 7) has the exact form. Keep DemoFusion's `reference` on "
                "the latent the KSampler starts from; chain more x2 stages by copying group 4 (strengths 0.24, "
                "0.16, ...).\n\n" + PAPER_NEGATIVE_NOTE["sdxl"] + "\n\n" + LINFUSION_FOLDER_NOTE,
-               title="About this workflow", width=420, height=760)
+               title="About this workflow", width=420)
         model, clip, vae = checkpoint_and_linfusion(g, SDXL_CKPT, LINFUSION_SDXL)
     with g.group("2. Your image, x2 bicubic", 1):
         image = g.node("LoadImage", image=INPUT_IMAGE)[0]
         bigger = g.node("ImageScaleBy", image=image, upscale_method="bicubic", scale_by=2.0)[0]
         latent = g.node("VAEEncode", pixels=bigger, vae=vae)[0]
-    with g.group("3. Prompt (describe the image; size = the upscaled image's)", 2):
+    with g.group("3. Prompt (upscaled size)", 2):
         pos, neg = sdxl_prompts(g, clip, 2048, 2048, text="a detailed, sharp, high resolution photograph",
                                 zero_negative=True)
     with g.group("4. DemoFusion refine", 3):

@@ -25,6 +25,8 @@ MODEL_KINDS = ("checkpoints", "loras", "controlnet", "vae", "linfusion", "clip_v
 # First-run popups would cover the canvas; a user who dismissed them once has these settings.
 SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Workflow.ShowMissingModelsWarning": False,
             "Comfy.Minimap.Visible": False}
+# The part of the 1600 x 1000 canvas (CSS px) that the side bar and the top bars leave free (frontend 1.32).
+FREE_CANVAS = {"x": 60, "y": 105, "width": 1540, "height": 895}
 # The frontend keeps this one in the browser's storage, not in the user settings.
 DISMISS_BANNER_JS = "localStorage.setItem('vueNodesBannerDismissed', 'true')"
 
@@ -42,14 +44,18 @@ def chromium_missing_reason() -> str | None:
 
 
 @contextlib.contextmanager
-def comfy_ui_server(comfy_path: Path, model_root: Path, log_dir: Path):
-    """A ComfyUI server process with this extension and the fixture models; yields its base URL."""
+def comfy_ui_server(comfy_path: Path, model_root: Path, log_dir: Path, *, settings: dict | None = None,
+                    custom_nodes: tuple[Path, ...] = ()):
+    """A ComfyUI server process with this extension (and the packs in `custom_nodes`, linked in) and the fixture
+    models; `settings` are added to the user's. Yields (base URL, server base folder)."""
     base = Path(tempfile.mkdtemp(prefix="linfusion-browser-"))
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "ComfyUI-LinFusion").symlink_to(REPO, target_is_directory=True)
+    for pack in custom_nodes:
+        (base / "custom_nodes" / pack.name).symlink_to(pack, target_is_directory=True)
     (base / "input").mkdir()
     (base / "user" / "default").mkdir(parents=True)
-    (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(SETTINGS))
+    (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps({**SETTINGS, **(settings or {})}))
     paths = "\n".join(f"    {k}: {k}" for k in MODEL_KINDS)
     (base / "extra_model_paths.yaml").write_text(f"linfusion_fixtures:\n    base_path: {model_root}\n{paths}\n")
     port = free_port()
@@ -102,12 +108,54 @@ LOAD_WORKFLOW_JS = """async ([wf, name]) => {
     return {missing, nodes, dialog};
 }"""
 
+# What the canvas shows after a load. LiteGraph draws every node as a blank box (no title, no widgets) below a
+# zoom threshold. Frontend 1.32 derives it from the setting LiteGraph.Canvas.MinFontSizeForLOD and keeps it in
+# the private canvas._lowQualityZoomThreshold; earlier frontends had the setting
+# LiteGraph.Canvas.LowQualityRenderingZoomThreshold (default 0.6) and canvas.low_quality_zoom_threshold. Read
+# whichever this frontend has; null when none (the caller then falls back to 0.6, the documented default).
+CANVAS_VIEW_JS = """() => {
+    const c = window.app.canvas;
+    c.draw(true, true);
+    const setting = window.app.extensionManager?.setting?.get?.('LiteGraph.Canvas.LowQualityRenderingZoomThreshold');
+    const threshold = [c.low_quality_zoom_threshold, c._lowQualityZoomThreshold, setting]
+        .find(v => typeof v === 'number' && v > 0) ?? null;
+    const ctx = c.ctx || c.canvas.getContext('2d');
+    const groups = window.app.graph.groups.map(g => {
+        ctx.save();
+        ctx.font = `${g.font_size}px ${window.LiteGraph.GROUP_FONT || 'Arial'}`;
+        const titleWidth = ctx.measureText(g.title).width;
+        ctx.restore();
+        return {title: g.title, bounding: [...g._bounding], title_width: titleWidth, font_size: g.font_size};
+    });
+    // Notes (DOM widgets): does the text end inside the box, so none of it is hidden behind a scroll bar?
+    const notes = window.app.graph.nodes.filter(n => n.type === 'MarkdownNote' || n.type === 'Note').map(n => {
+        const el = n.widgets?.[0]?.element;
+        if (!el) return {id: n.id, title: n.title, measured: false};
+        const box = el.getBoundingClientRect();
+        const blocks = [...(el.querySelector('.ProseMirror') || el).children].map(k => k.getBoundingClientRect().bottom);
+        const textBottom = blocks.length ? Math.max(...blocks) : box.top;
+        return {id: n.id, title: n.title, measured: box.height > 0, fits: textBottom <= box.bottom + 1,
+                text_height: (textBottom - box.top) / c.ds.scale, box_height: box.height / c.ds.scale};
+    });
+    const dpr = window.devicePixelRatio || 1;
+    return {scale: c.ds.scale, offset: [...c.ds.offset], threshold, low_quality: c.low_quality ?? null,
+            width: c.canvas.width / dpr, height: c.canvas.height / dpr, groups, notes,
+            nodes: window.app.graph.nodes.map(n => ({id: n.id, type: n.type, bounding: [...n.boundingRect]}))};
+}"""
+
 GRAPH_TO_PROMPT_JS = "async () => (await window.app.graphToPrompt()).output"
 
 
 def load_workflow(page, workflow: dict, name: str) -> dict:
     """Load a UI-format workflow as a drag-and-drop does; returns what the frontend made of it."""
     return page.evaluate(LOAD_WORKFLOW_JS, [workflow, name])
+
+
+def canvas_view(page) -> dict:
+    """Scale, offset, low-quality threshold (or None) and flag, canvas size in CSS px, group titles with their
+    drawn widths, whether each note's text fits its box, and node rectangles (graph units, title bar included)
+    of the loaded graph."""
+    return page.evaluate(CANVAS_VIEW_JS)
 
 
 def close_dialogs(page) -> None:

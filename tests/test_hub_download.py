@@ -85,18 +85,21 @@ def assert_installed(root, served, weights=None):
 
 def test_released_set_is_downloaded_on_first_use_and_never_again(host, hub, root, served):
     offered = choices()
-    assert {f"{n} (download)" for n in ("LinFusion-1-5", "LinFusion-2-1", "LinFusion-XL")} <= set(offered)
+    # The plain names, so the value a shipped workflow holds is in the list before the download too.
+    assert {"LinFusion-1-5", "LinFusion-2-1", "LinFusion-XL"} <= set(offered)
+    assert not [c for c in offered if c.endswith(" (download)")], offered
     assert not hub.requests, "nothing is downloaded before a prompt runs"
 
-    result = host.run(loader_prompt(f"{RELEASE} (download)"))
+    result = host.run(loader_prompt(RELEASE))
     assert_installed(root, served, result.captured["out"])
     total = sum(p.stat().st_size for p in served.values())
     bar = [(value, of) for node, value, of in result.progress if node == "lf"]
     assert bar and bar[-1] == (total, total) and len(bar) > 2, bar      # byte progress on the node
     assert {(m, p.split("/")[-1]) for m, p, _ in hub.requests if m == "GET"} == {("GET", n) for n in FILES}
 
-    # Now on disk: listed plainly, and a saved workflow naming it (plain or marked) runs without the hub.
-    assert RELEASE in choices() and f"{RELEASE} (download)" not in choices()
+    # Now on disk: listed once, and a saved workflow naming it (plain, or with the mark earlier versions listed)
+    # runs without the hub.
+    assert choices().count(RELEASE) == 1
     hub.requests.clear()
     before = {n: (root / RELEASE / n).stat().st_mtime_ns for n in FILES}
     for name in (RELEASE, f"{RELEASE} (download)"):
@@ -111,7 +114,7 @@ def test_released_set_is_downloaded_on_first_use_and_never_again(host, hub, root
 def test_existing_incomplete_folder_is_not_overwritten(host, hub, root, served):
     (root / RELEASE).mkdir()
     (root / RELEASE / "config.json").write_bytes(served["config.json"].read_bytes())
-    assert f"{RELEASE} (download)" not in choices()
+    assert choices().count(RELEASE) == 1
     err = host.run(loader_prompt(RELEASE), expect_error=True)
     assert isinstance(err, PromptFailed)
     assert str(root / RELEASE) in str(err) and WEIGHTS in str(err) and "not overwritten" in str(err)
@@ -169,7 +172,7 @@ def test_offline_or_unreachable_hub_gives_instructions_and_writes_nothing(host, 
     else:
         endpoint = f"http://127.0.0.1:{free_port()}"   # nothing listens there
         monkeypatch.setenv("HF_ENDPOINT", endpoint)
-    err = host.run(loader_prompt(f"{RELEASE} (download)"), expect_error=True)
+    err = host.run(loader_prompt(f"{RELEASE} (download)"), expect_error=True)   # a value saved by earlier versions
     message = str(err)
     assert isinstance(err, PromptFailed)
     assert REPO in message and str(root / RELEASE) in message and f"{endpoint}/{REPO}/tree/main" in message
@@ -183,7 +186,7 @@ def test_auto_pick_downloads_the_release_for_the_checkpoint_family(host, hub, ro
     prompt = {"ckpt": {"class_type": "CheckpointLoaderLinFusion",
                        "inputs": {"ckpt_name": fixtures.checkpoint["sd15"], "linfusion_name": "auto (match the checkpoint)"}},
               "info": {"class_type": "LinFusionTest_Capture", "inputs": {"value": ["ckpt", 3]}}}
-    assert f"{RELEASE} (download)" in choices("CheckpointLoaderLinFusion")
+    assert RELEASE in choices("CheckpointLoaderLinFusion")
     info = host.run(prompt).captured["info"]
     assert RELEASE in info and "SD1.x" in info and "7 of 7" in info
     assert_installed(root, served)

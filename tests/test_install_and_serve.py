@@ -36,8 +36,9 @@ def test_main_job_serves_comfyui_with_extension(tmp_path):
 
 
 def test_git_clone_install_into_fresh_host(tmp_path):
-    """README route: git clone into custom_nodes + pip install -r requirements.txt, then every node of
-    ours shows in the UI with a category, a description and a tooltip on every input."""
+    """README route: git clone into custom_nodes (requirements.txt, which ComfyUI-Manager installs and which lists
+    only what ComfyUI already brings, installs cleanly too), then every node of ours shows in the UI with a
+    category, a description and a tooltip on every input."""
     comfy = Path(os.environ["COMFYUI_PATH"])
     base_dir = tmp_path / "base"
     (base_dir / "custom_nodes").mkdir(parents=True)

@@ -3,8 +3,8 @@
 The frontend (ComfyUI_frontend 1.32, `loadGraphData`) collects a node's `properties.models` entries only for
 names among that node's widget values, plus the workflow's top-level `models`; its missing-models dialog then
 accepts https://huggingface.co/ or https://civitai.com/ links to .safetensors/.sft files in a folder the server
-knows. This test reads the workflows the same way. A user's own choice (a LoRA, an input image) needs no
-entry; the LinFusion sets need none either, Load LinFusion downloads them (tests/test_hub_download.py).
+knows. This test reads the workflows the same way. A user's own choice (an input image) needs no entry; the
+LinFusion sets need none either, Load LinFusion downloads them (tests/test_hub_download.py).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ ALLOWED_SOURCES = ("https://huggingface.co/", "https://civitai.com/")
 FILE_WIDGETS = {
     ("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
     ("ControlNetLoader", "control_net_name"): "controlnet",
-    ("LoraLoader", "lora_name"): None,
+    ("LoraLoader", "lora_name"): "loras",
 }
 # ComfyUI_IPAdapter_plus's unified loader finds its files by name (its README's list).
 IPADAPTER_PRESET_FILES = {

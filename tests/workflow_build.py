@@ -2,12 +2,16 @@
 
 Nodes get their sockets, widget entries and defaults from the server's node definitions (see
 workflow_convert.live_object_info), so the widget order is the node's own and never typed by hand.
-Layout: every group is a box of nodes stacked top to bottom; groups stack in columns, left to right.
+Layout (_layout, below): every group is a box of nodes stacked top to bottom, in more than one sub-column when
+tall; groups run left to right in the order they are declared, consecutive ones stacked in a column where that
+lets the whole graph open larger in a 1600 x 1000 window.
 """
 from __future__ import annotations
 
 import contextlib
 import uuid
+import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -26,6 +30,10 @@ GROUP_COLOR = "#3f789e"
 COLORS = {"positive": ("#232", "#353"), "negative": ("#322", "#533"), "note": ("#432", "#653")}
 FRONTEND_VERSION = "1.32.9"
 VIEW = (1600, 1000)
+# The canvas left free by the frontend's side bar (~60 px) and top bars (~105 px) in that window, with a margin.
+VIEW_AREA = (VIEW[0] - 140, VIEW[1] - 170)
+GROUP_FONT = 24
+GROUP_TITLE_CHAR_W = 0.6   # x GROUP_FONT: a wide estimate of a group title's width per character (Arial)
 
 
 @dataclass(frozen=True)
@@ -63,12 +71,14 @@ class UIGraph:
         self.object_info = object_info
         self.node_properties = node_properties or (lambda kind, info: {})
         self.nodes: list[Node] = []
-        self.groups: list[dict] = []   # {"title", "column", "nodes": [...]}
+        self.groups: list[dict] = []   # {"title", "nodes": [...], "bounding" once laid out}
         self._group = None
 
     @contextlib.contextmanager
-    def group(self, title: str, column: int):
-        grp = {"title": title, "column": column, "nodes": []}
+    def group(self, title: str, column: int | None = None):
+        """Nodes made inside the `with` belong to this group. `column` is ignored (the layout packs the groups
+        itself, in the order they are declared); it stays so that recipes written with it still run."""
+        grp = {"title": title, "nodes": []}
         self.groups.append(grp)
         self._group, prev = grp, self._group
         try:
@@ -110,9 +120,10 @@ class UIGraph:
         node.height = 46 + 24 * rows + 110 * len(text_widgets) + IMAGE_PANEL_H.get(kind, 0)
         return self._add(node)
 
-    def note(self, text: str, title: str = "Note", width: int = NODE_WIDTH, height: int = 160) -> Node:
+    def note(self, text: str, title: str = "Note", width: int = NODE_WIDTH) -> Node:
+        """A Markdown note, as tall as its text needs at this width (note_height)."""
         node = Node(len(self.nodes) + 1, "MarkdownNote", None, title, {"text": text}, color=COLORS["note"],
-                    width=width, height=height)
+                    width=width, height=note_height(text, width))
         return self._add(node)
 
     def to_json(self) -> dict:
@@ -152,15 +163,9 @@ class UIGraph:
             if node.color:
                 out["color"], out["bgcolor"] = node.color
             nodes_json.append(out)
-        left = min(g["bounding"][0] for g in self.groups)
-        top = min(g["bounding"][1] for g in self.groups)
-        right = max(g["bounding"][0] + g["bounding"][2] for g in self.groups)
-        bottom = max(g["bounding"][1] + g["bounding"][3] for g in self.groups)
-        # Open the view on the whole graph in a 1600x1000 window (side bar and top bars left free).
-        scale = round(min(1.0, (VIEW[0] - 140) / (right - left), (VIEW[1] - 170) / (bottom - top)), 3)
-        offset = [round(110 / scale - left), round(120 / scale - top)]
+        scale, offset = self._view()
         groups_json = [{"id": i + 1, "title": g["title"], "bounding": g["bounding"], "color": GROUP_COLOR,
-                        "font_size": 24, "flags": {}} for i, g in enumerate(self.groups)]
+                        "font_size": GROUP_FONT, "flags": {}} for i, g in enumerate(self.groups)]
         return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, "linfusion:" + ",".join(n.type for n in self.nodes))),
                 "revision": 0, "last_node_id": len(self.nodes), "last_link_id": len(links),
                 "nodes": nodes_json, "links": links, "groups": groups_json, "config": {},
@@ -205,22 +210,117 @@ class UIGraph:
             visit(node)
         return order
 
+    # --- layout: positions and sizes only; nothing above depends on them ---
+
     def _layout(self) -> None:
-        columns: dict[int, list] = {}
-        for g in self.groups:
-            columns.setdefault(g["column"], []).append(g)
+        """Place every node and group. Tried: every split of the groups (in declared order) into columns of
+        consecutive groups, with each group wrapped into as many sub-columns as fit the column's height; kept:
+        the one that opens largest in VIEW_AREA, then the one with the fewest wraps (a group reads top to
+        bottom), then the one with the most columns (columns read left to right)."""
+        options = [_packings(g) for g in self.groups]
+        n, best = len(self.groups), None
+        for cuts in itertools.product((False, True), repeat=n - 1):
+            columns, start = [], 0
+            for i, cut in enumerate(cuts, 1):
+                if cut:
+                    columns.append(list(range(start, i)))
+                    start = i
+            columns.append(list(range(start, n)))
+            for choice in itertools.product(*options):
+                widths = [max(choice[i][1] for i in col) for col in columns]
+                heights = [sum(choice[i][2] for i in col) + GAP * (len(col) - 1) for col in columns]
+                w, h = sum(widths) + COLUMN_GAP * (len(columns) - 1), max(heights)
+                scale = min(1.0, VIEW_AREA[0] / w, VIEW_AREA[1] / h)
+                key = (round(scale, 2), -sum(c[3] for c in choice), len(columns))
+                if best is None or key > best[0]:
+                    best = (key, choice, columns, widths)
+        _, choice, columns, widths = best
         x = 0
-        for col in sorted(columns):
-            width = max(max(n.width for n in g["nodes"]) for g in columns[col]) + 2 * GROUP_PAD
+        for col, width in zip(columns, widths):
             y = 0
-            for g in columns[col]:
-                ny = y + GROUP_TITLE_H
-                for n in g["nodes"]:
-                    n.pos = (x + GROUP_PAD, ny + NODE_TITLE_H)
-                    ny += NODE_TITLE_H + n.height + GAP
-                g["bounding"] = [x, y, width, ny - y - GAP + GROUP_PAD]
-                y = ny + GAP
+            for i in col:
+                positions, _, height, _ = choice[i]
+                for node in self.groups[i]["nodes"]:
+                    px, py = positions[node.id]
+                    node.pos = (x + px, y + py)
+                self.groups[i]["bounding"] = [x, y, width, height]   # groups of a column share its width
+                y += height + GAP
             x += width + COLUMN_GAP
+
+    def _view(self) -> tuple[float, list]:
+        """extra.ds: the scale that shows the whole graph in VIEW_AREA, and the offset that centres it there."""
+        left = min(g["bounding"][0] for g in self.groups)
+        top = min(g["bounding"][1] for g in self.groups)
+        right = max(g["bounding"][0] + g["bounding"][2] for g in self.groups)
+        bottom = max(g["bounding"][1] + g["bounding"][3] for g in self.groups)
+        w, h = right - left, bottom - top
+        scale = math.floor(min(1.0, VIEW_AREA[0] / w, VIEW_AREA[1] / h) * 1000) / 1000
+        margin_x = (VIEW[0] - VIEW_AREA[0]) // 2 + 40 + (VIEW_AREA[0] - w * scale) / 2   # the side bar is on the left
+        margin_y = (VIEW[1] - VIEW_AREA[1]) // 2 + 35 + (VIEW_AREA[1] - h * scale) / 2   # the top bars
+        return scale, [round(margin_x / scale - left), round(margin_y / scale - top)]
+
+
+# How the frontend (1.32) sets a MarkdownNote: 10 px text, 11 px lines, about 10 px between blocks, 20 px of the
+# node's width taken by the editor's inset. The estimates below are on the generous side (a character is taken as
+# wide as an average one plus markup), and the browser test checks that every note shows all of its text.
+NOTE_CHAR_W, NOTE_CODE_CHAR_W = 5.6, 6.2
+NOTE_LINE_H, NOTE_HEADING_H, NOTE_BLOCK_GAP = 12, 20, 11
+NOTE_INSET_W, NOTE_INSET_H = 20, 44
+
+
+def note_height(text: str, width: int) -> int:
+    """The node height a MarkdownNote of this width needs to show `text` without scrolling."""
+    inner = width - NOTE_INSET_W
+    height, in_code = 0, False
+    for line in text.split("\n"):
+        if line.startswith("```"):
+            in_code = not in_code
+            height += NOTE_BLOCK_GAP // 2 + 4
+        elif in_code:
+            height += NOTE_LINE_H * max(1, math.ceil(len(line) * NOTE_CODE_CHAR_W / inner))
+        elif not line.strip():
+            height += NOTE_BLOCK_GAP
+        elif line.startswith("#"):
+            height += NOTE_HEADING_H * max(1, math.ceil(len(line) * NOTE_CHAR_W * 1.6 / inner))
+        else:
+            indent = 20 if line.lstrip().startswith(("- ", "* ")) else 0
+            height += NOTE_LINE_H * max(1, math.ceil(len(line) * NOTE_CHAR_W / (inner - indent)))
+    return math.ceil(height + NOTE_INSET_H)
+
+
+def _packings(group: dict) -> list[tuple]:
+    """The distinct ways to wrap a group (see _pack_group), none both wider and taller than another."""
+    found = {}
+    for wrap_at in range(300, 2401, 25):
+        packed = _pack_group(group, wrap_at)
+        found.setdefault(packed[1:3], packed)
+    return [p for (w, h), p in found.items() if not any(w2 <= w and h2 <= h and (w2, h2) != (w, h)
+                                                      for w2, h2 in found)]
+
+
+def _pack_group(group: dict, wrap_at: int) -> tuple[dict, int, int, int]:
+    """A group's nodes top to bottom, starting a further sub-column where the next node would end below
+    `wrap_at` (a taller node gets a sub-column of its own). Returns (node id -> position relative to the
+    group, width, height, number of wraps); the group is at least as wide as its title."""
+    columns = [[]]
+    used = 0
+    for node in group["nodes"]:
+        need = NODE_TITLE_H + node.height
+        if columns[-1] and used + GAP + need > wrap_at:
+            columns.append([])
+            used = 0
+        used += (GAP if columns[-1] else 0) + need
+        columns[-1].append(node)
+    positions, x, height = {}, GROUP_PAD, 0
+    for col in columns:
+        y = GROUP_TITLE_H
+        for node in col:
+            positions[node.id] = (x, y + NODE_TITLE_H)
+            y += NODE_TITLE_H + node.height + GAP
+        height = max(height, y - GAP + GROUP_PAD)
+        x += max(node.width for node in col) + GAP
+    title_width = math.ceil(len(group["title"]) * GROUP_TITLE_CHAR_W * GROUP_FONT) + 2 * GROUP_PAD
+    return positions, max(x - GAP + GROUP_PAD, title_width), height, len(columns) - 1
 
 
 def combo_options(info: Mapping, name: str) -> list:

@@ -370,12 +370,16 @@ def main(argv) -> int:
     from pathlib import Path as _P
 
     from comfy_harness import get_host
-    from third_party_nodes import DECLARED_THIRD_PARTY
+    from third_party_packs import IPADAPTER, PackNotLoaded, load_pack
     from workflow_convert import live_object_info
 
     import os
     get_host(_P(os.environ.get("LINFUSION_HOST_DIR", REPO / ".host")) / "fixtures")
-    info = {**DECLARED_THIRD_PARTY, **live_object_info()}
+    try:
+        load_pack(IPADAPTER)    # workflow 5's nodes, from the pack snapshot in ../shared/third_party/
+    except PackNotLoaded as e:
+        print(f"[example_workflows] {e}", file=sys.stderr)
+    info = live_object_info()
     version = __import__("tomllib").loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     built = build(info, version)
     stale = []

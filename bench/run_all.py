@@ -60,7 +60,8 @@ def parse(argv):
     p.add_argument("--out", type=Path, help="folder of benchmarks.json/.md and plots (default: docs/, or a "
                    "temporary folder with --quick/--smoke)")
     p.add_argument("--official-linfusion", metavar="PATH", help="checkout of github.com/Huage001/LinFusion")
-    p.add_argument("--tiled-diffusion", metavar="PATH", help="checkout of github.com/shiimizu/ComfyUI-TiledDiffusion")
+    p.add_argument("--tiled-diffusion", metavar="PATH", help="checkout of github.com/shiimizu/ComfyUI-TiledDiffusion (default: the "
+                   "snapshot in ../shared/third_party/, see bench/peers.py)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--from-json", type=Path, help="only render the page and plots from this benchmarks.json")
     return p.parse_args(argv)

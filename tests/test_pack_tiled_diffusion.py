@@ -32,6 +32,7 @@ def run(host, fixtures, core, *, method=None, tile=TILE, linfusion=True):
             "model": p["ks"]["inputs"]["model"], "method": method, "tile_width": tile, "tile_height": tile,
             "tile_overlap": OVERLAP, "tile_batch_size": 4}}
         p["ks"]["inputs"]["model"] = ["td", 0]
+    host.reset_cache()      # every node runs (a cached capture node would capture nothing)
     with LinFusionTokens(core) as seen:
         out = host.run(p).captured["out"]["samples"]
     assert torch.isfinite(out).all()
@@ -48,6 +49,9 @@ def test_tiled_diffusion_runs_linfusion_tile_by_tile(host, core, fixtures, pack,
     assert seen.shapes, "LinFusion's attention never ran under the tiling"
     assert max(seen.tokens) == (TILE // 8) ** 2, f"LinFusion saw {sorted(seen.tokens)} tokens, not 8 x 8 tiles"
     assert not seen_none.shapes
+    print(f"[tiled-diffusion] {method}: LinFusion tokens {sorted(seen.tokens)}; max |tiled - untiled| "
+          f"{(tiled_lf - plain_lf).abs().max().item():.4g}, |with - without LinFusion| "
+          f"{(tiled_lf - tiled_only).abs().max().item():.4g}")
     assert (tiled_lf - plain_lf).abs().max() > 1e-3, "the tiling had no effect"
     assert (tiled_lf - tiled_only).abs().max() > 1e-2, "LinFusion had no effect under the tiling"
 
@@ -57,4 +61,15 @@ def test_one_tile_over_the_whole_latent_is_linfusion_untiled(host, core, fixture
     one_tile, seen = run(host, fixtures, core, method="MultiDiffusion", tile=SIZE)
     assert max(seen.tokens) == (SIZE // 8) ** 2
     diff = (one_tile - plain_lf).abs().max().item()
+    print(f"[tiled-diffusion] one whole tile vs untiled: max diff {diff:.3g}")
     assert diff < 1e-4, f"max diff {diff:.3g}"
+
+
+def test_the_bench_peer_section_uses_the_snapshot_by_default():
+    """bench/peers.py runs MultiDiffusion from this same snapshot when no checkout is given."""
+    from bench import peers
+    from third_party_packs import origin
+
+    checkout = peers.snapshot_checkout("tiled_diffusion")
+    assert checkout is not None and (checkout / "__init__.py").is_file() and (checkout / "tiled_diffusion.py").is_file()
+    assert peers.snapshot_commit("tiled_diffusion") == origin()[TILED_DIFFUSION].split()[0][:12]

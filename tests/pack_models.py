@@ -4,7 +4,7 @@ Nothing is downloaded. Each file is built from the classes that read it (ComfyUI
 from the pack as ComfyUI's loader imported it: nothing of the packs is copied here), filled with
 fixture_models.fill_random_, and saved under the fixture root in the model folder the pack looks in, with
 the file name a user's file has (the packs find some files by name patterns). Cached like fixture_models:
-a stamp keyed by this file and the ComfyUI version.
+a stamp per file, keyed by the source of its generator and the ComfyUI version.
 
 - clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors: ComfyUI's ViT-H/14 (the config is fixed by
   ComfyUI's detection, so the full 632 M parameters; the largest file here, ~1.3 GB in fp16).
@@ -20,6 +20,7 @@ a stamp keyed by this file and the ComfyUI version.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -39,7 +40,7 @@ MOTION_MODULE = "linfusion_test_mm_sd15_v3.safetensors"
 # SD 1.5 as released (comfy.model_detection's unet_config of v1-5-pruned-emaonly).
 FULL_SD15_UNET_CONFIG = {**fm._UNET_COMMON, "adm_in_channels": None, "num_res_blocks": [2, 2, 2, 2],
                          "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-                         "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+                         "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
                          "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 768}
 FULL_SD15_DIFFUSERS = {"sample_size": 64, "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
                        "cross_attention_dim": 768, "attention_head_dim": 8}
@@ -51,10 +52,13 @@ _SD15_SITE_DIMS = [320, 320, 640, 640, 1280, 1280] + [1280] * 3 + [640] * 3 + [3
 _REDUCED_SITE_DIMS = {0: 320, 6: 320, 15: 640}
 
 
-def _key(*extra: str) -> str:
+def _key(generate, *extra) -> str:
+    """A file is valid for the source of the method that writes it (and the constants it reads), the shared
+    helpers of fixture_models and this ComfyUI version: editing one generator regenerates its files only."""
     import comfyui_version
-    text = Path(__file__).read_bytes() + comfyui_version.__version__.encode() + "/".join(extra).encode()
-    return hashlib.sha256(text).hexdigest()[:16]
+    text = "\0".join([inspect.getsource(generate), inspect.getsource(fm.fill_random_),
+                      inspect.getsource(fm.linfusion_state_dict), repr(extra), comfyui_version.__version__])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class PackModels:
@@ -64,9 +68,9 @@ class PackModels:
         self.root = Path(root)
         self.fixtures = fixtures
 
-    def _ensure(self, unit: str, outputs: list[Path], generate) -> None:
+    def _ensure(self, unit: str, outputs: list[Path], generate, owner, *constants) -> None:
         stamp = self.root / ".stamps" / f"pack_{unit}.json"
-        key = _key(unit)
+        key = _key(owner, *constants)
 
         def fresh():
             try:
@@ -97,7 +101,7 @@ class PackModels:
             clip = comfy.clip_vision.ClipVisionModel(str(config))
             fm.fill_random_(clip.model, fm._generator("clip_vision", "vit_h"))
             fm._save({k: v.to(torch.float16).contiguous() for k, v in clip.model.state_dict().items()}, path)
-        self._ensure("clip_vision_h", [path], generate)
+        self._ensure("clip_vision_h", [path], generate, PackModels.clip_vision_h)
         return CLIP_VISION_H
 
     def ipadapter_plus_sd15(self, pack_module) -> str:
@@ -116,7 +120,8 @@ class PackModels:
                 for kv in ("k", "v"):
                     sd[f"ip_adapter.{2 * i + 1}.to_{kv}_ip.weight"] = torch.randn(dim, 768, generator=g) / 768 ** 0.5
             fm._save({k: v.to(torch.float16).contiguous() for k, v in sd.items()}, path)
-        self._ensure("ipadapter_plus_sd15", [path], generate)
+        self._ensure("ipadapter_plus_sd15", [path], generate, PackModels.ipadapter_plus_sd15, _SD15_SITE_DIMS,
+                     _REDUCED_SITE_DIMS)
         return IPADAPTER_PLUS_SD15
 
     # -- AnimateDiff ------------------------------------------------------------------------------------
@@ -143,7 +148,8 @@ class PackModels:
             fm._save(sd, tmp / "diffusion_pytorch_model.safetensors")
             shutil.rmtree(lin, ignore_errors=True)
             os.replace(tmp, lin)
-        self._ensure("full_sd15", [unet, lin], generate)
+        self._ensure("full_sd15", [unet, lin], generate, PackModels.full_sd15, FULL_SD15_UNET_CONFIG,
+                     FULL_SD15_DIFFUSERS)
         return FULL_SD15_UNET, FULL_SD15_LINFUSION
 
     def motion_module(self, pack_module) -> str:
@@ -162,7 +168,7 @@ class PackModels:
                     fm.fill_random_(block, g)
                     sd.update({f"{kind}_blocks.{idx}.{k}": v for k, v in block.state_dict().items()})
             fm._save({k: v.to(torch.float16).contiguous() for k, v in sd.items()}, path)
-        self._ensure("motion_module_sd15_v3", [path], generate)
+        self._ensure("motion_module_sd15_v3", [path], generate, PackModels.motion_module)
         return MOTION_MODULE
 
 

@@ -10,8 +10,6 @@ Tiled UNet (the tiled UNet engine runs inside the pack's tiles).
 """
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
@@ -67,19 +65,24 @@ def usdu_prompt(fixtures, image, *, linfusion=True, seam_fix="None", tiled_unet=
 
 
 def run(host, core, pack, prompt):
-    processing = sys.modules["modules.processing"]      # the pack's A1111 shim, on sys.path by the pack
+    # The pack's A1111 shim modules/processing.py (the pack takes its modules out of sys.modules after its
+    # import; its functions keep their globals): process_images samples each tile through its `sample`.
+    import nodes
+    processing = nodes.NODE_CLASS_MAPPINGS["UltimateSDUpscaleNoUpscale"].upscale.__globals__[
+        "StableDiffusionProcessing"].__init__.__globals__
     samples = []
-    original = processing.sample
+    original = processing["sample"]
 
     def spy(*args, **kwargs):
         samples.append(tuple(args[8]["samples"].shape))     # the tile's latent
         return original(*args, **kwargs)
-    processing.sample = spy
+    processing["sample"] = spy
+    host.reset_cache()      # every node runs (a cached capture node would capture nothing)
     try:
         with LinFusionTokens(core) as seen:
             image = host.run(prompt).captured["out"]
     finally:
-        processing.sample = original
+        processing["sample"] = original
     assert torch.isfinite(image).all() and image.shape == (1, 128, 128, 3)
     return image, samples, seen
 
@@ -92,6 +95,9 @@ def test_every_tile_and_seam_band_runs_linfusion(host, core, fixtures, pack, inp
     assert max(seen.tokens) == 64 and len(seen.shapes) > 0
     assert len(seam_tiles) > len(tiles), "the seam fix sampled nothing more"
     assert max(seen_seamed.tokens) == 64 and len(seen_seamed.shapes) > len(seen.shapes)
+    print(f"[usdu] tiles {tiles}, seam-fix samples {len(seam_tiles) - len(tiles)}; LinFusion tokens "
+          f"{sorted(seen.tokens)}; max |LinFusion - plain| {(lf - plain).abs().max().item():.4g}, "
+          f"|seam fix - none| {(seamed - lf).abs().max().item():.4g}")
     assert (lf - plain).abs().max() > 1e-2, "LinFusion changed nothing"
     assert (seamed - lf).abs().max() > 1e-3, "the seam fix changed nothing"
 
@@ -108,4 +114,6 @@ def test_composes_with_linfusion_tiled_unet(host, core, fixtures, pack, input_im
     assert calls.calls and all(c[-2:] == (16, 16) for c in calls.calls), calls.calls
     assert max(seen.tokens) == 64, f"LinFusion saw {sorted(seen.tokens)} tokens, not the tiled UNet's 8 x 8 tiles"
     diff = (tiled - lf).abs().max().item()
+    print(f"[usdu] with LinFusion Tiled UNet {len(calls.calls)} runs over {calls.calls[0]}: max |tiled UNet - "
+          f"untiled| {diff:.3g}")
     assert diff < 1e-3, f"max diff {diff:.3g}"

@@ -176,3 +176,24 @@ def python_module(name: str) -> str:
 
 # The ComfyUI_IPAdapter_plus node types example workflow 5 uses.
 WORKFLOW_5_PACK_NODES = ("IPAdapterUnifiedLoader", "IPAdapter")
+
+
+# Packs known not to load on a host version, with what ComfyUI's loader reports and why. Their feature tests
+# are not collected there; test_known_load_failures checks that the failure is still exactly this one.
+KNOWN_NOT_LOADING = {
+    (ADVANCED_CONTROLNET, "0.3.75"): (
+        "Ids must be unique between inputs and outputs",
+        "its nodes are V3 nodes (comfy_entrypoint, comfy_api io.Schema); Apply Advanced ControlNet names an input "
+        "and an output alike (positive, negative), which 0.3.75's comfy_api rejects, so none of its nodes register"),
+}
+
+
+def host_version_from_env() -> str:
+    """The ComfyUI version at COMFYUI_PATH, read without importing it (usable at collection time)."""
+    import re
+    text = (Path(os.environ.get("COMFYUI_PATH", ".")) / "comfyui_version.py").read_text()
+    return re.search(r"__version__\s*=\s*['\"]([^'\"]+)", text).group(1)
+
+
+def loads_here(name: str) -> bool:
+    return (name, host_version_from_env()) not in KNOWN_NOT_LOADING

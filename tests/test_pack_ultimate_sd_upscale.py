@@ -4,8 +4,8 @@ The pack crops the upscaled image into tiles, samples each tile with KSampler (i
 and blends them back with its own masks; with a seam-fix mode it samples bands over the seams too. Its
 "No Upscale" node is used (its upscaling node needs an upscale model, and ComfyUI's loader for those needs
 spandrel, which the test host leaves out); ComfyUI's ImageScaleBy does the upscaling, as users pair them.
-Shown: every tile and seam band is sampled with LinFusion's attention at the tile's size (64 tokens for 64 px
-tiles), the seam fix adds its passes, LinFusion changes the result, and the chain composes with LinFusion
+Shown: every tile and seam band is sampled with LinFusion's attention at the sampled tile's size (100 tokens for
+a 64 px tile with its 16 px padding), the seam fix adds its passes, LinFusion changes the result, and the chain composes with LinFusion
 Tiled UNet (the tiled UNet engine runs inside the pack's tiles).
 """
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pack_graphs import LinFusionTokens, add_linfusion
 from third_party_packs import ULTIMATE_SD_UPSCALE, PackCalls, require_pack
 
 pytestmark = pytest.mark.slow
-TILE = 64           # px: 8 x 8 latent tiles; the 128 px image is 2 x 2 of them
+TILE, PADDING = 64, 16   # px: the 128 px image is 2 x 2 tiles; each is sampled with its padding, 80 px
+SAMPLED = (TILE + PADDING) // 8      # latent side of one sampled tile (10)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def usdu_prompt(fixtures, image, *, linfusion=True, seam_fix="None", tiled_unet=
             "upscaled_image": ["up", 0], "model": ["ckpt", 0], "positive": ["pos", 0], "negative": ["neg", 0],
             "vae": ["ckpt", 2], "seed": 3, "steps": 2, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
             "denoise": 0.5, "mode_type": "Linear", "tile_width": tile, "tile_height": tile, "mask_blur": 8,
-            "tile_padding": 16, "seam_fix_mode": seam_fix, "seam_fix_denoise": 0.5, "seam_fix_width": 16,
+            "tile_padding": PADDING, "seam_fix_mode": seam_fix, "seam_fix_denoise": 0.5, "seam_fix_width": 16,
             "seam_fix_mask_blur": 8, "seam_fix_padding": 16, "force_uniform_tiles": True, "tiled_decode": False,
             "batch_size": 1}},
         "out": {"class_type": "LinFusionTest_Capture", "inputs": {"value": ["usdu", 0]}},
@@ -91,10 +92,10 @@ def test_every_tile_and_seam_band_runs_linfusion(host, core, fixtures, pack, inp
     plain, plain_tiles, _ = run(host, core, pack, usdu_prompt(fixtures, input_image, linfusion=False))
     lf, tiles, seen = run(host, core, pack, usdu_prompt(fixtures, input_image))
     seamed, seam_tiles, seen_seamed = run(host, core, pack, usdu_prompt(fixtures, input_image, seam_fix="Half Tile"))
-    assert tiles == plain_tiles == [(1, 4, 8, 8)] * 4, tiles          # 2 x 2 tiles of 64 px
-    assert max(seen.tokens) == 64 and len(seen.shapes) > 0
+    assert tiles == plain_tiles == [(1, 4, SAMPLED, SAMPLED)] * 4, tiles          # 2 x 2 tiles of 64 px + padding
+    assert max(seen.tokens) == SAMPLED ** 2 and len(seen.shapes) > 0
     assert len(seam_tiles) > len(tiles), "the seam fix sampled nothing more"
-    assert max(seen_seamed.tokens) == 64 and len(seen_seamed.shapes) > len(seen.shapes)
+    assert max(seen_seamed.tokens) <= SAMPLED ** 2 and len(seen_seamed.shapes) > len(seen.shapes)
     print(f"[usdu] tiles {tiles}, seam-fix samples {len(seam_tiles) - len(tiles)}; LinFusion tokens "
           f"{sorted(seen.tokens)}; max |LinFusion - plain| {(lf - plain).abs().max().item():.4g}, "
           f"|seam fix - none| {(seamed - lf).abs().max().item():.4g}")
@@ -103,16 +104,17 @@ def test_every_tile_and_seam_band_runs_linfusion(host, core, fixtures, pack, inp
 
 
 def test_composes_with_linfusion_tiled_unet(host, core, fixtures, pack, input_image):
-    """One 128 px USDU tile (16 x 16 latent) run by the tiled UNet in 8 x 8 latent tiles ("exact" mode): the same
-    image as LinFusion untiled, up to rounding."""
+    """One 128 px USDU tile (144 px with padding: an 18 x 18 latent) run by the tiled UNet in 8 x 8 latent tiles
+    ("exact" mode): the same image as LinFusion untiled, up to rounding."""
     lf, tiles, _ = run(host, core, pack, usdu_prompt(fixtures, input_image, tile=128))
     calls = PackCalls(core.tiled_unet.TiledUNetRunner, "forward", lambda x, *a, **k: tuple(x.shape))
     with calls:
         tiled, tiled_tiles, seen = run(host, core, pack, usdu_prompt(fixtures, input_image, tile=128,
                                                                      tiled_unet=True))
-    assert tiled_tiles == tiles == [(1, 4, 16, 16)]
-    assert calls.calls and all(c[-2:] == (16, 16) for c in calls.calls), calls.calls
-    assert max(seen.tokens) == 64, f"LinFusion saw {sorted(seen.tokens)} tokens, not the tiled UNet's 8 x 8 tiles"
+    side = (128 + PADDING) // 8
+    assert tiled_tiles == tiles == [(1, 4, side, side)]
+    assert calls.calls and all(c[-2:] == (side, side) for c in calls.calls), calls.calls
+    assert max(seen.tokens) <= 64, f"LinFusion saw {sorted(seen.tokens)} tokens, not the tiled UNet's 8 x 8 tiles"
     diff = (tiled - lf).abs().max().item()
     print(f"[usdu] with LinFusion Tiled UNet {len(calls.calls)} runs over {calls.calls[0]}: max |tiled UNet - "
           f"untiled| {diff:.3g}")

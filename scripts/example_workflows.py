@@ -82,6 +82,8 @@ def node_properties(version: str):
             return {"cnr_id": REGISTRY_IDS["ours"], "ver": version}
         if module == "nodes" or module.startswith("comfy_extras") or module.startswith("comfy_api_nodes"):
             return {"cnr_id": REGISTRY_IDS["core"], "ver": "0.3.75"}
+        if module == "custom_nodes.ComfyUI_IPAdapter_plus":      # the pack's registry id (its pyproject name)
+            return {"cnr_id": REGISTRY_IDS["ipadapter"]}
         return {"cnr_id": info.get("cnr_id", "")}
     return props
 

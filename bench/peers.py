@@ -1,4 +1,6 @@
-"""Peers side by side, from checkouts the user names on the command line (nothing of theirs is copied here):
+"""Peers side by side, from checkouts the user names on the command line or, for ComfyUI-TiledDiffusion, by
+default the pack snapshot in ../shared/third_party/ (unpacked into a temporary folder; nothing of theirs is
+copied here):
 
 - the official LinFusion code (github.com/Huage001/LinFusion): its `LinFusion` mounted on a diffusers
   UNet2DConditionModel built from the SAME random UNet weights (converted with ComfyUI's own key map) and
@@ -10,7 +12,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import sys
+import tarfile
+import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +24,32 @@ from . import models
 from .timing import measure, predict
 
 log = logging.getLogger("LinFusion")
+REPO = Path(__file__).resolve().parent.parent
+# The pack snapshots the compatibility tests use (tests/third_party_packs.py reads the same folder).
+THIRD_PARTY_DIR = Path(os.environ.get("LINFUSION_THIRD_PARTY_DIR", REPO.parent / "shared" / "third_party"))
+SNAPSHOTS = {"tiled_diffusion": "ComfyUI-TiledDiffusion"}
+
+
+def snapshot_checkout(name: str) -> Path | None:
+    """The peer's snapshot from THIRD_PARTY_DIR unpacked into a temporary folder, or None where it is absent."""
+    tarball = THIRD_PARTY_DIR / f"{SNAPSHOTS[name]}.tar.gz"
+    if not tarball.is_file():
+        return None
+    target = Path(tempfile.mkdtemp(prefix="linfusion-peer-"))
+    with tarfile.open(tarball) as tf:
+        tf.extractall(target, filter="data")
+    return target / SNAPSHOTS[name]
+
+
+def snapshot_commit(name: str) -> str | None:
+    try:
+        for line in (THIRD_PARTY_DIR / "ORIGIN.txt").read_text().splitlines():
+            parts = line.split()
+            if parts and parts[0] == SNAPSHOTS[name]:
+                return parts[1][:12]
+    except OSError:
+        pass
+    return None
 
 
 def official_linfusion(checkout: Path, base, weights, family: str, sizes, n, budget, quick: bool):
@@ -86,11 +117,17 @@ def multidiffusion(checkout: Path, base, family: str, sizes, n, budget, tile_px:
 
 
 def run(paths: dict, base, weights, family, sizes, n, budget, quick) -> list[dict]:
-    """paths: peer name -> checkout or None; n(px): runs per size. A missing checkout gives a row that says so."""
+    """paths: peer name -> checkout or None (TiledDiffusion: then the snapshot in THIRD_PARTY_DIR); n(px): runs
+    per size. A missing checkout gives a row that says so."""
     rows = []
     for name, path in paths.items():
+        if not path and name in SNAPSHOTS:
+            path = snapshot_checkout(name)
+            if path:
+                log.info("[LinFusion] bench peer %s: the snapshot %s (commit %s)", name, path, snapshot_commit(name))
         if not path:
-            rows.append({"peer": name, "skipped": f"no checkout given (--{name.replace('_', '-')} PATH)"})
+            where = f" or {THIRD_PARTY_DIR / (SNAPSHOTS[name] + '.tar.gz')}" if name in SNAPSHOTS else ""
+            rows.append({"peer": name, "skipped": f"no checkout given (--{name.replace('_', '-')} PATH){where}"})
             continue
         try:
             if name == "official_linfusion":

@@ -63,7 +63,8 @@ def parse(argv):
     p.add_argument("--out", type=Path, help="folder of benchmarks.json/.md and plots (default: docs/, or a "
                    "temporary folder with --quick/--smoke)")
     p.add_argument("--official-linfusion", metavar="PATH", help="checkout of github.com/Huage001/LinFusion")
-    p.add_argument("--tiled-diffusion", metavar="PATH", help="checkout of github.com/shiimizu/ComfyUI-TiledDiffusion")
+    p.add_argument("--tiled-diffusion", metavar="PATH", help="checkout of github.com/shiimizu/ComfyUI-TiledDiffusion (default: the "
+                   "snapshot in ../shared/third_party/, see bench/peers.py)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--step-px", type=ints, help="the SD1.5 and SDXL step sizes (px, comma-separated), each run the "
                    "plan's steps_n times (n = 3 on the CPU plan) instead of the plan's sizes")

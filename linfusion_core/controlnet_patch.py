@@ -169,13 +169,16 @@ class LinFusionControlMixin:
     linfusion: ControlLinFusion
 
     def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
+        return self.linfusion_get_control(super().get_control, x_noisy, t, cond, batched_number, transformer_options)
+
+    def linfusion_get_control(self, inner, x_noisy, t, cond, batched_number, transformer_options):
         previous = self.previous_controlnet
         if previous is not None:
             self.previous_controlnet = _Computed(previous.get_control(x_noisy, t, cond, batched_number,
                                                                       transformer_options))
         try:
             with self.linfusion.installed(self, x_noisy.device):
-                return super().get_control(x_noisy, t, cond, batched_number, transformer_options)
+                return inner(x_noisy, t, cond, batched_number, transformer_options)
         finally:
             self.previous_controlnet = previous
 
@@ -183,10 +186,29 @@ class LinFusionControlMixin:
         c = super().copy()
         c.__class__ = type(self)
         c.linfusion = self.linfusion
+        wrap_instance_get_control(c)
         return c
 
     def get_models(self):
         return super().get_models() + self.linfusion.models()
+
+
+class _InstanceGetControl:
+    """An instance-level get_control (Advanced-ControlNet's AdvancedControlBase sets `self.get_control =
+    self.get_control_inject` in __init__, which hides any class's get_control) run inside LinFusion's install."""
+
+    def __init__(self, control, inner):
+        self.control, self.inner = control, inner
+
+    def __call__(self, x_noisy, t, cond, batched_number, transformer_options):
+        return self.control.linfusion_get_control(self.inner, x_noisy, t, cond, batched_number, transformer_options)
+
+
+def wrap_instance_get_control(control) -> None:
+    """Without this, a ControlNet whose get_control is an instance attribute would silently run softmax."""
+    inner = control.__dict__.get("get_control")
+    if inner is not None and not isinstance(inner, _InstanceGetControl):
+        control.get_control = _InstanceGetControl(control, inner)
 
 
 _CLASSES: dict[type, type] = {}
@@ -240,6 +262,7 @@ def apply_linfusion_controlnet(control_net, weights: LinFusionWeights, source: s
         log.info("[LinFusion] the ControlNet already had LinFusion; replacing it")
     patched.__class__ = linfusion_control_class(type(control_net))
     patched.linfusion = install
+    wrap_instance_get_control(patched)
     summary = f"LinFusion in the ControlNet ({source}, from {shown}): {where}"
     log.info("[LinFusion] %s", summary)
     return patched, summary

@@ -99,6 +99,8 @@ def node_properties(version: str):
             return {"cnr_id": REGISTRY_IDS["ours"], "ver": version}
         if module == "nodes" or module.startswith("comfy_extras") or module.startswith("comfy_api_nodes"):
             return {"cnr_id": REGISTRY_IDS["core"], "ver": "0.3.75"}
+        if module == "custom_nodes.ComfyUI_IPAdapter_plus":      # the pack's registry id (its pyproject name)
+            return {"cnr_id": REGISTRY_IDS["ipadapter"]}
         return {"cnr_id": info.get("cnr_id", "")}
     return props
 
@@ -418,12 +420,16 @@ def main(argv) -> int:
     from pathlib import Path as _P
 
     from comfy_harness import get_host
-    from third_party_nodes import DECLARED_THIRD_PARTY
+    from third_party_packs import IPADAPTER, PackNotLoaded, load_pack
     from workflow_convert import live_object_info
 
     import os
     get_host(_P(os.environ.get("LINFUSION_HOST_DIR", REPO / ".host")) / "fixtures")
-    info = {**DECLARED_THIRD_PARTY, **live_object_info()}
+    try:
+        load_pack(IPADAPTER)    # workflow 5's nodes, from the pack snapshot in ../shared/third_party/
+    except PackNotLoaded as e:
+        print(f"[example_workflows] {e}", file=sys.stderr)
+    info = live_object_info()
     version = __import__("tomllib").loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     built = build(info, version)
     stale = []

@@ -60,11 +60,12 @@ def offered_entries(wf: dict) -> list[dict]:
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_every_needed_model_has_a_download_entry(host, core, name):
     import folder_paths
-    from third_party_nodes import DECLARED_THIRD_PARTY
+    from third_party_packs import IPADAPTER, require_pack
     from workflow_convert import live_object_info
 
     wf = load(name)
-    object_info = {**live_object_info(), **DECLARED_THIRD_PARTY}
+    require_pack(IPADAPTER)     # workflow 5's nodes, as the pack defines them
+    object_info = live_object_info()
     entries = {(m["directory"], m["name"]): m for m in offered_entries(wf)}
     needs = needed_files(wf, object_info, core)
     for directory, file_name in needs:

@@ -3,7 +3,8 @@
 Every file in example_workflows/ is converted to an API prompt with the live node definitions (as the
 frontend would) and validated by ComfyUI. The end-to-end runs shrink the graphs with a test-only override
 (`shrink`: small latents, few steps, small tiles, fixture model names) and run them through the real
-executor; workflow 5 runs with a stand-in for ComfyUI_IPAdapter_plus that patches the model as the pack does.
+executor; workflow 5 runs with the real ComfyUI_IPAdapter_plus (tests/third_party_packs.py) and its PLUS files made
+with random weights in the pack's formats.
 A run also checks that the engine behind each patch node in its graph ran (the tiled UNet on more than one
 tile, the DemoFusion wrapper), not only that an image came out.
 """
@@ -11,14 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
-from third_party_nodes import DECLARED_THIRD_PARTY, PACK_MODULE, registered_stand_ins
+from conftest import MODEL_ROOT
+from third_party_packs import IPADAPTER, ipadapter_patch_calls, ipadapter_with_models, python_module, require_pack
 from workflow_build import NODE_TITLE_H
 from workflow_convert import NOTE_TYPES, live_object_info, workflow_to_api
 from workflow_shrink import NEEDS_THIRD_PARTY, WORKFLOW_DIR, WORKFLOWS, expected_size, load, shrink
@@ -38,11 +39,12 @@ def _load_example_workflows_script():
 
 @pytest.fixture(scope="module")
 def object_info(host):
+    require_pack(IPADAPTER)     # workflow 5's nodes, as the pack defines them
     return live_object_info()
 
 
 def definitions(name, object_info):
-    return {**object_info, **DECLARED_THIRD_PARTY} if name in NEEDS_THIRD_PARTY else object_info
+    return object_info
 
 
 def validate(prompt):
@@ -66,7 +68,7 @@ def test_every_recipe_is_written_and_current(object_info):
     see host_neutral), written as that script writes them."""
     script = _load_example_workflows_script()
     version = __import__("tomllib").loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-    built = script.build({**DECLARED_THIRD_PARTY, **object_info}, version)
+    built = script.build(object_info, version)
     for name, wf in built.items():
         if isinstance(wf, Exception):
             assert name not in WORKFLOWS, f"{name} is committed but can no longer be built: {wf}"
@@ -88,7 +90,7 @@ def test_workflow_structure(name, object_info):
     for node_id, node in prompt.items():
         module = defs[node["class_type"]].get("python_module", "")
         core = module == "nodes" or module.startswith("comfy_extras.")
-        assert core or OUR_MODULE in module or (name in NEEDS_THIRD_PARTY and module == PACK_MODULE), \
+        assert core or OUR_MODULE in module or (name in NEEDS_THIRD_PARTY and module == python_module(IPADAPTER)), \
             f"{name}: node {node_id} {node['class_type']} comes from {module!r}"
     assert any(OUR_MODULE in defs[n["class_type"]].get("python_module", "") for n in prompt.values())
     assert any(defs[n["class_type"]].get("output_node") for n in prompt.values()), f"{name} saves nothing"
@@ -105,8 +107,7 @@ def test_workflow_structure(name, object_info):
     notes = " ".join(n["widgets_values"][0] for n in wf["nodes"] if n["type"] in NOTE_TYPES)
     assert "models/linfusion/" in notes
 
-    with registered_stand_ins() if name in NEEDS_THIRD_PARTY else _nothing():
-        ok, error, _, node_errors = validate(prompt)
+    ok, error, _, node_errors = validate(prompt)
     assert error is None or error.get("type") == "prompt_outputs_failed_validation", error
     for node_id, errs in node_errors.items():
         for e in errs["errors"]:
@@ -204,12 +205,13 @@ RUNNABLE = [n for n in WORKFLOWS]
 @pytest.mark.slow
 @pytest.mark.parametrize("name", RUNNABLE)
 def test_workflow_runs_on_fixtures(name, host, core, fixtures, object_info, input_image):
+    ipadapter = ipadapter_with_models(fixtures, MODEL_ROOT) if name in NEEDS_THIRD_PARTY else None
     defs = definitions(name, object_info)
     prompt = shrink(workflow_to_api(load(name), defs), fixtures, input_image[0])
     capture = capture_saved_images(prompt)
     spies = engine_spies(core, prompt)
     host.reset_cache()
-    with registered_stand_ins() if name in NEEDS_THIRD_PARTY else _nothing() as ipadapter, \
+    with ipadapter_patch_calls(ipadapter) if ipadapter else _nothing() as ipadapter_calls, \
             LinFusionCalls(core) as calls, contextlib.ExitStack() as stack:
         for spy in spies.values():
             stack.enter_context(spy)
@@ -226,50 +228,6 @@ def test_workflow_runs_on_fixtures(name, host, core, fixtures, object_info, inpu
         tile = next(n["inputs"]["tile_size"] for n in prompt.values() if n["class_type"] == "LinFusionTiledUNet")
         assert max(max(s[-2:]) for s in spies["LinFusionTiledUNet"].shapes) > tile, \
             f"{name}: the tiled UNet never saw a latent larger than one tile"
-    if ipadapter is not None:
-        blocks = {c[0] for c in ipadapter.calls}
-        assert ("input", 1) in blocks and ("output", 3) in blocks, blocks
-
-
-@pytest.mark.slow
-def test_ipadapter_patch_stacks_with_linfusion(host, fixtures, object_info, input_image):
-    """IP-Adapter's attn2 replace patch (its signature and block keys) and LinFusion's self-attention stack in
-    either order, and each still acts: the mechanism workflow 5 relies on."""
-    name = "5_ipadapter.json"
-    if name not in WORKFLOWS:
-        pytest.skip(f"{name} is not written")
-    base = shrink(workflow_to_api(load(name), definitions(name, object_info)), fixtures, input_image[0])
-    ids = {n["class_type"]: i for i, n in base.items()}
-    ckpt, apply, loader, ipa, ksampler = (ids[k] for k in ("CheckpointLoaderSimple", "ApplyLinFusion",
-                                                           "IPAdapterUnifiedLoader", "IPAdapter", "KSampler"))
-
-    for node_id in [i for i, n in base.items() if n["class_type"] in ("VAEDecode", "SaveImage")]:
-        del base[node_id]   # the sampled latents are compared; decoding them adds nothing
-    host.reset_cache()      # then ComfyUI's cache re-runs only what each variant changes
-
-    def run(edit=None):
-        prompt = json.loads(json.dumps(base))
-        if edit:
-            edit(prompt)
-        prompt["latent"] = {"class_type": "LinFusionTest_Capture", "inputs": {"value": [ksampler, 0]}}
-        with registered_stand_ins() as patch:
-            out = host.run(prompt).captured["latent"]["samples"]
-        return out, list(patch.calls)
-
-    def ipadapter_first(p):
-        p[loader]["inputs"]["model"] = [ckpt, 0]
-        p[apply]["inputs"]["model"] = [ipa, 0]
-        p[ksampler]["inputs"]["model"] = [apply, 0]
-
-    def without_linfusion(p):
-        p[loader]["inputs"]["model"] = [ckpt, 0]
-
-    as_shipped, calls = run()
-    swapped, _ = run(ipadapter_first)
-    no_ipadapter, _ = run(lambda p: p[ipa]["inputs"].update(weight=0.0))
-    no_linfusion, _ = run(without_linfusion)
-    assert {c[0] for c in calls} >= {("input", 1), ("output", 3)}
-    assert {i for c in calls for i in c[2]} == {0, 1}, "the patch saw both cond and uncond"
-    torch.testing.assert_close(swapped, as_shipped, rtol=0, atol=1e-5)
-    assert (as_shipped - no_ipadapter).abs().max() > 1e-3, "the IP-Adapter patch had no effect"
-    assert (as_shipped - no_linfusion).abs().max() > 1e-3, "LinFusion had no effect"
+    if ipadapter_calls is not None:
+        blocks = {c[0] for c in ipadapter_calls.calls}
+        assert ("input", 1) in blocks and ("output", 3) in blocks, f"{name}: the IP-Adapter patch ran at {blocks}"

@@ -47,8 +47,9 @@ class Host:
     wheel_prefix: str = ""        # ... in this folder
     archive: str | None = None    # or a source archive (relative to the checkout), with one top folder ComfyUI/
     archive_sha256: str = ""
-    # ComfyUI requirements that are optional or come from TORCH_SPEC (exact names, so torchsde stays).
-    skip_requirements: frozenset = frozenset({"torch", "torchvision", "torchaudio", "kornia"})
+    # ComfyUI requirements that come from TORCH_SPEC or have no build for it (exact names, so torchsde stays).
+    # kornia stays: ComfyUI's Canny node (example workflow 4) imports it.
+    skip_requirements: frozenset = frozenset({"torch", "torchvision", "torchaudio"})
     # Installed with --no-deps after the requirements (a module-level import with no build for TORCH_SPEC).
     no_deps: tuple = ()
 

@@ -52,3 +52,14 @@ class LinFusionTokens:
     @property
     def tokens(self) -> set[int]:
         return {s[1] for s in self.shapes}
+
+
+def blocky_input_image(name: str, seed: int) -> str:
+    """A 64 x 64 picture of 8 x 8 random colour blocks in ComfyUI's input folder (LoadImage's list); its name."""
+    import folder_paths
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    pixels = (torch.rand(8, 8, 3, generator=g).repeat_interleave(8, 0).repeat_interleave(8, 1) * 255)
+    Image.fromarray(pixels.to(torch.uint8).numpy()).save(f"{folder_paths.get_input_directory()}/{name}")
+    return name

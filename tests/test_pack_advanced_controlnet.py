@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pack_graphs import LinFusionTokens, sd15_prompt
+from pack_graphs import LinFusionTokens, blocky_input_image, sd15_prompt
 from third_party_packs import (ADVANCED_CONTROLNET, KNOWN_NOT_LOADING, PackCalls, PackNotLoaded,
                                host_version_from_env, load_pack, loads_here, require_pack)
 
@@ -44,14 +44,7 @@ def pack(host):
 
 @pytest.fixture(scope="module")
 def hint(host):
-    import folder_paths
-    from PIL import Image
-
-    name = "linfusion_acn_hint.png"
-    g = torch.Generator().manual_seed(9)
-    pixels = (torch.rand(8, 8, 3, generator=g).repeat_interleave(8, 0).repeat_interleave(8, 1) * 255)
-    Image.fromarray(pixels.to(torch.uint8).numpy()).save(f"{folder_paths.get_input_directory()}/{name}")
-    return name
+    return blocky_input_image("linfusion_acn_hint.png", seed=9)
 
 
 def acn_prompt(fixtures, hint, *, linfusion_cn=True, strength=1.0, start=0.0, end=1.0, keyframe_strength=None,

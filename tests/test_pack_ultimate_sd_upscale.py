@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pack_graphs import LinFusionTokens, add_linfusion
+from pack_graphs import LinFusionTokens, add_linfusion, blocky_input_image
 from third_party_packs import ULTIMATE_SD_UPSCALE, PackCalls, require_pack
 
 pytestmark = pytest.mark.slow
@@ -28,14 +28,7 @@ def pack(host):
 
 @pytest.fixture(scope="module")
 def input_image(host):
-    import folder_paths
-    from PIL import Image
-
-    name = "linfusion_usdu_test.png"
-    g = torch.Generator().manual_seed(7)
-    pixels = (torch.rand(8, 8, 3, generator=g).repeat_interleave(8, 0).repeat_interleave(8, 1) * 255)
-    Image.fromarray(pixels.to(torch.uint8).numpy()).save(f"{folder_paths.get_input_directory()}/{name}")
-    return name
+    return blocky_input_image("linfusion_usdu_test.png", seed=7)
 
 
 def usdu_prompt(fixtures, image, *, linfusion=True, seam_fix="None", tiled_unet=False, tile=TILE):

@@ -15,7 +15,7 @@ import pytest
 
 from comfy_browser import comfy_ui_server
 from comfy_server import get_json
-from third_party_nodes import DECLARED_THIRD_PARTY
+from third_party_packs import IPADAPTER, WORKFLOW_5_PACK_NODES, unpack
 from workflow_build import combo_options
 from workflow_convert import VIRTUAL_TYPES, input_specs, widget_slots
 from workflow_shrink import WORKFLOWS, load
@@ -42,10 +42,14 @@ def object_info():
         for directory, name in named_files(load(n) for n in WORKFLOWS):
             (models / directory).mkdir(parents=True, exist_ok=True)
             (models / directory / name).write_bytes(b"")
-        with comfy_ui_server(comfy, models, models) as (url, base):
+        # Workflow 5's IP-Adapter nodes come from the real pack, so their lists are the pack's own.
+        packs = (unpack(IPADAPTER, models / "packs"),)
+        with comfy_ui_server(comfy, models, models, custom_nodes=packs) as (url, base):
             # The input image the workflows name is the one ComfyUI ships in its own input/ folder.
             shutil.copy(comfy / "input" / "example.png", base / "input" / "example.png")
-            yield {**DECLARED_THIRD_PARTY, **get_json(url + "/object_info")}
+            info = get_json(url + "/object_info")
+            assert all(t in info for t in WORKFLOW_5_PACK_NODES), "the IP-Adapter pack did not load"
+            yield info
     finally:
         shutil.rmtree(models, ignore_errors=True)
 

@@ -83,17 +83,24 @@ def load_pack(name: str) -> LoadedPack:
     return result
 
 
+def unpack(name: str, target: Path) -> Path:
+    """The pack's snapshot unpacked into `target` (a custom_nodes folder of this session); its folder."""
+    tarball = THIRD_PARTY_DIR / f"{name}.tar.gz"
+    if not tarball.is_file():
+        raise FileNotFoundError(f"{tarball} is missing: the pack snapshots live in ../shared/third_party/ "
+                                f"(or set LINFUSION_THIRD_PARTY_DIR)")
+    with tarfile.open(tarball) as tf:
+        tf.extractall(target, filter="data")
+    return target / name
+
+
 def _load(name: str) -> LoadedPack | PackNotLoaded:
     import nodes
 
-    tarball = THIRD_PARTY_DIR / f"{name}.tar.gz"
-    if not tarball.is_file():
-        return PackNotLoaded(f"{tarball} is missing: the pack snapshots live in ../shared/third_party/ "
-                             f"(or set LINFUSION_THIRD_PARTY_DIR)")
-    target = _custom_nodes_dir()
-    with tarfile.open(tarball) as tf:
-        tf.extractall(target, filter="data")
-    path = target / name
+    try:
+        path = unpack(name, _custom_nodes_dir())
+    except FileNotFoundError as e:
+        return PackNotLoaded(str(e))
     before = set(nodes.NODE_CLASS_MAPPINGS)
     records = _Records()
     root = logging.getLogger()

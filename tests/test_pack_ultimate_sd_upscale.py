@@ -111,4 +111,5 @@ def test_composes_with_linfusion_tiled_unet(host, core, fixtures, pack, input_im
     diff = (tiled - lf).abs().max().item()
     print(f"[usdu] with LinFusion Tiled UNet {len(calls.calls)} runs over {calls.calls[0]}: max |tiled UNet - "
           f"untiled| {diff:.3g}")
-    assert diff < 1e-3, f"max diff {diff:.3g}"
+    # The pack hands tiles over as 8-bit images, so a float difference at a rounding boundary shows as one level.
+    assert diff <= 1 / 255 + 1e-6, f"max diff {diff:.3g}"

@@ -172,10 +172,11 @@ def test_reroute_primitive_converted_widget_bypass_and_mute(object_info):
 
 def test_unknown_node_type_fails_loudly(object_info):
     wf = txt2img(object_info)
-    add_node(wf, "IPAdapterAdvanced", widgets_values=[1.0])
-    with pytest.raises(WorkflowError, match="'IPAdapterAdvanced' is neither a ComfyUI core node"):
+    # A pack node no host ships (a real pack's name could be registered by the pack tests of this session).
+    add_node(wf, "SomePackNotInstalled", widgets_values=[1.0])
+    with pytest.raises(WorkflowError, match="'SomePackNotInstalled' is neither a ComfyUI core node"):
         workflow_to_api(wf, object_info)
-    declared = {**object_info, "IPAdapterAdvanced": {"input": {"required": {"weight": ("FLOAT", {})}}, "output": []}}
+    declared = {**object_info, "SomePackNotInstalled": {"input": {"required": {"weight": ("FLOAT", {})}}, "output": []}}
     assert workflow_to_api(wf, declared)
 
 

@@ -7,7 +7,10 @@ weights, tests/pack_models.py) and a motion module in the AnimateDiff v3 file la
 Shown, with and without the pack's context windows (8 frames, overlap 4): LinFusion replaces the spatial
 self-attention of every frame (its calls see one frame's 64 tokens, 16 frames in the batch) while the motion
 module's temporal attention stays the pack's (its VersatileAttention sees the frames of the window as its
-sequence); both act; with the motion module at scale 0 the frames equal LinFusion's per-image output.
+sequence); both act; with the motion module's effect at 0 (the pack's "motion off": the module hands its input
+back) the frames equal LinFusion's per-image output. The pack's scale at 0 is not "motion off": it multiplies
+the temporal attention's keys, so each frame attends uniformly to the window's frames and the module (with its
+feed-forward) still mixes frames; the test shows that too.
 """
 from __future__ import annotations
 
@@ -36,9 +39,9 @@ def ad(host, fixtures):
     return pack, unet, linfusion, motion
 
 
-def prompt(fixtures, ad, *, linfusion=True, motion_scale=None, context=False):
+def prompt(fixtures, ad, *, linfusion=True, motion_scale=None, effect=None, context=False):
     """UNet (full SD 1.5 layout) -> [Apply LinFusion] -> [AnimateDiff: motion module at motion_scale] ->
-    KSampler over 16 frames; "out" captures the latents."""
+    KSampler over 16 frames; "out" captures the latents. effect: the pack's effect_multival (None: not set)."""
     _, unet, lin, motion = ad
     p = {
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": fixtures.checkpoint["sd15"]}},
@@ -60,6 +63,9 @@ def prompt(fixtures, ad, *, linfusion=True, motion_scale=None, context=False):
         p["scale"] = {"class_type": "ADE_MultivalDynamic", "inputs": {"float_val": motion_scale}}
         p["apply_mm"] = {"class_type": "ADE_ApplyAnimateDiffModel", "inputs": {
             "motion_model": ["mm", 0], "start_percent": 0.0, "end_percent": 1.0, "scale_multival": ["scale", 0]}}
+        if effect is not None:
+            p["effect"] = {"class_type": "ADE_MultivalDynamic", "inputs": {"float_val": effect}}
+            p["apply_mm"]["inputs"]["effect_multival"] = ["effect", 0]
         p["evolved"] = {"class_type": "ADE_UseEvolvedSampling", "inputs": {
             "model": p["ks"]["inputs"]["model"], "beta_schedule": "use existing", "m_models": ["apply_mm", 0]}}
         if context:
@@ -110,9 +116,19 @@ def test_linfusion_spatial_per_frame_motion_module_temporal(host, core, fixtures
 
 
 @pytest.mark.parametrize("context", [False, True], ids=["whole batch", "context windows 8/4"])
-def test_motion_module_at_zero_scale_gives_linfusion_per_image(host, core, fixtures, ad, linfusion_per_image, context):
+def test_motion_module_at_zero_effect_gives_linfusion_per_image(host, core, fixtures, ad, linfusion_per_image,
+                                                                context):
     alone, _ = linfusion_per_image
-    zero, spatial, temporal = run(host, core, ad, prompt(fixtures, ad, motion_scale=0.0, context=context))
-    assert spatial.shapes
-    diff = (zero - alone).abs().max().item()
+    # Effect 0: the pack's motion module returns its input untouched (no temporal attention runs), through the
+    # pack's sampling (and its context windows): what is left is LinFusion on each frame.
+    off, spatial, temporal = run(host, core, ad, prompt(fixtures, ad, motion_scale=1.0, effect=0.0, context=context))
+    assert spatial.shapes and max(spatial.tokens) == 64
+    assert not temporal, "the motion module ran at effect 0"
+    diff = (off - alone).abs().max().item()
     assert diff < 1e-4, f"max diff {diff:.3g}"
+    # Scale 0 is not that: the pack multiplies the temporal attention's keys by it (uniform attention over the
+    # window's frames), so the module still runs and mixes frames; LinFusion still does each frame's spatial part.
+    zero, spatial, temporal = run(host, core, ad, prompt(fixtures, ad, motion_scale=0.0, context=context))
+    assert spatial.shapes and max(spatial.tokens) == 64
+    assert temporal, "the motion module's temporal attention never ran at scale 0"
+    assert (zero - alone).abs().max() > 1e-2, "the motion module had no effect at scale 0"

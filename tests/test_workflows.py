@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from conftest import MODEL_ROOT
-from third_party_packs import IPADAPTER, ipadapter_patch_calls, ipadapter_with_models, python_module, require_pack
+from third_party_packs import (IPADAPTER, PackCalls, ipadapter_patch_calls, ipadapter_with_models, python_module,
+                               require_pack)
 from workflow_build import NODE_TITLE_H
 from workflow_convert import NOTE_TYPES, live_object_info, workflow_to_api
 from workflow_shrink import NEEDS_THIRD_PARTY, WORKFLOW_DIR, WORKFLOWS, expected_size, load, shrink
@@ -171,25 +172,9 @@ class LinFusionCalls:
         return False
 
 
-class MethodCalls:
-    """Records the shape of the first tensor argument (the latent) of every call of one of our engine's methods
-    (a spy: the method still runs)."""
-
-    def __init__(self, cls, method):
-        self.cls, self.method, self.shapes = cls, method, []
-
-    def __enter__(self):
-        original = self.original = getattr(self.cls, self.method)
-
-        def spy(obj, *args, **kwargs):
-            self.shapes.append(next(tuple(a.shape) for a in args if isinstance(a, torch.Tensor)))
-            return original(obj, *args, **kwargs)
-        setattr(self.cls, self.method, spy)
-        return self
-
-    def __exit__(self, *exc):
-        setattr(self.cls, self.method, self.original)
-        return False
+def first_tensor_shape(*args, **kwargs) -> tuple:
+    """The shape of a call's first tensor argument (the latent)."""
+    return next(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
 
 
 def engine_spies(core, prompt):
@@ -197,7 +182,7 @@ def engine_spies(core, prompt):
     targets = {"LinFusionTiledUNet": (core.tiled_unet.TiledUNetRunner, "forward"),
                "LinFusionDemoFusion": (core.demofusion.DemoFusionWrapper, "__call__")}
     kinds = {n["class_type"] for n in prompt.values()}
-    return {kind: MethodCalls(*target) for kind, target in targets.items() if kind in kinds}
+    return {kind: PackCalls(*target, first_tensor_shape) for kind, target in targets.items() if kind in kinds}
 
 
 RUNNABLE = [n for n in WORKFLOWS]
@@ -224,10 +209,10 @@ def test_workflow_runs_on_fixtures(name, host, core, fixtures, object_info, inpu
     assert image.std() > 0, f"{name}: a flat image"
     assert calls.count > 0, f"{name}: LinFusion's attention never ran"
     for kind, spy in spies.items():
-        assert spy.shapes, f"{name}: {kind} is in the graph but its engine never ran"
+        assert spy.calls, f"{name}: {kind} is in the graph but its engine never ran"
     if "LinFusionTiledUNet" in spies:
         tile = next(n["inputs"]["tile_size"] for n in prompt.values() if n["class_type"] == "LinFusionTiledUNet")
-        assert max(max(s[-2:]) for s in spies["LinFusionTiledUNet"].shapes) > tile, \
+        assert max(max(s[-2:]) for s in spies["LinFusionTiledUNet"].calls) > tile, \
             f"{name}: the tiled UNet never saw a latent larger than one tile"
     if ipadapter_calls is not None:
         blocks = {c[0] for c in ipadapter_calls.calls}

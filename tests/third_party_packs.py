@@ -150,7 +150,7 @@ def ipadapter_with_models(fixtures, model_root: Path) -> LoadedPack:
 
 
 class PackCalls:
-    """Records `record(args)` of every call of a pack's method (a spy: the method still runs)."""
+    """Records `record(args)` of every call of a method, a pack's or our engine's (a spy: the method still runs)."""
 
     def __init__(self, cls, method: str, record):
         self.cls, self.method, self.record, self.calls = cls, method, record, []

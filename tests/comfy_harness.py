@@ -12,6 +12,7 @@ exactly as a user's clone in `ComfyUI/custom_nodes` is loaded. Nothing of ComfyU
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import itertools
 import json
 import logging
@@ -35,6 +36,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def import_comfy_main(comfy_path: Path):
+    """ComfyUI's main.py as the module `main`, whatever else took that name first.
+
+    pytest imports the `__init__.py` of the directory it runs from as a package named after that directory,
+    so in a checkout named `main` (as CI clones it) `import main` would return this extension, not ComfyUI."""
+    main_py = (comfy_path / "main.py").resolve()
+    taken = sys.modules.get("main")
+    if taken is not None:
+        if Path(getattr(taken, "__file__", "") or "").resolve() == main_py:
+            return taken
+        del sys.modules["main"]
+    spec = importlib.util.spec_from_file_location("main", main_py)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["main"] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 class PromptFailed(RuntimeError):
@@ -86,7 +105,7 @@ class ComfyHost:
         sys.argv = ["main.py", "--cpu", "--disable-auto-launch", "--disable-api-nodes", "--base-directory", str(base),
                     "--database-url", "sqlite:///:memory:", "--listen", "127.0.0.1", "--port", str(self.port)]
         try:
-            import main
+            main = import_comfy_main(self.comfy_path)
         finally:
             sys.argv = saved_argv
 

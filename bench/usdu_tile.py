@@ -10,6 +10,7 @@ first makes ComfyUI load (patch) that variant, so switching models is not timed:
 
     python3 scripts/comfy_host.py python bench/usdu_tile.py --sizes 512,1024 --n 3
     python3 scripts/comfy_host.py python bench/usdu_tile.py --device cuda --sizes 512,1024,2048 --n 5
+    python3 scripts/comfy_host.py python bench/usdu_tile.py --table docs/usdu_tile.json   # its table again
 
 Writes docs/usdu_tile.json (rows, machine, load) unless --out names another file, and prints a table:
 seconds per tile step and per megapixel, so "a LinFusion tile of 2x the side for the cost of an SDPA tile"
@@ -39,11 +40,15 @@ def parse(argv):
     p.add_argument("--quick", action="store_true", help="the small-width UNet (code path only, seconds)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "usdu_tile.json")
+    p.add_argument("--table", type=Path, metavar="JSON", help="only print the table of a file this bench wrote")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
+        return 0
     sizes = [int(v) for v in args.sizes.split(",") if v]
     from bench.run_all import boot
     host = boot(args.device, Path(tempfile.mkdtemp(prefix="linfusion-bench-models-")))
@@ -86,12 +91,14 @@ def main(argv=None) -> int:
 
 def table(doc) -> str:
     by = {(r["px"], r["variant"]): r for r in doc["rows"]}
-    lines = ["| tile | SDPA s/step | LinFusion s/step | speed-up | SDPA s/MP | LinFusion s/MP | n |",
+    spread = lambda r: f"{r['median_s']:.2f} ({min(r['times_s']):.2f}-{max(r['times_s']):.2f})"
+    lines = ["| tile | SDPA s/step (min-max) | LinFusion s/step (min-max) | speed-up | SDPA s/MP | LinFusion s/MP | n a side |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     for px in sorted({r["px"] for r in doc["rows"]}):
         s, lf = by[px, "sdpa"], by[px, "linfusion"]
-        lines.append(f"| {px} px | {s['median_s']:.2f} | {lf['median_s']:.2f} | {s['median_s'] / lf['median_s']:.2f}x "
-                     f"| {s['s_per_megapixel']:.1f} | {lf['s_per_megapixel']:.1f} | {s['n']} |")
+        ratio = f"{s['median_s'] / lf['median_s']:.2f}x" + ("" if min(s["n"], lf["n"]) >= 3 else " (n < 3: not significant)")
+        lines.append(f"| {px} px | {spread(s)} | {spread(lf)} | {ratio} "
+                     f"| {s['s_per_megapixel']:.1f} | {lf['s_per_megapixel']:.1f} | {min(s['n'], lf['n'])} |")
     m = doc["machine"]
     lines.append(f"\n{m.get('cpu')} ({m.get('cpu_cores')} cores, torch {m.get('torch_threads')} threads), "
                  f"load {m.get('load_start')} at start, {doc['load_end']} at end, other processes kept "

@@ -166,3 +166,15 @@ def test_interleaved_alternates_variants_after_a_warm_up_each_and_splits_parts()
         for wall, part, outside in zip(r["times_s"], r["inner_times_s"], r["outside_times_s"]):
             assert math.isclose(part + outside, wall) and part >= 0
     assert all(t > 0 for t in res["a"]["inner_times_s"]) and res["b"]["inner_times_s"] == [0.0] * 3
+
+
+def test_usdu_tile_table_gives_spread_and_labels_small_n():
+    from bench.usdu_tile import table
+    rows = [{"px": 512, "variant": "sdpa", "n": 3, "times_s": [10.0, 9.0, 11.0], "median_s": 10.0, "s_per_megapixel": 38.1},
+            {"px": 512, "variant": "linfusion", "n": 3, "times_s": [4.0, 5.0, 6.0], "median_s": 5.0, "s_per_megapixel": 19.1},
+            {"px": 2048, "variant": "sdpa", "n": 1, "times_s": [80.0], "median_s": 80.0, "s_per_megapixel": 19.1},
+            {"px": 2048, "variant": "linfusion", "n": 1, "times_s": [20.0], "median_s": 20.0, "s_per_megapixel": 4.8}]
+    doc = {"rows": rows, "machine": {"cpu": "x"}, "load_end": 0.1, "other_cores": 0.0, "elapsed_s": 1}
+    lines = table(doc).splitlines()
+    assert "| 512 px | 10.00 (9.00-11.00) | 5.00 (4.00-6.00) | 2.00x |" in lines[2]
+    assert "4.00x (n < 3: not significant)" in lines[3]

@@ -7,6 +7,8 @@ difference of the two outputs is recorded with each row. Plain torch layers (no 
     git show 0e2aa29:linfusion_core/attention.py > /tmp/linfusion-old/oldlf/attention.py
     OUT=docs python3 bench/module_before_after.py     # writes docs/module_before_after.jsonl
 
+On a machine without CUDA it times fp32 at the sizes of 512 and 1024 px images (SD 1.5 at 512 px only).
+
 docs/module_before_after_h200.jsonl is its run on the H200 lent on 2026-12-04 (idle, torch 2.11, n = 7 a side).
 """
 import json, os, statistics, sys, types, importlib.util
@@ -44,8 +46,10 @@ out = open(Path(os.environ.get("OUT", "/tmp")) / "module_before_after.jsonl", "w
 layouts = {"sd15": [(320, 8, None, [64, 128, 256]), (640, 8, None, [32, 64, 128]), (1280, 8, None, [16, 32, 64])],
            "sdxl": [(640, 10, 40, [64, 128, 256]), (1280, 20, 80, [32, 64, 128])]}
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-if dev.type == "cpu":
-    layouts = {k: [(d, h, m, [8]) for d, h, m, _ in v] for k, v in layouts.items()}
+if dev.type == "cpu":     # the latent sides of each level at 512 and 1024 px (SD 1.5 at 512 px only)
+    cpu_sides = {("sd15", 320): [64], ("sd15", 640): [32], ("sd15", 1280): [16],
+                 ("sdxl", 640): [32, 64], ("sdxl", 1280): [16, 32]}
+    layouts = {k: [(d, h, m, cpu_sides[k, d]) for d, h, m, _ in v] for k, v in layouts.items()}
 with torch.inference_mode():
     for dtype in ((torch.float16, torch.bfloat16) if dev.type == 'cuda' else (torch.float32,)):
         for fam, levels in layouts.items():

@@ -53,8 +53,7 @@ class Recipe:
     scheduler: str
     base_steps: int
     cfg: float
-    strengths: tuple[float, ...] | None   # fixed per stage (sd15), or None: linspace(max_strength, 0, S + 1)
-    max_strength: float | None
+    max_strength: float | None      # the sdxl ladder's linspace(max_strength, 0, S + 1); None for sd15
     steps_rule: str                 # STEPS_INT or STEPS_CEIL
     anchoring: str                  # resolved: ANCHOR_BASE / ANCHOR_INPUT / ANCHOR_OFF
     size_conditioning: str | None   # SDXL only (sdxl_size values); None for SD 1.5
@@ -63,22 +62,20 @@ class Recipe:
     source: str
 
     def stage_strengths(self, num_stages: int) -> list[float]:
-        if self.strengths is not None:
-            return list(self.strengths[:num_stages])
-        return sdxl_strengths(num_stages, self.max_strength)
+        return ladder_strengths(self.ladder, num_stages, self.max_strength or SDXL_MAX_STRENGTH)
 
 
 def _recipes():
     from .sdxl_size import SIZE_FINAL, SIZE_STAGE
 
     return {
-        "sd15": Recipe("sd15", "sd15", DEIS_SAMPLER, LEADING_SCHEDULER, PAPER_BASE_STEPS, 7.5, SD15_STRENGTHS, None,
+        "sd15": Recipe("sd15", "sd15", DEIS_SAMPLER, LEADING_SCHEDULER, PAPER_BASE_STEPS, 7.5, None,
                        STEPS_INT, ANCHOR_OFF, None, False, NEGATIVE_EMPTY_PROMPT,
                        "examples/inference/ultra_text2image_w_sdedit.ipynb (Lykon/dreamshaper-8, its DEIS scheduler)"),
-        "sdxl": Recipe("sdxl", "sdxl", "euler", "ddim_uniform", PAPER_BASE_STEPS, 7.5, None, SDXL_MAX_STRENGTH,
+        "sdxl": Recipe("sdxl", "sdxl", "euler", "ddim_uniform", PAPER_BASE_STEPS, 7.5, SDXL_MAX_STRENGTH,
                        STEPS_CEIL, ANCHOR_BASE, SIZE_FINAL, True, NEGATIVE_ZEROS,
                        "src/pipelines/pipeline_highres_sdxl.py (Euler, leading spacing)"),
-        "sdxl_superres": Recipe("sdxl_superres", "sdxl", "euler", "ddim_uniform", PAPER_BASE_STEPS, 7.5, None,
+        "sdxl_superres": Recipe("sdxl_superres", "sdxl", "euler", "ddim_uniform", PAPER_BASE_STEPS, 7.5,
                                 SDXL_MAX_STRENGTH, STEPS_CEIL, ANCHOR_INPUT, SIZE_STAGE, True, NEGATIVE_ZEROS,
                                 "src/pipelines/pipeline_superres_sdxl.py (Euler, leading spacing)"),
     }
@@ -130,6 +127,15 @@ def sd15_strengths(num_stages: int) -> list[float]:
     return list(SD15_STRENGTHS[:num_stages])
 
 
+def ladder_strengths(ladder: str, num_stages: int, max_strength: float = SDXL_MAX_STRENGTH) -> list[float]:
+    """The strengths a ladder gives its stages: "sd15" (0.4/0.3/0.2/0.1) or "sdxl" (linspace(max_strength, 0))."""
+    if ladder == "sd15":
+        return sd15_strengths(num_stages)
+    if ladder == "sdxl":
+        return sdxl_strengths(num_stages, max_strength)
+    raise ValueError(f"unknown ladder {ladder!r}: expected 'sd15' or 'sdxl'")
+
+
 def stages_for_target(base_w: int, base_h: int, target_w: int, target_h: int) -> int:
     """How many x2 stages reach a target size from the base (the last stage may scale by less than 2)."""
     scale = max(target_w / base_w, target_h / base_h)
@@ -162,10 +168,8 @@ def plan_stages(base_w: int, base_h: int, *, num_stages: int | None = None,
         strengths = [float(s) for s in strengths]
         if len(strengths) != num_stages:
             raise ValueError(f"{len(strengths)} strengths given for {num_stages} stages")
-    elif ladder == "sd15":
-        strengths = sd15_strengths(num_stages)
-    elif ladder == "sdxl":
-        strengths = sdxl_strengths(num_stages, max_strength)
+    else:
+        strengths = ladder_strengths(ladder, num_stages, max_strength)
     if ladder not in LADDER_RECIPES:
         raise ValueError(f"unknown ladder {ladder!r}: expected 'sd15' or 'sdxl'")
     rule = LADDER_RECIPES[ladder].steps_rule

@@ -20,10 +20,13 @@ per size.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -92,8 +95,6 @@ def run(sizes, variants=VARIANTS, repeats: int = 1, core=None, warmup: bool = Tr
     """Time every variant at every size; returns rows {pixels, variant, times_s, median_s} and one summary row
     per size (speed-ups and the fraction of the UNet's speed-up the ControlNet graph keeps). The models are
     bench/models.py's (the same UNet, weights and ControlNet builders as every other section)."""
-    import tempfile
-
     from bench import models as bench_models
     from bench import timing
 
@@ -101,7 +102,9 @@ def run(sizes, variants=VARIANTS, repeats: int = 1, core=None, warmup: bool = Tr
         core = next(m for name, m in sys.modules.items() if name.endswith(".linfusion_core")
                     and hasattr(m, "controlnet_patch"))
     device = torch.device(device or bench_models.device())
-    work = work or Path(tempfile.mkdtemp(prefix="linfusion-bench-cn-"))
+    if work is None:
+        work = Path(tempfile.mkdtemp(prefix="linfusion-bench-cn-"))
+        atexit.register(shutil.rmtree, work, ignore_errors=True)
     unet = bench_models.build("sd15", quick)
     weights = bench_models.linfusion_weights(core, unet, "sd15", work / "linfusion")
     lf_unet, _ = core.patch.apply_linfusion(unet, weights)
@@ -149,9 +152,10 @@ def main(argv=None) -> int:
     log.setLevel(logging.INFO)
     sys.path[:0] = [str(REPO), str(REPO / "tests")]   # bench.* and the test harness
     from comfy_harness import get_host   # boots ComfyUI and loads this checkout with its own loader
-    import tempfile
 
-    host = get_host(Path(tempfile.mkdtemp(prefix="linfusion-bench-cn-")))
+    base = Path(tempfile.mkdtemp(prefix="linfusion-bench-cn-"))
+    atexit.register(shutil.rmtree, base, ignore_errors=True)
+    host = get_host(base)
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

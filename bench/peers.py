@@ -10,9 +10,11 @@ copied here):
 """
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import logging
 import os
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -36,6 +38,7 @@ def snapshot_checkout(name: str) -> Path | None:
     if not tarball.is_file():
         return None
     target = Path(tempfile.mkdtemp(prefix="linfusion-peer-"))
+    atexit.register(shutil.rmtree, target, ignore_errors=True)   # its modules are imported: gone at exit, not before
     with tarfile.open(tarball) as tf:
         tf.extractall(target, filter="data")
     return target / SNAPSHOTS[name]

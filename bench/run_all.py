@@ -16,12 +16,14 @@ overrun --budget-min are skipped and say so with their predicted time, which the
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import json
 import logging
 import math
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -109,6 +111,7 @@ def main(argv=None) -> int:
     plan["attn1_max_px"] = args.attn1_max_px
     out = args.out or (Path(tempfile.mkdtemp(prefix="linfusion-bench-")) if args.quick or args.smoke else REPO / "docs")
     work = Path(tempfile.mkdtemp(prefix="linfusion-bench-models-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)   # generated weights, hundreds of MB
     host = boot(args.device, work)
     import torch
     from bench import timing

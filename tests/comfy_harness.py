@@ -12,11 +12,13 @@ exactly as a user's clone in `ComfyUI/custom_nodes` is loaded. Nothing of ComfyU
 from __future__ import annotations
 
 import asyncio
+import atexit
 import importlib.util
 import itertools
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -88,6 +90,7 @@ class ComfyHost:
         # sees other packs a developer's ComfyUI may have; models, input, output, user and temp are this run's
         # own, never the host's, which other runs share (and the database is in memory for the same reason).
         base = Path(tempfile.mkdtemp(prefix="linfusion-comfy-base-"))
+        atexit.register(shutil.rmtree, base, ignore_errors=True)   # ComfyUI serves from it until the process ends
         nodes_dir = base / "custom_nodes"
         nodes_dir.mkdir()
         (nodes_dir / EXTENSION_DIR_NAME).symlink_to(REPO, target_is_directory=True)

@@ -7,6 +7,7 @@ every other request (the dialog asks the hub for file sizes) is aborted. Screens
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -60,6 +61,7 @@ def page(fixtures):
             page.route(lambda u: not u.startswith(url), lambda route: route.abort())
             assert page.evaluate(SHOW_DIALOG_JS) is True
             yield page
+    shutil.rmtree(models, ignore_errors=True)
 
 
 # Frontends up to 1.3x show a dialog (.comfy-missing-models) whose link buttons carry the URLs as titles; 1.49

@@ -3,6 +3,7 @@ start-up log without import tracebacks (ComfyUI's audio nodes, which need torcha
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -128,3 +129,17 @@ def test_summary_line_is_recognised(comfy_host):
                  "===== 1 failed, 3 passed, 1 error in 9.10s =====", "==== no tests ran in 0.01s ===="):
         assert comfy_host.SUMMARY_LINE.match(line), line
     assert not comfy_host.SUMMARY_LINE.match("tests/test_patch.py ....")
+
+
+def test_host_venvs_share_one_torch(comfy_host):
+    """The host venv this test runs in reads torch from the one shared layer (.host-torch/) and holds no copy of
+    its own: a copy in each venv once filled CI's disk."""
+    import torch
+    host = comfy_host.HOSTS.get(os.environ.get("LINFUSION_HOST", ""))
+    if host is None or Path(sys.prefix).resolve() != host.dir / "venv":
+        pytest.skip("not inside a host venv that scripts/comfy_host.py built (COMFYUI_PATH with the developer's Python)")
+    site = comfy_host.torch_layer_site()
+    assert Path(torch.__file__).resolve().is_relative_to(site), f"torch comes from {torch.__file__}, not {site}"
+    own = comfy_host.venv_site_packages(Path(sys.executable))
+    assert not (own / "torch").exists() and not (own / "nvidia").exists(), f"{own} holds a torch of its own"
+    assert (own / "linfusion_torch_layer.pth").read_text().strip() == str(site)

@@ -185,26 +185,53 @@ def _check(q: torch.Tensor, heads: int) -> None:
         raise ValueError(f"{q.shape[-1]} channels do not split into {heads} heads")
 
 
+def state_by_blocks(batch: int, tokens: int, heads: int, chunk: int, kv_rows, overwrite: bool = False
+                    ) -> LinearAttentionState:
+    """The state of B x N tokens, block by block (`token_blocks`): kv_rows(i0, i1, t0, t1) gives one block's
+    keys and values (g x n x C each; the module projects them there, so no projection of the whole canvas
+    exists at once). One block: its sums as they are; more: added into fp32 accumulators. `overwrite`: the
+    blocks kv_rows returns are fresh, phi may work in their storage."""
+    blocks = token_blocks(batch, tokens, chunk)
+    if len(blocks) == 1:
+        return LinearAttentionState(*block_state(*kv_rows(*blocks[0]), heads, overwrite), tokens)
+    kv_sum = k_sum = None
+    for i0, i1, t0, t1 in blocks:
+        k_rows, v_rows = kv_rows(i0, i1, t0, t1)
+        if kv_sum is None:
+            d, d_v = k_rows.shape[-1] // heads, v_rows.shape[-1] // heads
+            kv_sum = torch.zeros(batch, heads, d, d_v, dtype=torch.float32, device=k_rows.device)
+            k_sum = torch.zeros(batch, heads, d, dtype=torch.float32, device=k_rows.device)
+        accumulate_state_rows(kv_sum[i0:i1], k_sum[i0:i1], k_rows, v_rows, heads, overwrite)
+    return LinearAttentionState(kv_sum, k_sum, tokens)
+
+
+def rows_by_blocks(batch: int, tokens: int, chunk: int, block_rows) -> torch.Tensor:
+    """B x N x C_out assembled block by block: block_rows(i0, i1, t0, t1) -> that block's output rows. One
+    block: its output as it is, no copy."""
+    blocks = token_blocks(batch, tokens, chunk)
+    if len(blocks) == 1:
+        return block_rows(*blocks[0])
+    out = None
+    for i0, i1, t0, t1 in blocks:
+        part = block_rows(i0, i1, t0, t1)
+        if out is None:
+            out = torch.empty(batch, tokens, part.shape[-1], dtype=part.dtype, device=part.device)
+        out[i0:i1, t0:t1] = part
+    return out
+
+
 def linear_attention_state(k: torch.Tensor, v: torch.Tensor, heads: int,
                            chunk_size: int = DEFAULT_CHUNK_SIZE) -> LinearAttentionState:
     """Sum phi(k)^T v and phi(k) over the tokens of k, v (B x N x C), chunk by chunk, in fp32."""
     _check(k, heads)
     if k.shape[:2] != v.shape[:2]:
         raise ValueError(f"keys {tuple(k.shape)} and values {tuple(v.shape)} have different token counts")
-    b, n, c = k.shape
-    d = c // heads
-    blocks = token_blocks(b, n, chunk_size)
-    if len(blocks) == 1:
-        return LinearAttentionState(*block_state(k, v, heads), n)
-    kv_sum = torch.zeros(b, heads, d, v.shape[-1] // heads, dtype=torch.float32, device=k.device)
-    k_sum = torch.zeros(b, heads, d, dtype=torch.float32, device=k.device)
-    for i0, i1, t0, t1 in blocks:
-        accumulate_state_rows(kv_sum[i0:i1], k_sum[i0:i1], k[i0:i1, t0:t1], v[i0:i1, t0:t1], heads)
-    return LinearAttentionState(kv_sum, k_sum, n)
+    return state_by_blocks(k.shape[0], k.shape[1], heads, chunk_size,
+                           lambda i0, i1, t0, t1: (k[i0:i1, t0:t1], v[i0:i1, t0:t1]))
 
 
 def apply_linear_attention_state(q: torch.Tensor, state: LinearAttentionState, heads: int,
-                                 chunk_size: int = DEFAULT_CHUNK_SIZE, out: torch.Tensor | None = None) -> torch.Tensor:
+                                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
     """Attend queries q (B x N x C) to a key/value state; returns B x N x C in q's dtype."""
     _check(q, heads)
     b, n, c = q.shape
@@ -212,11 +239,12 @@ def apply_linear_attention_state(q: torch.Tensor, state: LinearAttentionState, h
         raise ValueError(f"state for batch x heads {tuple(state.kv_sum.shape[:2])} does not fit queries "
                          f"of batch {b} with {heads} heads")
     s_aug = normalized_state(state)
-    if out is None:
-        out = torch.empty(b, n, heads * (s_aug.shape[-1] - 1), dtype=q.dtype, device=q.device)
-    for i0, i1, t0, t1 in token_blocks(b, n, chunk_size):
-        attend_rows(q[i0:i1, t0:t1], s_aug[i0:i1], heads, out[i0:i1, t0:t1])
-    return out
+    c_out = heads * (s_aug.shape[-1] - 1)
+
+    def block_rows(i0, i1, t0, t1):
+        rows = q[i0:i1, t0:t1]
+        return attend_rows(rows, s_aug[i0:i1], heads, rows.new_empty(*rows.shape[:-1], c_out))
+    return rows_by_blocks(b, n, chunk_size, block_rows)
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import (DEFAULT_CHUNK_SIZE, LinearAttentionState, accumulate_state_rows, attend_rows, block_state,
-                        normalized_state, token_blocks)
+from .attention import (DEFAULT_CHUNK_SIZE, LinearAttentionState, attend_rows, normalized_state, rows_by_blocks,
+                        state_by_blocks)
 
 
 def default_operations():
@@ -72,49 +72,31 @@ class LinFusionAttention(nn.Module):
     def compute_state(self, context: torch.Tensor, value: torch.Tensor | None = None,
                       chunk_size: int | None = None) -> LinearAttentionState:
         """The additive key/value state of these tokens (merge states of tiles with `+`)."""
-        chunk = chunk_size or self.chunk_size
         value = context if value is None else value
         if context.shape[:2] != value.shape[:2]:
             raise ValueError(f"LinFusion: keys {tuple(context.shape)} and values {tuple(value.shape)} have "
                              f"different token counts")
-        b, n, _ = context.shape
         # Blocks of whole images while they fit in a chunk (at small N the whole batch in one pass: a few
         # batched ops per call, not a loop over images), token chunks of one image beyond: the MLP activations
         # of a 16K canvas never exist at once. The projections are fresh, so phi may overwrite them.
-        blocks = token_blocks(b, n, chunk)
-        if len(blocks) == 1:
-            return LinearAttentionState(*block_state(self.project_k(context), self.to_v(value), self.heads,
-                                                     overwrite=True), n)
-        d = self.dim // self.heads
-        kv_sum = torch.zeros(b, self.heads, d, d, dtype=torch.float32, device=context.device)
-        k_sum = torch.zeros(b, self.heads, d, dtype=torch.float32, device=context.device)
-        for i0, i1, t0, t1 in blocks:
-            accumulate_state_rows(kv_sum[i0:i1], k_sum[i0:i1], self.project_k(context[i0:i1, t0:t1]),
-                                  self.to_v(value[i0:i1, t0:t1]), self.heads, overwrite=True)
-        return LinearAttentionState(kv_sum, k_sum, n)
+        return state_by_blocks(context.shape[0], context.shape[1], self.heads, chunk_size or self.chunk_size,
+                               lambda i0, i1, t0, t1: (self.project_k(context[i0:i1, t0:t1]),
+                                                       self.to_v(value[i0:i1, t0:t1])), overwrite=True)
 
     def attend(self, x: torch.Tensor, state: LinearAttentionState, chunk_size: int | None = None) -> torch.Tensor:
         """Queries from x attend to a (possibly merged) state; returns the module output for x."""
-        chunk = chunk_size or self.chunk_size
         b, n, _ = x.shape
         if state.kv_sum.shape[:2] != (b, self.heads):
             raise ValueError(f"LinFusion: state for batch x heads {tuple(state.kv_sum.shape[:2])} does not fit "
                              f"queries of batch {b} with {self.heads} heads")
         s_aug = normalized_state(state)
-        blocks = token_blocks(b, n, chunk)
-        out = None
-        for i0, i1, t0, t1 in blocks:
+
+        def block_rows(i0, i1, t0, t1):
             q = self.project_q(x[i0:i1, t0:t1])
             # q is a fresh projection: phi and the division land in its own storage when dtypes allow.
-            attn = attend_rows(q, s_aug[i0:i1], self.heads, q if not torch.is_grad_enabled() else torch.empty_like(q),
-                               overwrite=True)
-            part = self.to_out(attn)
-            if len(blocks) == 1:
-                return part
-            if out is None:
-                out = torch.empty(b, n, part.shape[-1], dtype=part.dtype, device=part.device)
-            out[i0:i1, t0:t1] = part
-        return out
+            out = q if not torch.is_grad_enabled() else torch.empty_like(q)
+            return self.to_out(attend_rows(q, s_aug[i0:i1], self.heads, out, overwrite=True))
+        return rows_by_blocks(b, n, chunk_size or self.chunk_size, block_rows)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, value: torch.Tensor | None = None,
                 chunk_size: int | None = None, **kwargs) -> torch.Tensor:

@@ -6,7 +6,8 @@
     git worktree add /tmp/old <commit> && python3 scripts/comfy_host.py python bench/op_count.py --repo /tmp/old \\
         --out /tmp/old_ops.json
 
-Counts, not times: they do not depend on the machine's load.
+The counts do not depend on the machine's load. Each row also has where one call's self CPU time goes, op by
+op (the mean of 10 profiled calls on one thread): a breakdown, not a benchmark (bench/attn1.py times calls).
 """
 from __future__ import annotations
 
@@ -21,6 +22,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 # (layout, C, N): SDXL's two widths at 512 px, SD 1.5's top level at 512 px.
 SHAPES = [("sdxl", 1280, 256), ("sdxl", 640, 1024), ("sd15", 320, 4096)]
+TIMED_CALLS = 10     # the per-op self CPU times: mean over these calls (one thread; times, unlike counts, vary)
+
+
+def comfyui_version() -> str:
+    text = (Path(os.environ["COMFYUI_PATH"]) / "comfyui_version.py").read_text()
+    return text.split("__version__", 1)[1].split('"')[1]
 
 
 def main(argv=None) -> int:
@@ -47,6 +54,7 @@ def main(argv=None) -> int:
     from bench.models import fill_random
 
     torch.set_num_threads(1)
+    load_start = round(os.getloadavg()[0], 2)   # the 1-minute load average: under 1 here means an idle machine
     ops = comfy.ops.disable_weight_init
     sdpa = {"optimized_attention_override": lambda _d, *a, **kw: attention.attention_pytorch(*a, **kw)}
     rows = []
@@ -60,14 +68,22 @@ def main(argv=None) -> int:
                 fn()
                 with profile(activities=[ProfilerActivity.CPU]) as prof:
                     fn()
-            events = prof.events()
+                events = prof.events()
+                with profile(activities=[ProfilerActivity.CPU]) as timed:
+                    for _ in range(TIMED_CALLS):
+                        fn()
+            by_op = sorted(((a.key, a.self_cpu_time_total / 1000 / TIMED_CALLS) for a in timed.key_averages()),
+                           key=lambda kv: -kv[1])
             rows.append({"layout": layout, "dim": dim, "tokens": tokens, "attention": name, "events": len(events),
-                         "top_level": sum(1 for e in events if e.cpu_parent is None)})
+                         "top_level": sum(1 for e in events if e.cpu_parent is None),
+                         "self_cpu_ms_per_call": round(sum(ms for _, ms in by_op), 3),
+                         "top_ops_self_cpu_ms": {k: round(ms, 3) for k, ms in by_op[:8]}})
             print(json.dumps(rows[-1]))
     commit = subprocess.run(["git", "-C", str(args.repo), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     result = {"command": "python3 scripts/comfy_host.py python bench/op_count.py " + " ".join(sys.argv[1:]),
-              "repo_commit": args.label or commit or "?", "torch": torch.__version__, "rows": rows}
+              "repo_commit": args.label or commit or "?", "torch": torch.__version__, "comfyui": comfyui_version(), "threads": 1,
+              "load_start": load_start, "load_end": round(os.getloadavg()[0], 2), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"written: {args.out}")

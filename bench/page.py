@@ -92,9 +92,18 @@ def few(*rows) -> bool:
     return min(r.get("n", 1) for r in rows) < 3
 
 
+def overlap(a, b) -> bool:
+    """Whether either measured row's median lies inside the other's spread (min-max): then the ratio of the
+    medians is no win or loss. (Whole spreads overlapping would let one outlier hide a real difference.)"""
+    ta, tb = a.get("times_s") or [], b.get("times_s") or []
+    if len(ta) < 2 or len(tb) < 2:
+        return False
+    return min(tb) <= a["median_s"] <= max(tb) or min(ta) <= b["median_s"] <= max(ta)
+
+
 def speedup(ours, base) -> str:
-    """base / ours as "4.8x faster"; says n when the two medians come from different numbers of runs, and
-    "not significant" when a side ran fewer than 3 times."""
+    """base / ours as "4.8x faster"; says n when the two medians come from different numbers of runs,
+    "not significant" when a side ran fewer than 3 times, and when a median lies inside the other's spread."""
     if not (ours and base and "median_s" in ours and "median_s" in base):
         return "-"
     s = base["median_s"] / ours["median_s"]
@@ -106,6 +115,8 @@ def speedup(ours, base) -> str:
         notes.append(f"n={ours.get('n', 1)} vs {base.get('n', 1)}")
     if few(ours, base):
         notes.append("not significant")
+    elif overlap(ours, base):
+        notes.append("a median inside the other's spread: equal within the noise")
     return text + (f" ({': '.join(notes)})" if notes else "")
 
 

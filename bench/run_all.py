@@ -71,6 +71,8 @@ def parse(argv):
     p.add_argument("--step-px", type=ints, help="the SD1.5 and SDXL step sizes (px, comma-separated), each run the "
                    "plan's steps_n times (n = 3 on the CPU plan) instead of the plan's sizes")
     p.add_argument("--steps-n", type=int, help="timed runs per step variant and size (default: the plan's steps_n)")
+    p.add_argument("--attn1-n", type=int, help="timed calls per attn1 backend and size (default: the plan's attn1_n); "
+                   "a difference of a few percent needs more than 3")
     p.add_argument("--attn1-layouts", help="attn1 layouts to measure: sd15, sdxl (default: both)")
     p.add_argument("--attn1-max-px", type=int, help="attn1: only the sizes met at up to this image side")
     p.add_argument("--from-json", type=Path, help="only render the page and plots from this benchmarks.json")
@@ -105,6 +107,8 @@ def main(argv=None) -> int:
         plan["budget_min"] = args.budget_min
     if args.steps_n:
         plan["steps_n"] = args.steps_n
+    if args.attn1_n:
+        plan["attn1_n"] = args.attn1_n
     if args.step_px:
         plan.update(sd15=args.step_px, sdxl=args.step_px, repeat_below_px=max(args.step_px) + 1)
     plan["attn1_layouts"] = (args.attn1_layouts or "sd15,sdxl").split(",")

@@ -85,6 +85,14 @@ def test_page_ratios_say_n_and_estimates_are_never_measurements():
     assert page.secs(skipped) == "skipped (budget; estimate 1034 s)" and page.speedup(five, skipped) == "-"
     assert "not significant" in page.headline_ratio(five, one)
     assert page.secs({"median_s": 2.0, "n": 3, "times_s": [2.5, 2.0, 1.5]}) == "2.00 s (1.50 s-2.50 s, n=3)"
+    # A median inside the other side's spread: the ratio is no win or loss, and the page says so.
+    a = {"median_s": 46.4, "n": 3, "times_s": [45.2, 46.4, 56.8]}
+    b = {"median_s": 48.4, "n": 3, "times_s": [43.1, 48.4, 53.6]}
+    assert page.speedup(a, b) == "1.04x faster (a median inside the other's spread: equal within the noise)"
+    assert page.speedup(a, dict(b, times_s=[57.0, 58.0, 59.0], median_s=58.0)) == "1.2x faster"
+    # One outlier that reaches the other side is not enough to call a clear difference equal.
+    slow = {"median_s": 51.8, "n": 3, "times_s": [46.9, 51.8, 53.0]}
+    assert page.speedup(slow, {"median_s": 36.4, "n": 3, "times_s": [35.7, 36.4, 49.1]}) == "1.4x slower"
 
 
 def test_page_fits_and_crossover():

@@ -19,7 +19,9 @@ can be read off directly.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -51,7 +53,9 @@ def main(argv=None) -> int:
         return 0
     sizes = [int(v) for v in args.sizes.split(",") if v]
     from bench.run_all import boot
-    host = boot(args.device, Path(tempfile.mkdtemp(prefix="linfusion-bench-models-")))
+    work = Path(tempfile.mkdtemp(prefix="linfusion-bench-models-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)   # generated weights, hundreds of MB
+    host = boot(args.device, work)
     import torch
     from bench import models, timing
 
@@ -60,7 +64,7 @@ def main(argv=None) -> int:
     core = host.import_core()
     device = torch.device(args.device)
     base = models.build("sd15", args.quick, torch.float16 if device.type == "cuda" else torch.float32)
-    weights = models.linfusion_weights(core, base, "sd15", Path(tempfile.mkdtemp(prefix="linfusion-bench-w-")))
+    weights = models.linfusion_weights(core, base, "sd15", work / "linfusion" / "sd15")
     variants = {v: models.variant(core, base, weights, v) for v in VARIANTS}
     machine = timing.machine(device, REPO)
     others = timing.OtherWork()

@@ -18,9 +18,11 @@ Needs Debian's `chromium`.
 from __future__ import annotations
 
 import argparse
+import atexit
 import io
 import json
 import os
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -91,6 +93,7 @@ def main(argv: list[str]) -> int:
     from PIL import Image
 
     scratch = Path(tempfile.mkdtemp(prefix="linfusion-screens-"))
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     pack = ipadapter_pack(args.ipadapter_pack, scratch / "packs")
     packs = (pack,) if pack else ()
     with comfy_ui_server(Path(os.environ["COMFYUI_PATH"]), scratch / "models", scratch, settings=NO_CHROME,

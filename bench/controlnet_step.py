@@ -20,13 +20,10 @@ per size.
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -97,14 +94,13 @@ def run(sizes, variants=VARIANTS, repeats: int = 1, core=None, warmup: bool = Tr
     bench/models.py's (the same UNet, weights and ControlNet builders as every other section)."""
     from bench import models as bench_models
     from bench import timing
+    from scratch import scratch_dir   # tests/, on sys.path wherever the bench runs
 
     if core is None:
         core = next(m for name, m in sys.modules.items() if name.endswith(".linfusion_core")
                     and hasattr(m, "controlnet_patch"))
     device = torch.device(device or bench_models.device())
-    if work is None:
-        work = Path(tempfile.mkdtemp(prefix="linfusion-bench-cn-"))
-        atexit.register(shutil.rmtree, work, ignore_errors=True)
+    work = work or scratch_dir("linfusion-bench-cn-")
     unet = bench_models.build("sd15", quick)
     weights = bench_models.linfusion_weights(core, unet, "sd15", work / "linfusion")
     lf_unet, _ = core.patch.apply_linfusion(unet, weights)
@@ -152,10 +148,9 @@ def main(argv=None) -> int:
     log.setLevel(logging.INFO)
     sys.path[:0] = [str(REPO), str(REPO / "tests")]   # bench.* and the test harness
     from comfy_harness import get_host   # boots ComfyUI and loads this checkout with its own loader
+    from scratch import scratch_dir
 
-    base = Path(tempfile.mkdtemp(prefix="linfusion-bench-cn-"))
-    atexit.register(shutil.rmtree, base, ignore_errors=True)
-    host = get_host(base)
+    host = get_host(scratch_dir("linfusion-bench-cn-"))
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

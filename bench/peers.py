@@ -10,17 +10,16 @@ copied here):
 """
 from __future__ import annotations
 
-import atexit
 import importlib.util
 import logging
 import os
-import shutil
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
 import torch
+
+from scratch import scratch_dir   # tests/, on sys.path wherever the bench runs
 
 from . import models
 from .timing import measure, predict
@@ -37,8 +36,7 @@ def snapshot_checkout(name: str) -> Path | None:
     tarball = THIRD_PARTY_DIR / f"{SNAPSHOTS[name]}.tar.gz"
     if not tarball.is_file():
         return None
-    target = Path(tempfile.mkdtemp(prefix="linfusion-peer-"))
-    atexit.register(shutil.rmtree, target, ignore_errors=True)   # its modules are imported: gone at exit, not before
+    target = scratch_dir("linfusion-peer-")   # its modules are imported: gone at exit, not before
     with tarfile.open(tarball) as tf:
         tf.extractall(target, filter="data")
     return target / SNAPSHOTS[name]

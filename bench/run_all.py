@@ -16,14 +16,12 @@ overrun --budget-min are skipped and say so with their predicted time, which the
 from __future__ import annotations
 
 import argparse
-import atexit
 import gc
 import json
 import logging
 import math
 import os
 import shlex
-import shutil
 import sys
 import tempfile
 import time
@@ -31,6 +29,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
+from scratch import scratch_dir  # noqa: E402  (tests/)
+
 log = logging.getLogger("LinFusion")
 ints = lambda text: [int(v) for v in text.split(",") if v]
 
@@ -114,8 +114,7 @@ def main(argv=None) -> int:
     plan["attn1_layouts"] = (args.attn1_layouts or "sd15,sdxl").split(",")
     plan["attn1_max_px"] = args.attn1_max_px
     out = args.out or (Path(tempfile.mkdtemp(prefix="linfusion-bench-")) if args.quick or args.smoke else REPO / "docs")
-    work = Path(tempfile.mkdtemp(prefix="linfusion-bench-models-"))
-    atexit.register(shutil.rmtree, work, ignore_errors=True)   # generated weights, hundreds of MB
+    work = scratch_dir("linfusion-bench-models-")   # generated weights, hundreds of MB
     host = boot(args.device, work)
     import torch
     from bench import timing

@@ -19,12 +19,9 @@ can be read off directly.
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -53,8 +50,8 @@ def main(argv=None) -> int:
         return 0
     sizes = [int(v) for v in args.sizes.split(",") if v]
     from bench.run_all import boot
-    work = Path(tempfile.mkdtemp(prefix="linfusion-bench-models-"))
-    atexit.register(shutil.rmtree, work, ignore_errors=True)   # generated weights, hundreds of MB
+    from scratch import scratch_dir
+    work = scratch_dir("linfusion-bench-models-")   # generated weights, hundreds of MB
     host = boot(args.device, work)
     import torch
     from bench import models, timing

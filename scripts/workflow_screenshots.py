@@ -18,14 +18,11 @@ Needs Debian's `chromium`.
 from __future__ import annotations
 
 import argparse
-import atexit
 import io
 import json
 import os
-import shutil
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,6 +30,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from comfy_browser import (FREE_CANVAS, canvas_view, chromium_missing_reason, chromium_page,  # noqa: E402
                            close_dialogs, comfy_ui_server, load_workflow)
+from scratch import scratch_dir  # noqa: E402
 from thumbnail_stamp import drawn_content_hash  # noqa: E402
 
 THUMBNAIL_LONG_SIDE = 768    # px; the template browser fits the picture into a square card
@@ -92,8 +90,7 @@ def main(argv: list[str]) -> int:
         sys.exit(reason)
     from PIL import Image
 
-    scratch = Path(tempfile.mkdtemp(prefix="linfusion-screens-"))
-    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    scratch = scratch_dir("linfusion-screens-")
     pack = ipadapter_pack(args.ipadapter_pack, scratch / "packs")
     packs = (pack,) if pack else ()
     with comfy_ui_server(Path(os.environ["COMFYUI_PATH"]), scratch / "models", scratch, settings=NO_CHROME,

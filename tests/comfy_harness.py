@@ -12,22 +12,21 @@ exactly as a user's clone in `ComfyUI/custom_nodes` is loaded. Nothing of ComfyU
 from __future__ import annotations
 
 import asyncio
-import atexit
 import importlib.util
 import itertools
 import json
 import logging
 import os
-import shutil
 import socket
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from scratch import scratch_dir
 
 REPO = Path(__file__).resolve().parent.parent
 EXTENSION_DIR_NAME = "ComfyUI-LinFusion"
@@ -89,8 +88,7 @@ class ComfyHost:
         # checkout (by link, as a dev checkout is installed) and the test-only capture node, so the loader never
         # sees other packs a developer's ComfyUI may have; models, input, output, user and temp are this run's
         # own, never the host's, which other runs share (and the database is in memory for the same reason).
-        base = Path(tempfile.mkdtemp(prefix="linfusion-comfy-base-"))
-        atexit.register(shutil.rmtree, base, ignore_errors=True)   # ComfyUI serves from it until the process ends
+        base = scratch_dir("linfusion-comfy-base-")   # ComfyUI serves from it until the process ends
         nodes_dir = base / "custom_nodes"
         nodes_dir.mkdir()
         (nodes_dir / EXTENSION_DIR_NAME).symlink_to(REPO, target_is_directory=True)

@@ -25,11 +25,6 @@ SHAPES = [("sdxl", 1280, 256), ("sdxl", 640, 1024), ("sd15", 320, 4096)]
 TIMED_CALLS = 10     # the per-op self CPU times: mean over these calls (one thread; times, unlike counts, vary)
 
 
-def comfyui_version() -> str:
-    text = (Path(os.environ["COMFYUI_PATH"]) / "comfyui_version.py").read_text()
-    return text.split("__version__", 1)[1].split('"')[1]
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repo", type=Path, default=REPO, help="checkout whose linfusion_core is counted")
@@ -52,9 +47,10 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(REPO))
     from bench.attn1 import LAYOUTS
     from bench.models import fill_random
+    from bench.timing import OtherWork, load_average, machine
 
     torch.set_num_threads(1)
-    load_start = round(os.getloadavg()[0], 2)   # the 1-minute load average: under 1 here means an idle machine
+    measured_on, others = machine(torch.device("cpu"), args.repo), OtherWork()   # as every bench page records them
     ops = comfy.ops.disable_weight_init
     sdpa = {"optimized_attention_override": lambda _d, *a, **kw: attention.attention_pytorch(*a, **kw)}
     rows = []
@@ -82,8 +78,8 @@ def main(argv=None) -> int:
     commit = subprocess.run(["git", "-C", str(args.repo), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     result = {"command": "python3 scripts/comfy_host.py python bench/op_count.py " + " ".join(sys.argv[1:]),
-              "repo_commit": args.label or commit or "?", "torch": torch.__version__, "comfyui": comfyui_version(), "threads": 1,
-              "load_start": load_start, "load_end": round(os.getloadavg()[0], 2), "rows": rows}
+              "repo_commit": args.label or commit or "?", "machine": measured_on,
+              "load_end": load_average(), "other_cores": others.cores(), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"written: {args.out}")

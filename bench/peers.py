@@ -14,12 +14,11 @@ import importlib.util
 import logging
 import os
 import sys
-import tarfile
 from pathlib import Path
 
 import torch
 
-from scratch import scratch_dir   # tests/, on sys.path wherever the bench runs
+from scratch import scratch_dir, unpack_tar   # tests/, on sys.path wherever the bench runs
 
 from . import models
 from .timing import measure, predict
@@ -37,8 +36,7 @@ def snapshot_checkout(name: str) -> Path | None:
     if not tarball.is_file():
         return None
     target = scratch_dir("linfusion-peer-")   # its modules are imported: gone at exit, not before
-    with tarfile.open(tarball) as tf:
-        tf.extractall(target, filter="data")
+    unpack_tar(tarball, target)
     return target / SNAPSHOTS[name]
 
 

@@ -22,7 +22,6 @@ import io
 import json
 import os
 import sys
-import tarfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,7 +29,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from comfy_browser import (FREE_CANVAS, canvas_view, chromium_missing_reason, chromium_page,  # noqa: E402
                            close_dialogs, comfy_ui_server, load_workflow)
-from scratch import scratch_dir  # noqa: E402
+from scratch import scratch_dir, unpack_tar  # noqa: E402
 from thumbnail_stamp import drawn_content_hash  # noqa: E402
 
 THUMBNAIL_LONG_SIDE = 768    # px; the template browser fits the picture into a square card
@@ -76,8 +75,7 @@ def ipadapter_pack(path: str | None, scratch: Path) -> Path | None:
     src = Path(path)
     if src.is_dir():
         return src
-    with tarfile.open(src) as tar:
-        tar.extractall(scratch, filter="data")
+    unpack_tar(src, scratch)
     return next(p for p in scratch.iterdir() if p.is_dir())
 
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from scratch import unpack_tar
 
 REPO = Path(__file__).resolve().parent.parent
 THIRD_PARTY_DIR = Path(os.environ.get("LINFUSION_THIRD_PARTY_DIR", REPO.parent / "shared" / "third_party"))
@@ -89,8 +90,7 @@ def unpack(name: str, target: Path) -> Path:
     if not tarball.is_file():
         raise FileNotFoundError(f"{tarball} is missing: the pack snapshots live in ../shared/third_party/ "
                                 f"(or set LINFUSION_THIRD_PARTY_DIR)")
-    with tarfile.open(tarball) as tf:
-        tf.extractall(target, filter="data")
+    unpack_tar(tarball, target)
     return target / name
 
 

@@ -4,8 +4,8 @@ Both modules share the q/k/v/out projections; LinFusion adds its query/key MLPs 
 (linear in the token count N), softmax adds Q K^T and P V (quadratic in N). So below some N per width
 softmax is the faster one (LinFusion-1-5's C-wide MLPs put it near N ~ 2C; LinFusion-XL's narrow ones far
 lower). This measures that crossover once per (device, dtype, width, heads, MLP width, softmax function)
-and caches it for the process: one LinFusion module and one ComfyUI CrossAttention with random weights
-(timing does not depend on the values), batch 1, at two token counts (PROBE_TOKENS), each timed
+and caches it for the process: one LinFusion module (the file's own weights for that width) and one ComfyUI
+CrossAttention (random weights: timing does not depend on the values), batch 1, at two token counts (PROBE_TOKENS), each timed
 interleaved, the minimum of RUNS. A power law through the two points of each gives the crossover, clamped
 to [0, CAP x the larger probe]: a softmax that does not grow faster than LinFusion over the probes stays
 below that cap rather than everywhere.
@@ -39,12 +39,21 @@ def _timer(device: torch.device):
     return run
 
 
-def _random_(module: torch.nn.Module) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_((torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1])) if p.ndim > 1 else torch.ones(p.shape))
-    return module
+def loaded(build, state_dict: dict | None, device, dtype) -> torch.nn.Module:
+    """build(operations, device) made and filled through load_state_dict: under ComfyUI 0.33's DynamicVRAM
+    comfy.ops layers have no weight until a state dict is loaded, so filling parameters() would fill nothing.
+    Without `state_dict`, random variance-preserving values of the module's own shapes (read from a meta-device
+    copy in plain torch layers, which holds no memory)."""
+    import comfy.ops
+
+    if state_dict is None:
+        gen = torch.Generator().manual_seed(0)
+        shapes = build(torch.nn, torch.device("meta")).state_dict()
+        state_dict = {k: torch.randn(v.shape, generator=gen) / math.sqrt(v.shape[-1]) if v.ndim > 1
+                      else torch.ones(v.shape) for k, v in shapes.items()}
+    module = build(comfy.ops.disable_weight_init, device)
+    module.load_state_dict({k: v.to(device, dtype) for k, v in state_dict.items()}, strict=True)
+    return module.eval()
 
 
 def crossover_from_probes(tokens: tuple[int, int], linear_s: tuple[float, float], softmax_s: tuple[float, float]) -> int:
@@ -60,10 +69,10 @@ def crossover_from_probes(tokens: tuple[int, int], linear_s: tuple[float, float]
 
 @torch.inference_mode()
 def crossover_tokens(dim: int, heads: int, mid_dim, device, dtype, transformer_options: dict | None = None,
-                     operations=None) -> int:
-    """Tokens from which LinFusion is faster than the host's softmax attn1 at this width (cached)."""
+                     linfusion_state: dict | None = None) -> int:
+    """Tokens from which LinFusion is faster than the host's softmax attn1 at this width (cached).
+    linfusion_state: the LinFusion file's module of this width (random weights of its shapes without it)."""
     import comfy.ldm.modules.attention as attention
-    import comfy.ops
 
     from .module import LinFusionAttention
 
@@ -72,9 +81,10 @@ def crossover_tokens(dim: int, heads: int, mid_dim, device, dtype, transformer_o
     key = (str(device), str(dtype), dim, heads, mid_dim, override or attention.optimized_attention)
     if key in _CACHE:
         return _CACHE[key]
-    operations = operations or comfy.ops.disable_weight_init
-    lin = _random_(LinFusionAttention(dim, heads, mid_dim, operations=operations)).to(device, dtype).eval()
-    soft = _random_(attention.CrossAttention(dim, heads=heads, dim_head=dim // heads, operations=operations)).to(device, dtype)
+    lin = loaded(lambda ops, dev: LinFusionAttention(dim, heads, mid_dim, device=dev, operations=ops),
+                 linfusion_state, device, dtype)
+    soft = loaded(lambda ops, dev: attention.CrossAttention(dim, heads=heads, dim_head=dim // heads, device=dev,
+                                                            operations=ops), None, device, dtype)
     options = {"optimized_attention_override": override} if override else {}
     tokens = PROBE_TOKENS["cpu" if device.type == "cpu" else "other"]
     timed = _timer(device)

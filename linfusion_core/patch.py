@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .checkpoint import LinFusionWeights
+from .dynamic_vram import patcher_class
 from .module import LinFusionAttention
 from .placement import Placement, assumed_family_note, model_label, place_modules
 
@@ -142,6 +143,16 @@ def select_placements(placements: list[Placement], blocks: str) -> list[Placemen
     raise ValueError(f"blocks must be one of {BLOCK_CHOICES}, got {blocks!r}")
 
 
+def stored_as(state_dict: dict, dtype) -> dict:
+    """The tensors in the model's storage dtype. Needed because under ComfyUI 0.33's DynamicVRAM (its default
+    on NVIDIA) comfy.ops layers make no weight until load_state_dict and then keep the *loaded* tensor's dtype:
+    an fp16 file would give fp16 modules in an fp32 model. Converting first gives what the classic path gives
+    (load_state_dict copies into parameters of `dtype`), whichever path the host takes."""
+    if dtype is None:
+        return state_dict
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
 def build_modules(weights: LinFusionWeights, placements: list[Placement], dtype, compute_dtype,
                   device=None) -> LinFusionModules:
     """LinFusion modules in the model's storage dtype, on comfy.ops layers that cast like the UNet's."""
@@ -152,26 +163,26 @@ def build_modules(weights: LinFusionWeights, placements: list[Placement], dtype,
     for p in placements:
         module = LinFusionAttention(p.spec.dim, p.site.heads, p.spec.projection_mid_dim, dtype=dtype,
                                     device=device, operations=operations)
-        module.load_state_dict(weights.module_state_dict(p.spec.index), strict=True)
+        module.load_state_dict(stored_as(weights.module_state_dict(p.spec.index), dtype), strict=True)
         modules.append(module)
     return LinFusionModules(modules).eval().requires_grad_(False)
 
 
 def modules_patcher(weights: LinFusionWeights, placements: list[Placement], dtype, compute_dtype, load_device,
                     offload_device, disable_dynamic: bool = False):
-    """A ModelPatcher holding freshly built LinFusion modules. It is also that patcher's `cached_patcher_init`
-    factory: newer ComfyUI calls it to give each GPU of a multi-GPU run its own untouched copy
-    (`disable_dynamic` is part of that call; this patcher is never a dynamic one)."""
-    import comfy.model_patcher
-
+    """A ModelPatcher holding freshly built LinFusion modules, of the host's default patcher class as core's own
+    model patches make theirs (0.33's CoreModelPatcher: ModelPatcherDynamic under DynamicVRAM, so loading the
+    UNet with LinFusion does not force ComfyUI's non-dynamic memory freeing; `disable_dynamic` asks for the
+    classic ModelPatcher). It is also that patcher's `cached_patcher_init` factory: newer ComfyUI calls it to
+    give each GPU of a multi-GPU run, or a non-dynamic delegate, its own untouched copy."""
     modules = build_modules(weights, placements, dtype, compute_dtype, device=offload_device)
-    patcher = comfy.model_patcher.ModelPatcher(modules, load_device=load_device, offload_device=offload_device)
+    patcher = patcher_class(disable_dynamic)(modules, load_device=load_device, offload_device=offload_device)
     patcher.cached_patcher_init = (modules_patcher, (weights, placements, dtype, compute_dtype, load_device,
                                                      offload_device))
     return patcher
 
 
-def auto_min_tokens(model, placements: list[Placement]) -> tuple[list[int], str]:
+def auto_min_tokens(model, weights: LinFusionWeights, placements: list[Placement]) -> tuple[list[int], str]:
     """min_tokens = auto: each placement's threshold is the measured crossover of its width on the model's
     load device and compute dtype, with the softmax the model would run; and a summary naming them."""
     from .auto_min_tokens import crossover_tokens
@@ -183,7 +194,8 @@ def auto_min_tokens(model, placements: list[Placement]) -> tuple[list[int], str]
     for p in placements:
         key = (p.site.dim, p.site.heads, p.spec.projection_mid_dim)
         if key not in by_width:
-            by_width[key] = crossover_tokens(*key, model.load_device, dtype, options)
+            by_width[key] = crossover_tokens(*key, model.load_device, dtype, options,
+                                             linfusion_state=weights.module_state_dict(p.spec.index))
     seconds = time.perf_counter() - started
     parts = []
     for (dim, heads, mid), tokens in sorted(by_width.items()):
@@ -208,7 +220,7 @@ def apply_linfusion(model, weights: LinFusionWeights, blocks: str = "all", min_t
     placements = select_placements(every, blocks)
     auto_note = None
     if min_tokens == AUTO:
-        thresholds, auto_note = auto_min_tokens(model, placements)
+        thresholds, auto_note = auto_min_tokens(model, weights, placements)
     else:
         thresholds = int(min_tokens)
     linfusion_patcher = modules_patcher(weights, placements, base_model.get_dtype(), base_model.manual_cast_dtype,

@@ -122,6 +122,17 @@ class ControlLinFusion:
     def models(self) -> list:
         return [self.patcher] if self.patcher is not None else []
 
+    def for_device(self, device) -> "ControlLinFusion":
+        """The same LinFusion with modules of its own on `device`, for a ControlNet's per-GPU deep copy: the
+        shared modules live on the first GPU. The patcher's own factory (cached_patcher_init) builds them, as
+        ComfyUI rebuilds a model's additional models for another GPU."""
+        if self.patcher is None:   # ControlLoRA: built at the copy's first call, on the device it runs on
+            return ControlLinFusion(self.weights, self.source)
+        factory, args = self.patcher.cached_patcher_init[:2]
+        weights, placements, dtype, compute_dtype, _, offload_device = args
+        return ControlLinFusion(self.weights, self.source, self.placements,
+                                factory(weights, placements, dtype, compute_dtype, device, offload_device))
+
     def pairs(self, control, device):
         if self.patcher is not None:
             return list(zip(self.placements, self.patcher.model.blocks))
@@ -191,6 +202,13 @@ class LinFusionControlMixin:
 
     def get_models(self):
         return super().get_models() + self.linfusion.models()
+
+    def deepclone_multigpu(self, load_device, autoregister=False):
+        """ComfyUI 0.33's MultiGPU CFG Split deep-copies each ControlNet per extra GPU (through copy(), which
+        shares our modules): give that copy LinFusion modules on its own GPU."""
+        c = super().deepclone_multigpu(load_device, autoregister=autoregister)
+        c.linfusion = self.linfusion.for_device(load_device)
+        return c
 
 
 class _InstanceGetControl:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .dynamic_vram import is_dynamic
 from .patch import LINEAR_ATTENTION_CHUNK_KEY
 
 log = logging.getLogger("LinFusion")
@@ -172,8 +173,12 @@ def unload_models_besides(keep, device) -> list:
         return any(patcher is k or patcher.is_clone(k) for k in keep)
 
     keep_loaded = [lm for lm in mm.current_loaded_models if lm.model is not None and kept(lm.model)]
-    # More than any device holds: free_memory unloads every model outside keep_loaded on this device.
-    unloaded = mm.free_memory(float("inf"), device, keep_loaded=keep_loaded)
+    # More than any device holds: free_memory unloads every model outside keep_loaded on this device. Under
+    # 0.33's DynamicVRAM (the UNet and what it carries are dynamic patchers) ask as its own loader then asks,
+    # for_dynamic: dynamic models are not force-unloaded but give way on demand, weight by weight; a
+    # non-dynamic request would also make ComfyUI enforce its pinned-memory budget for them.
+    dynamic = {"for_dynamic": True} if keep and all(is_dynamic(p) for p in keep) else {}
+    unloaded = mm.free_memory(float("inf"), device, keep_loaded=keep_loaded, **dynamic)
     models = [lm.model for lm in unloaded if lm.model is not None]
     if models:
         log.info("[LinFusion] low-memory mode: unloaded %s from %s before loading the UNet",

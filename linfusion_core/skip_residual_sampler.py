@@ -41,6 +41,24 @@ def recover_noise(model_sampling, sigma0: torch.Tensor, x0: torch.Tensor, refere
     return (x0 - offset) / scale
 
 
+def find_model_sampling(model, depth: int = 4):
+    """The model_sampling under the sampler's model: ComfyUI hands a sampler function KSamplerX0Inpaint, whose
+    inner_model is the CFG guider, whose inner_model is the BaseModel. Walked rather than indexed, as other
+    nodes may wrap a level more; a chain without it stops with an error naming what was found."""
+    seen, node = [], model
+    for _ in range(depth + 1):
+        seen.append(type(node).__name__)
+        sampling = getattr(node, "model_sampling", None)
+        if sampling is not None and callable(getattr(sampling, "timestep", None)):
+            return sampling
+        node = getattr(node, "inner_model", None)
+        if node is None:
+            break
+    raise RuntimeError(f"[LinFusion] the skip residual sampler found no model_sampling under the model it was "
+                       f"given ({' -> '.join(seen)}); it expects ComfyUI's KSamplerX0Inpaint -> CFG guider -> "
+                       f"model, as SamplerCustomAdvanced and KSampler build it")
+
+
 def skip_residual_sampler(sampler_name: str, noise: torch.Tensor | None = None,
                           cosine_scale: float = COSINE_SCALES[0]):
     """A KSAMPLER running `sampler_name` with the skip residual on x before every step. The reference is the
@@ -58,7 +76,7 @@ def skip_residual_sampler(sampler_name: str, noise: torch.Tensor | None = None,
 
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
         extra_args = {} if extra_args is None else extra_args
-        model_sampling = model.inner_model.inner_model.model_sampling
+        model_sampling = find_model_sampling(model)
         reference = model.latent_image
         if reference is None or len(sigmas) < 2:
             return step_function(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .dynamic_vram import is_dynamic
 from .tiled_vae_passes import Parked, TiledPasses, downsample_conv_problem, same_conv_problem
 
 log = logging.getLogger("LinFusion")
@@ -263,11 +264,17 @@ def available_memory(vae) -> int:
     CPU, where unloading frees no RAM)."""
     import comfy.model_management as mm
 
-    free = mm.get_free_memory(vae.device)
+    # 0.33 asks the patcher (under DynamicVRAM it adds what comfy-aimdo's virtual weights can give back);
+    # older ComfyUI has only model_management's figure.
+    patcher_free = getattr(vae.patcher, "get_free_memory", None)
+    free = patcher_free(vae.device) if patcher_free is not None else mm.get_free_memory(vae.device)
     if not mm.is_device_cpu(vae.device):
         for loaded in list(mm.current_loaded_models):
-            if loaded.device == vae.device and loaded.model is not vae.patcher:
-                free += loaded.model_loaded_memory()
+            model = loaded.model   # a weak reference: None once its patcher is gone
+            # A dynamic model's memory is in the patcher's figure already (aimdo gives it back on demand).
+            if (model is not None and loaded.device == vae.device and model is not vae.patcher
+                    and not is_dynamic(model)):
+                free += model.loaded_size()
     return int(free)
 
 

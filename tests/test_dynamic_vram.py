@@ -4,6 +4,8 @@ of it runs here and what cannot): every model storage dtype x LinFusion file dty
 stage; and the memory calls and per-GPU copies that differ under it. ComfyUI 0.3.75 has no DynamicVRAM."""
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -113,3 +115,115 @@ def test_linfusion_modules_get_the_hosts_dynamic_patcher(core, sd15, dynamic):
     assert all(torch.equal(a, b) for a, b in zip(delegate.model.state_dict().values(),
                                                  modules.model.state_dict().values()))
     assert {p.dtype for p in delegate.model.parameters()} == {FP16}
+
+
+def test_low_memory_mode_frees_memory_the_dynamic_way(core, sd15, dynamic, monkeypatch):
+    """Low-Memory Mode unloads the other models before the UNet loads. With dynamic patchers it asks ComfyUI's
+    free_memory as ComfyUI's own loader does for them (for_dynamic: dynamic models give way on demand instead of
+    being unloaded whole); with a classic patcher among those kept, the classic way. Before the fix it always
+    asked the classic way."""
+    import comfy.model_management
+
+    reference, weights, _, _ = sd15
+    patched, _ = core.patch.apply_linfusion(dynamic_patcher(loaded_base_model(reference.model, FP16)), weights)
+    asked = []
+    monkeypatch.setattr(comfy.model_management, "free_memory",
+                        lambda memory, device, keep_loaded=[], **kw: asked.append((device, kw)) or [])
+    keep = [patched] + patched.get_nested_additional_models()
+    assert all(p.is_dynamic() for p in keep)
+    core.low_memory.unload_models_besides(keep, CUDA0)
+    classic = build_patcher("sd15")
+    core.low_memory.unload_models_besides(keep + [classic], CUDA0)
+    assert asked == [(CUDA0, {"for_dynamic": True}), (CUDA0, {})]
+
+
+def test_tiled_vae_reads_free_memory_from_the_patcher(core, hm, dynamic, monkeypatch):
+    """The tiled VAE's automatic choice: free memory as the VAE's patcher reports it (0.33; under DynamicVRAM
+    that adds what comfy-aimdo can give back), plus what unloading classic models would free; a dynamic model
+    is already in the patcher's figure, and an entry whose patcher is gone (ComfyUI holds them weakly) is
+    skipped. Before the fix: model_management's figure, dynamic models counted twice, and AttributeError on a
+    dead entry."""
+    import comfy.model_management
+    import comfy.model_patcher
+
+    vae = hm.tiny_vae()
+    monkeypatch.setattr(vae, "device", CUDA0)
+    monkeypatch.setattr(vae.patcher, "get_free_memory", lambda device: 1000 if device == CUDA0 else -1)
+    classic = comfy.model_patcher.ModelPatcher(torch.nn.Linear(2, 2), load_device=CUDA0, offload_device=CUDA0)
+    classic.model.model_loaded_weight_memory = 20
+    dynamic_one = dynamic_patcher(torch.nn.Linear(2, 2))
+    dynamic_one.model.model_loaded_weight_memory = 300
+    gone = comfy.model_patcher.ModelPatcher(torch.nn.Linear(2, 2), load_device=CUDA0, offload_device=CUDA0)
+    entries = [comfy.model_management.LoadedModel(p) for p in (classic, dynamic_one, gone)]
+    del gone
+    gc.collect()
+    assert entries[2].model is None
+    monkeypatch.setattr(comfy.model_management, "current_loaded_models", entries)
+    assert core.tiled_vae.available_memory(vae) == 1000 + 20
+
+
+def controlnet_residuals(core, loaded):
+    """The LinFusion ControlNet of the sd15 fixture ControlNet at one step: its residuals and LinFusion's calls."""
+    control, base_model, weights = loaded
+    patched, _ = core.controlnet_patch.apply_linfusion_controlnet(control, weights)
+    x, sigma, cond = control_inputs(base_model)
+    with LinFusionSpy(core) as spy, torch.no_grad():
+        out = prepared(patched, base_model, hint_image(64, 64)).get_control(x, sigma, cond, 1, {})
+    return [r for r in out["input"] + out["middle"] if r is not None], len(spy.calls)
+
+
+def test_linfusion_controlnet_under_dynamic_vram(core, host, fixtures):
+    """LinFusion ControlNet built and run with DynamicVRAM on gives the classic path's residuals. The files are
+    loaded with it off: a ControlNet file stored in fp16 loads into weightless layers as fp16 in an fp32 model,
+    which only a ModelPatcherDynamic casts per op, and that cannot load here (tests/dynamic_vram.py)."""
+    if not host_has_dynamic_vram():
+        skip_for_host_difference(NO_DYNAMIC_VRAM)
+    loaded = family_controlnet(core, fixtures, "sd15")
+    classic, classic_calls = controlnet_residuals(core, loaded)
+    with dynamic_vram():
+        out, calls = controlnet_residuals(core, loaded)
+    assert calls == classic_calls > 0
+    assert max(relative(a, b) for a, b in zip(out, classic, strict=True)) <= 1e-6
+
+
+def test_multigpu_cfg_split_copy_of_a_linfusion_controlnet_has_its_own_modules(core, host, fixtures):
+    """0.33's MultiGPU CFG Split deep-copies each ControlNet for every extra GPU (deepclone_multigpu, through
+    copy()). The copy must carry LinFusion modules loaded for its own GPU, not share the first GPU's (a device
+    mismatch), while the original keeps its own; ComfyUI then loads the copy's through get_models(). Before the
+    fix the copy shared them."""
+    if not host_has_dynamic_vram():
+        skip_for_host_difference(NO_DYNAMIC_VRAM)
+    control, base_model, weights = family_controlnet(core, fixtures, "sd15")
+    patched, _ = core.controlnet_patch.apply_linfusion_controlnet(control, weights)
+    first = patched.linfusion.patcher
+    second_gpu = torch.device("cuda", 1)   # a device object: nothing is loaded on it here
+    copy_ = patched.deepclone_multigpu(second_gpu, autoregister=True)
+    assert patched.get_instance_for_device(second_gpu) is copy_
+    assert patched.linfusion.patcher is first and copy_.linfusion.patcher is not first
+    assert copy_.linfusion.patcher.load_device == second_gpu
+    ours, theirs = copy_.linfusion.patcher.model, first.model
+    assert ours is not theirs and all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(),
+                                                                        theirs.state_dict().values()))
+    assert copy_.linfusion.patcher in patched.get_models() and first in patched.get_models()
+    # The copy still runs LinFusion, with its own modules.
+    x, sigma, cond = control_inputs(base_model)
+    prepared_copy = copy_.copy().set_cond_hint(hint_image(64, 64).movedim(-1, 1), 1.0, (0.0, 1.0))
+    prepared_copy.pre_run(base_model, lambda p: base_model.model_sampling.percent_to_sigma(p))
+    with LinFusionSpy(core) as spy, torch.no_grad():
+        prepared_copy.get_control(x, sigma, cond, 1, {})
+    assert spy.calls and {c.module for c in spy.calls} <= {id(m) for m in ours.blocks}
+
+
+def test_skip_residual_sampler_names_a_model_chain_it_cannot_walk(core):
+    """The exact skip residual sampler finds model_sampling by walking inner_model (KSamplerX0Inpaint -> CFG
+    guider -> model) and says what it found when the chain holds none, instead of an AttributeError."""
+    class Level:
+        def __init__(self, inner=None):
+            self.inner_model = inner
+
+    sampling = core.skip_residual_sampler.find_model_sampling
+    model = build_patcher("sd15").model
+    assert sampling(Level(Level(model))) is model.model_sampling
+    assert sampling(Level(Level(Level(model)))) is model.model_sampling     # one wrapper more
+    with pytest.raises(RuntimeError, match=r"found no model_sampling .*\(Level -> Level\)"):
+        sampling(Level(Level(None)))

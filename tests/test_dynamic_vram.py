@@ -227,3 +227,53 @@ def test_skip_residual_sampler_names_a_model_chain_it_cannot_walk(core):
     assert sampling(Level(Level(Level(model)))) is model.model_sampling     # one wrapper more
     with pytest.raises(RuntimeError, match=r"found no model_sampling .*\(Level -> Level\)"):
         sampling(Level(Level(None)))
+
+
+def ladder_stage(core, hm, model, vae, weights, min_tokens_mode):
+    """One SD 1.5 ladder stage through the nodes: Apply LinFusion -> Low-Memory Mode -> Tiled UNet (8 px latent
+    tiles) -> Progressive Upscale with the exact tiled VAE between the stages (64 px tiles)."""
+    import nodes
+
+    from test_highres_progressive import run_node
+
+    mappings = nodes.NODE_CLASS_MAPPINGS
+    (model,) = mappings["ApplyLinFusion"]().apply(model, weights, "all", 0, min_tokens_mode)[:1]
+    (model,) = mappings["LinFusionLowMemory"]().patch(model, True, 0, True, True, 0)
+    (model,) = mappings["LinFusionTiledUNet"]().patch(model, 8, "cpu", mappings["LinFusionTiledUNet"]
+                                                      .INPUT_TYPES()["required"]["mode"][0][0])
+    latent = torch.randn(1, 4, 6, 8, generator=torch.Generator().manual_seed(5)) * 0.5
+    attended = []
+    cls = core.module.LinFusionAttention
+    original = cls.attend      # what the tiled UNet calls per tile (it never calls forward)
+    cls.attend = lambda module, *args, **kwargs: attended.append(id(module)) or original(module, *args, **kwargs)
+    try:
+        out, _ = run_node(model, vae, hm, latent, stages=1, base_steps=6, vae_tile_size=64)
+    finally:
+        cls.attend = original
+    return out["samples"], len(attended)
+
+
+def test_ladder_stage_low_memory_tiled_unet_and_tiled_vae_under_dynamic_vram(core, hm, host):
+    """The high-res path with DynamicVRAM on equals the classic path: an fp32 model, an fp16 LinFusion file (the
+    combination that crashed), Low-Memory Mode, the Tiled UNet and the tiled VAE inside one ladder stage; and
+    with min_tokens auto it runs."""
+    import comfy.model_patcher
+    import comfy.sd
+
+    if not host_has_dynamic_vram():
+        skip_for_host_difference(NO_DYNAMIC_VRAM)
+    reference, vae = hm.unet_patcher(seed=41), hm.tiny_vae()
+    weights = as_file(core, linfusion_for(core, reference.model), FP16)
+    expected, calls = ladder_stage(core, hm, reference, vae, weights, "manual")
+    assert calls > 0
+    vae_weights = vae.first_stage_model.state_dict()
+    with dynamic_vram():
+        model = comfy.model_patcher.CoreModelPatcher(loaded_base_model(reference.model, FP32),
+                                                     load_device=reference.load_device,
+                                                     offload_device=reference.offload_device)
+        lazy_vae = comfy.sd.VAE(sd=vae_weights, config={"params": {"ddconfig": dict(hm.TINY_VAE), "embed_dim": 4}})
+        out, dynamic_calls = ladder_stage(core, hm, model, lazy_vae, weights, "manual")
+        auto, _ = ladder_stage(core, hm, model, lazy_vae, weights, "auto")
+    assert dynamic_calls == calls
+    assert relative(out, expected) <= 1e-5
+    assert torch.isfinite(auto).all()

@@ -40,7 +40,7 @@ def _timer(device: torch.device):
 
 
 def loaded(build, state_dict: dict | None, device, dtype) -> torch.nn.Module:
-    """build(operations, device) made and filled through load_state_dict: under ComfyUI 0.33's DynamicVRAM
+    """build(operations, device, dtype) made and filled through load_state_dict: under ComfyUI 0.33's DynamicVRAM
     comfy.ops layers have no weight until a state dict is loaded, so filling parameters() would fill nothing.
     Without `state_dict`, random variance-preserving values of the module's own shapes (read from a meta-device
     copy in plain torch layers, which holds no memory)."""
@@ -48,10 +48,12 @@ def loaded(build, state_dict: dict | None, device, dtype) -> torch.nn.Module:
 
     if state_dict is None:
         gen = torch.Generator().manual_seed(0)
-        shapes = build(torch.nn, torch.device("meta")).state_dict()
+        shapes = build(torch.nn, torch.device("meta"), dtype).state_dict()
         state_dict = {k: torch.randn(v.shape, generator=gen) / math.sqrt(v.shape[-1]) if v.ndim > 1
                       else torch.ones(v.shape) for k, v in shapes.items()}
-    module = build(comfy.ops.disable_weight_init, device)
+    # Built in `dtype` (the classic layers keep their own dtype on load) and loaded in it (DynamicVRAM's keep
+    # the loaded one).
+    module = build(comfy.ops.disable_weight_init, device, dtype)
     module.load_state_dict({k: v.to(device, dtype) for k, v in state_dict.items()}, strict=True)
     return module.eval()
 
@@ -81,10 +83,10 @@ def crossover_tokens(dim: int, heads: int, mid_dim, device, dtype, transformer_o
     key = (str(device), str(dtype), dim, heads, mid_dim, override or attention.optimized_attention)
     if key in _CACHE:
         return _CACHE[key]
-    lin = loaded(lambda ops, dev: LinFusionAttention(dim, heads, mid_dim, device=dev, operations=ops),
+    lin = loaded(lambda ops, dev, dt: LinFusionAttention(dim, heads, mid_dim, dtype=dt, device=dev, operations=ops),
                  linfusion_state, device, dtype)
-    soft = loaded(lambda ops, dev: attention.CrossAttention(dim, heads=heads, dim_head=dim // heads, device=dev,
-                                                            operations=ops), None, device, dtype)
+    soft = loaded(lambda ops, dev, dt: attention.CrossAttention(dim, heads=heads, dim_head=dim // heads, dtype=dt,
+                                                                device=dev, operations=ops), None, device, dtype)
     options = {"optimized_attention_override": override} if override else {}
     tokens = PROBE_TOKENS["cpu" if device.type == "cpu" else "other"]
     timed = _timer(device)

@@ -69,33 +69,39 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("file", FILES)
 @pytest.mark.parametrize("model", MODELS)
-def test_apply_linfusion_every_model_and_file_dtype(core, sd15, dynamic, model, file):
-    """Before the fix: an fp32 model with an fp16 file crashed ('mat1 and mat2 must have the same dtype'), since
-    the weightless layers kept the file's dtype; every min_tokens auto crashed ('weight must be Tensor, not
-    NoneType'), since its probe modules were filled through parameters() they do not have yet."""
-    import comfy.model_patcher
+@pytest.mark.parametrize("path", ["DynamicVRAM", "classic"])
+def test_apply_linfusion_every_model_and_file_dtype(core, host, sd15, path, model, file):
+    """Before the fix, on the DynamicVRAM path: an fp32 model with an fp16 file crashed ('mat1 and mat2 must have
+    the same dtype'), since the weightless layers kept the file's dtype; every min_tokens auto crashed ('weight
+    must be Tensor, not NoneType'), since its probe modules were filled through parameters() they do not have
+    yet. The classic path (0.33 with --cpu and the other flags, and 0.3.75) must keep working alike."""
+    import contextlib
 
+    if path == "DynamicVRAM" and not host_has_dynamic_vram():
+        skip_for_host_difference(NO_DYNAMIC_VRAM)
     storage, compute = MODELS[model]
     reference, weights32, inputs, expected = sd15
-    base = comfy.model_patcher.CoreModelPatcher(loaded_base_model(reference.model, storage, compute),
-                                                load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
-    assert type(base) is comfy.model_patcher.ModelPatcher     # ModelPatcherDynamic's own reroute for the CPU
     weights = as_file(core, weights32, FILES[file])
+    with dynamic_vram() if path == "DynamicVRAM" else contextlib.nullcontext():
+        assert lazy_layers() == (path == "DynamicVRAM")
+        base = core.dynamic_vram.patcher_class()(loaded_base_model(reference.model, storage, compute),
+                                                 load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+        assert not core.dynamic_vram.is_dynamic(base)    # ModelPatcherDynamic's own reroute for the CPU
 
-    manual, _ = core.patch.apply_linfusion(base, weights, min_tokens=0)
-    modules = core.patch.linfusion_install(manual).modules
-    assert {p.dtype for p in modules.parameters()} == {storage}, "LinFusion not stored like the model"
-    with LinFusionSpy(core) as spy:
-        out = call_unet(manual, inputs)
-    assert len(spy.calls) == len(modules.blocks)
-    assert {c.x.dtype for c in spy.calls} == {compute or storage}
-    tolerance = max(TOLERANCE[d] for d in (storage, compute or storage, FILES[file]))
-    assert relative(out, expected) <= tolerance
+        manual, _ = core.patch.apply_linfusion(base, weights, min_tokens=0)
+        modules = core.patch.linfusion_install(manual).modules
+        assert {p.dtype for p in modules.parameters()} == {storage}, "LinFusion not stored like the model"
+        with LinFusionSpy(core) as spy:
+            out = call_unet(manual, inputs)
+        assert len(spy.calls) == len(modules.blocks)
+        assert {c.x.dtype for c in spy.calls} == {compute or storage}
+        tolerance = max(TOLERANCE[d] for d in (storage, compute or storage, FILES[file]))
+        assert relative(out, expected) <= tolerance
 
-    auto, info = core.patch.apply_linfusion(base, weights, min_tokens="auto")
-    assert "min_tokens auto (cpu, " in info
-    out_auto = call_unet(auto, inputs)
-    assert torch.isfinite(out_auto).all()
+        auto, info = core.patch.apply_linfusion(base, weights, min_tokens="auto")
+        assert "min_tokens auto (cpu, " in info
+        out_auto = call_unet(auto, inputs)
+        assert torch.isfinite(out_auto).all()
 
 
 def test_linfusion_modules_get_the_hosts_dynamic_patcher(core, sd15, dynamic):

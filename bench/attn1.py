@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from .models import fill_random
+from .models import filled
 from .timing import interleaved, predict
 
 log = logging.getLogger("LinFusion")
@@ -70,9 +70,9 @@ def run(core, device, dtype, sides_by_layout: dict, n: int, budget, max_call_s: 
     for family, sides_by_width in sides_by_layout.items():
         for dim, sides in sides_by_width.items():
             heads, mid = LAYOUTS[family](dim)
-            lin = fill_random(core.module.LinFusionAttention(dim, heads, mid)).to(device, dtype).eval()
-            soft = fill_random(attn.CrossAttention(dim, heads=heads, dim_head=dim // heads, dtype=dtype,
-                                                   operations=comfy.ops.disable_weight_init)).to(device, dtype)
+            lin = filled(lambda: core.module.LinFusionAttention(dim, heads, mid)).to(device, dtype).eval()
+            soft = filled(lambda: attn.CrossAttention(dim, heads=heads, dim_head=dim // heads, dtype=dtype,
+                                                      operations=comfy.ops.disable_weight_init)).to(device, dtype)
             last = {}
             for side in sides:
                 tokens = side * side

@@ -10,8 +10,15 @@
 #   bench/gpu.sh                    # needs a ComfyUI host: COMFYUI_PATH (and COMFYUI_PYTHON) set, or the
 #                                   # registry reachable for scripts/comfy_host.py to install one
 #   bench/gpu.sh --smoke --device cpu --out /tmp/x    # the same code path on a CPU, tiny sizes
+#
+# First, ComfyUI 0.33's GPU default (DynamicVRAM) checked pass/fail (bench/dynamic_vram.py: SD 1.5 and SDXL in
+# fp16 and bf16, fp16 and fp32 LinFusion files, Apply LinFusion manual and auto, Tiled UNet, one ladder stage;
+# docs/dynamic_vram_gpu.md). A failing row does not stop the benchmarks. LINFUSION_SKIP_DYNAMIC_CHECK=1 skips it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 args=("$@")
 [[ " ${args[*]-} " == *" --device "* ]] || args=(--device cuda "${args[@]}")
+if [[ -z "${LINFUSION_SKIP_DYNAMIC_CHECK-}" && " ${args[*]} " != *" --device cpu "* ]]; then
+  python3 scripts/comfy_host.py python --host 0.33 bench/dynamic_vram.py --device cuda || true
+fi
 exec python3 scripts/comfy_host.py python bench/run_all.py "${args[@]}"

@@ -55,6 +55,31 @@ def fill_random(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def filled(make, seed: int = 0) -> torch.nn.Module:
+    """make() with fill_random's weights, built as ComfyUI builds a model. Under 0.33's DynamicVRAM (its GPU
+    default) comfy.ops layers have no weight until load_state_dict, so the weights are made in a classic copy
+    (DynamicVRAM off while it is built) and loaded into the real one."""
+    import comfy.memory_management
+
+    if not getattr(comfy.memory_management, "aimdo_enabled", False):
+        return fill_random(make(), seed)
+    comfy.memory_management.aimdo_enabled = False
+    try:
+        weights = fill_random(make(), seed).state_dict()
+    finally:
+        comfy.memory_management.aimdo_enabled = True
+    module = make()
+    module.load_state_dict(weights)
+    return module
+
+
+def patcher_class():
+    """The host's CoreModelPatcher (ModelPatcherDynamic under DynamicVRAM), as its loaders give; ModelPatcher
+    on older ComfyUI."""
+    import comfy.model_patcher
+    return getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+
+
 def device():
     import comfy.model_management
     return comfy.model_management.get_torch_device()
@@ -63,15 +88,16 @@ def device():
 def build(family: str, quick: bool, dtype=torch.float32, seed: int = 0):
     """A ComfyUI MODEL (ModelPatcher) of the family's architecture, random weights."""
     import comfy.model_management
-    import comfy.model_patcher
     import comfy.supported_models as sm
 
-    model_config = {"sd15": sm.SD15, "sdxl": sm.SDXL}[family](unet_config(family, quick))
-    model_config.set_inference_dtype(dtype, None)
-    model = model_config.get_model({}, "", device=torch.device("cpu"))
-    fill_random(model.diffusion_model, seed).eval()
-    return comfy.model_patcher.ModelPatcher(model, load_device=device(),
-                                            offload_device=comfy.model_management.unet_offload_device())
+    def make():
+        model_config = {"sd15": sm.SD15, "sdxl": sm.SDXL}[family](unet_config(family, quick))
+        model_config.set_inference_dtype(dtype, None)
+        return model_config.get_model({}, "", device=torch.device("cpu"))
+
+    model = filled(make, seed)
+    model.diffusion_model.eval()
+    return patcher_class()(model, load_device=device(), offload_device=comfy.model_management.unet_offload_device())
 
 
 def attn1_modules(patcher) -> list:
@@ -187,8 +213,9 @@ def controlnet(family: str, quick: bool, dtype=torch.float32, seed: int = 2):
     import comfy.ops
 
     cfg = {k: v for k, v in unet_config(family, quick).items() if not k.startswith("use_temporal")}
-    net = comfy.cldm.cldm.ControlNet(hint_channels=3, dtype=dtype, operations=comfy.ops.disable_weight_init, **cfg)
-    return comfy.controlnet.ControlNet(fill_random(net, seed).eval(), load_device=device())
+    net = filled(lambda: comfy.cldm.cldm.ControlNet(hint_channels=3, dtype=dtype,
+                                                    operations=comfy.ops.disable_weight_init, **cfg), seed)
+    return comfy.controlnet.ControlNet(net.eval(), load_device=device())
 
 
 def vae(quick: bool, dtype=None, seed: int = 0):

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     module = importlib.import_module("linfusion_core.module")
     sys.path.insert(0, str(REPO))
     from bench.attn1 import LAYOUTS
-    from bench.models import fill_random
+    from bench.models import filled
     from bench.timing import OtherWork, load_average, machine
 
     torch.set_num_threads(1)
@@ -56,8 +56,8 @@ def main(argv=None) -> int:
     rows = []
     for layout, dim, tokens in SHAPES:
         heads, mid = LAYOUTS[layout](dim)
-        lin = fill_random(module.LinFusionAttention(dim, heads, mid, operations=ops)).eval()
-        soft = fill_random(attention.CrossAttention(dim, heads=heads, dim_head=dim // heads, operations=ops))
+        lin = filled(lambda: module.LinFusionAttention(dim, heads, mid, operations=ops)).eval()
+        soft = filled(lambda: attention.CrossAttention(dim, heads=heads, dim_head=dim // heads, operations=ops))
         x = torch.randn(2, tokens, dim)
         for name, fn in (("linfusion", lambda: lin(x)), ("sdpa", lambda: soft(x, transformer_options=sdpa))):
             with torch.inference_mode():

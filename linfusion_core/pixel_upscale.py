@@ -22,12 +22,19 @@ def run_upscale_model(upscale_model, images: torch.Tensor, tile: int = 512, over
     import comfy.model_management as mm
     import comfy.utils
 
-    device = mm.get_torch_device()
-    # ComfyUI's estimate: the model, ~384 activations per pixel of a 512 px tile at the model's scale, the input.
-    need = (mm.module_size(upscale_model.model) + images.nelement() * images.element_size()
+    # ComfyUI's estimate: ~384 activations per pixel of a 512 px tile at the model's scale, the input (and the
+    # model itself where ComfyUI does not count it).
+    need = (images.nelement() * images.element_size()
             + 512 * 512 * 3 * images.element_size() * max(upscale_model.scale, 1.0) * 384.0)
-    mm.free_memory(need, device)
-    upscale_model.to(device)
+    patcher = getattr(upscale_model, "patcher", None)
+    if patcher is not None:
+        # ComfyUI 0.33 loads the model through its patcher, as any model it manages (DynamicVRAM included).
+        device = patcher.load_device
+        mm.load_models_gpu([patcher], memory_required=need, force_full_load=True)
+    else:
+        device = mm.get_torch_device()
+        mm.free_memory(need + mm.module_size(upscale_model.model), device)
+        upscale_model.to(device)
     try:
         x = images.movedim(-1, -3).to(device)
         while True:
@@ -43,7 +50,8 @@ def run_upscale_model(upscale_model, images: torch.Tensor, tile: int = 512, over
                 if tile < 128:
                     raise
     finally:
-        upscale_model.to("cpu")
+        if patcher is None:
+            upscale_model.to("cpu")
     return out.movedim(-3, -1).clamp(0.0, 1.0)
 
 

@@ -260,6 +260,22 @@ def test_upscale_model_replaces_bicubic_and_lands_on_the_stage_size(host, core, 
     assert not torch.allclose(out["samples"], plain["samples"], atol=1e-3)
 
 
+def test_upscale_model_loads_through_its_patcher_where_comfyui_has_one(core, upscale_model, monkeypatch):
+    """ComfyUI 0.33's upscale models carry a ModelPatcher, which its own node loads with load_models_gpu (so
+    DynamicVRAM and the memory accounting see it); 0.3.75's have none and are moved by hand. The ladder's
+    upscale step does what the host's node does."""
+    import comfy.model_management as mm
+
+    px = importlib.import_module(core.__name__ + ".pixel_upscale")
+    loaded, load = [], mm.load_models_gpu
+    monkeypatch.setattr(mm, "load_models_gpu", lambda models, *a, **kw: loaded.append(list(models)) or load(models, *a, **kw))
+    image = torch.rand(1, 32, 48, 3, generator=torch.Generator().manual_seed(4))
+    out = px.run_upscale_model(upscale_model, image)
+    assert out.shape == (1, 128, 192, 3)
+    patcher = getattr(upscale_model, "patcher", None)
+    assert loaded == ([[patcher]] if patcher is not None else [])
+
+
 # ---------------------------------------------------------------- the recipe choices
 def core_module(pu, name):
     return importlib.import_module(pu.__name__.rsplit(".", 1)[0] + "." + name)

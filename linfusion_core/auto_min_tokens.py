@@ -5,8 +5,8 @@ Both modules share the q/k/v/out projections; LinFusion adds its query/key MLPs 
 softmax is the faster one (LinFusion-1-5's C-wide MLPs put it near N ~ 2C; LinFusion-XL's narrow ones far
 lower). This measures that crossover once per (device, dtype, width, heads, MLP width, softmax function)
 and caches it for the process: one LinFusion module (the file's own weights for that width) and one ComfyUI
-CrossAttention (random weights: timing does not depend on the values), batch 1, at two token counts (PROBE_TOKENS), each timed
-interleaved, the minimum of RUNS. A power law through the two points of each gives the crossover, clamped
+CrossAttention (random weights: timing does not depend on the values), batch 1, at two token counts
+(PROBE_TOKENS), each timed interleaved, the minimum of RUNS. A power law through the two points of each gives the crossover, clamped
 to [0, CAP x the larger probe]: a softmax that does not grow faster than LinFusion over the probes stays
 below that cap rather than everywhere.
 """

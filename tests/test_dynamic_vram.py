@@ -1,4 +1,4 @@
-"""The extension on ComfyUI 0.33's GPU default path, DynamicVRAM, run on a CPU (tests/dynamic_vram.py says what
+"""The extension on ComfyUI 0.33's GPU default path, DynamicVRAM, run on a CPU (tests/dynamic_vram_mode.py says what
 of it runs here and what cannot): every model storage dtype x LinFusion file dtype through Apply LinFusion
 (manual and auto), the LinFusion ControlNet, Low-Memory Mode, the Tiled UNet, the tiled VAE and one ladder
 stage; and the memory calls and per-GPU copies that differ under it. ComfyUI 0.3.75 has no DynamicVRAM."""
@@ -11,7 +11,7 @@ import torch
 
 from ci_rules import skip_for_host_difference
 from controlnet_models import control_inputs, family_controlnet, hint_image, prepared
-from dynamic_vram import (CUDA0, dynamic_patcher, dynamic_vram, host_has_dynamic_vram, lazy_layers,
+from dynamic_vram_mode import (CUDA0, dynamic_patcher, dynamic_vram, host_has_dynamic_vram, lazy_layers,
                           loaded_base_model, stored)
 from linfusion_models import build_patcher, linfusion_for, unet_inputs
 from linfusion_spy import LinFusionSpy
@@ -181,7 +181,7 @@ def controlnet_residuals(core, loaded):
 def test_linfusion_controlnet_under_dynamic_vram(core, host, fixtures):
     """LinFusion ControlNet built and run with DynamicVRAM on gives the classic path's residuals. The files are
     loaded with it off: a ControlNet file stored in fp16 loads into weightless layers as fp16 in an fp32 model,
-    which only a ModelPatcherDynamic casts per op, and that cannot load here (tests/dynamic_vram.py)."""
+    which only a ModelPatcherDynamic casts per op, and that cannot load here (tests/dynamic_vram_mode.py)."""
     if not host_has_dynamic_vram():
         skip_for_host_difference(NO_DYNAMIC_VRAM)
     loaded = family_controlnet(core, fixtures, "sd15")

@@ -58,10 +58,19 @@ def linfusion_for(attn1, n_tokens: int):
     return attn1 if is_linfusion_attention(attn1) else None
 
 
-def _cast_weight_bias(module, like):
-    if getattr(module, "comfy_cast_weights", False):
-        return comfy.ops.cast_bias_weight(module, like)[:2]
-    return module.weight, module.bias
+def _group_norm(t, mean, rstd, norm):
+    """group_norm_with_stats with norm's affine; weights ComfyUI casts per call (manual cast, low VRAM) are
+    cast offloadable and uncast after use, as ComfyUI's own layers do (the legacy cast leaves them pinned
+    under DynamicVRAM)."""
+    if not norm.affine:
+        return group_norm_with_stats(t, mean, rstd, norm.num_groups, None, None)
+    if not getattr(norm, "comfy_cast_weights", False):
+        return group_norm_with_stats(t, mean, rstd, norm.num_groups, norm.weight, norm.bias)
+    weight, bias, offload_stream = comfy.ops.cast_bias_weight(norm, t, offloadable=True)
+    try:
+        return group_norm_with_stats(t, mean, rstd, norm.num_groups, weight, bias)
+    finally:
+        comfy.ops.uncast_bias_weight(norm, weight, bias, offload_stream)
 
 
 def _plain_conv(conv) -> bool:
@@ -140,11 +149,9 @@ class TiledUNetRunner:
             stats.add(full[:, :, r0:r1, c0:c1].to(self.dev))
             comfy.model_management.throw_exception_if_processing_interrupted()
         mean, rstd = stats.mean_rstd(norm.eps)
-        affine = norm.affine
 
         def pre(t):
-            w, b = _cast_weight_bias(norm, t) if affine else (None, None)
-            t = group_norm_with_stats(t, mean, rstd, norm.num_groups, w, b)
+            t = _group_norm(t, mean, rstd, norm)
             for m in ((act,) if act is not None else ()) + tuple(extra):
                 t = m(t)
             return t

@@ -50,6 +50,33 @@ def test_tiling_is_not_a_no_op(core, unets):
     assert rel_err(naive, ref[:, :, :, :16]) > 1e-2
 
 
+def test_cast_group_norm_weights_are_offloadable_and_uncast(core, unets, monkeypatch):
+    """GroupNorm weights that ComfyUI casts per call (manual cast, low VRAM) are cast offloadable and uncast after
+    their last use, as ComfyUI's own layers do: the legacy cast leaves them pinned under DynamicVRAM."""
+    import comfy.ops
+    casts, uncasts = [], []
+    cast, uncast = comfy.ops.cast_bias_weight, comfy.ops.uncast_bias_weight
+
+    def spy_cast(s, *args, **kwargs):
+        if isinstance(s, torch.nn.GroupNorm):
+            casts.append(kwargs.get("offloadable", False))
+        return cast(s, *args, **kwargs)
+
+    def spy_uncast(s, *args, **kwargs):
+        if isinstance(s, torch.nn.GroupNorm):
+            uncasts.append(s)
+        return uncast(s, *args, **kwargs)
+    monkeypatch.setattr(comfy.ops, "cast_bias_weight", spy_cast)
+    monkeypatch.setattr(comfy.ops, "uncast_bias_weight", spy_uncast)
+    x, t, ctx, _ = inputs(SD15_SMALL, 1, 36, 28)
+    with torch.no_grad():
+        core.tiled_unet.TiledUNetRunner(unets["sd15_cast"], 10, "cpu", "cpu", progress=False).forward(
+            x, t, ctx, transformer_options={})
+    assert casts, "no GroupNorm weights were cast: the test could not fail"
+    assert all(casts), f"{casts.count(False)} of {len(casts)} GroupNorm casts were the legacy kind"
+    assert len(uncasts) == len(casts)
+
+
 @pytest.mark.parametrize("family,h,w,tile,with_control,min_tokens", [
     ("sd15", 32, 24, 16, False, 0),
     ("sd15", 28, 36, 12, True, 100),   # hybrid: softmax below 100 tokens (deepest level, middle) runs untiled

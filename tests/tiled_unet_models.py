@@ -26,7 +26,12 @@ SDXL_SMALL = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spati
                   transformer_depth_middle=2, use_linear_in_transformer=True, context_dim=2048,
                   num_head_channels=32, transformer_depth_output=[0, 0, 1, 1, 2, 2],
                   use_temporal_attention=False, use_temporal_resblock=False)
-CONFIGS = {"sd15": SD15_SMALL, "sdxl": SDXL_SMALL, "sd15_cast": SD15_SMALL}
+# SDXL's own block layout (3 levels of 2 res blocks, channel_mult 1-2-4, attention from level 2) at a tenth of
+# its width: the UNet that SUPIR's adapters, built a tenth as wide, fit (test_tiled_unet_hooks.py).
+SDXL_SUPIR = dict(SDXL_SMALL, model_channels=32, num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4],
+                  transformer_depth=[0, 0, 1, 1, 1, 1], transformer_depth_middle=1,
+                  transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1])
+CONFIGS = {"sd15": SD15_SMALL, "sdxl": SDXL_SMALL, "sd15_cast": SD15_SMALL, "sdxl_supir": SDXL_SUPIR}
 
 
 def fill_random(module, seed):
@@ -102,7 +107,7 @@ def random_controlnet(config, seed):
 def conds(family, b_ctx, controlnet=None, hint=None):
     g = torch.Generator().manual_seed(7 + b_ctx)
     ctx = torch.randn(1, 77, CONFIGS[family]["context_dim"], generator=g)
-    extra = {"pooled_output": torch.randn(1, 1280, generator=g)} if family == "sdxl" else {}
+    extra = {"pooled_output": torch.randn(1, 1280, generator=g)} if CONFIGS[family].get("adm_in_channels") else {}
     if controlnet is not None:
         extra["control"] = controlnet.copy().set_cond_hint(hint, 1.0, (0.0, 1.0))
         extra["control_apply_to_uncond"] = True

@@ -142,7 +142,7 @@ def test_forward_timestep_embed_patch(core, unets, runners, layer_class):
 ], ids=["patches", "patches_replace"])
 def test_unknown_patch_sends_the_whole_call_untiled(core, unets, runners, caplog, options, named):
     with caplog.at_level(logging.WARNING, logger="LinFusion"):
-        plain, ref, out = compare(core, unets["sd15"], lambda: options)
+        plain, ref, out = compare(core, unets["sd15"], lambda: dict(options))
     assert runners == [], "a patch the runner does not know ran tiled"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(named in w and "whole UNet call runs untiled" in w for w in warnings), warnings

@@ -7,11 +7,15 @@ needs a global reduction, a first pass over all tiles accumulates it:
 - GroupNorm: per-group count / mean / M2, merged exactly (group_norm_stats.py);
 - LinFusion self-attention: the additive state (sum K^T V, sum K, N) (attention.py, module.py).
 Cross-attention, feed-forward, LayerNorm, linear and 1x1 layers are per token and tile freely. Anything
-that cannot be tiled exactly (softmax self-attention, attn1 patches, unknown layers, block patches) runs
-untiled on the full activation: still exact, only not memory-bounded.
+that cannot be tiled exactly (softmax self-attention, attn1 patches, unknown layers, block patches, layers a
+forward_timestep_embed_patch handler claims) runs untiled on the full activation: still exact, only not
+memory-bounded. A patch key the runner does not know sends the whole call to the untiled UNet
+(`unhandled_patches`, checked by tiled_unet_patch.py).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import math
 
@@ -20,7 +24,7 @@ import torch
 import comfy.model_management
 import comfy.ops
 from comfy.ldm.modules.attention import BasicTransformerBlock, SpatialTransformer
-from comfy.ldm.modules.diffusionmodules.openaimodel import (Downsample, ResBlock, Upsample,
+from comfy.ldm.modules.diffusionmodules.openaimodel import (Downsample, ResBlock, UNetModel, Upsample,
                                                              forward_timestep_embed, timestep_embedding)
 
 from . import progress
@@ -30,8 +34,36 @@ log = logging.getLogger("LinFusion")
 _warned: set = set()
 MIN_TILE = 4  # smaller tiles cost more in per-call overhead and halos than they save
 
+# The transformer_options["patches"] keys that ComfyUI's UNet (UNetModel._forward, forward_timestep_embed,
+# BasicTransformerBlock) reads and that this runner calls where ComfyUI does; the same for patches_replace.
+RUNNER_PATCHES = frozenset({
+    "emb_patch", "input_block_patch", "input_block_patch_after_skip", "middle_block_after_patch",
+    "output_block_patch", "forward_timestep_embed_patch",
+    "attn1_patch", "attn1_output_patch", "middle_patch", "attn2_patch", "attn2_output_patch"})
+RUNNER_REPLACES = frozenset({"attn1", "attn2"})
 
-def _warn_once(key, message, *args):
+
+@functools.cache
+def _host_patches() -> frozenset:
+    """RUNNER_PATCHES less those this ComfyUI's UNet never calls (0.3.75 has no middle_block_after_patch): the
+    runner must not call them either, so such a key sends the call to the untiled UNet, which ignores it."""
+    try:
+        source = inspect.getsource(UNetModel._forward)
+    except (OSError, TypeError):  # no source to read: assume the hook absent (the fallback is exact either way)
+        source = ""
+    return RUNNER_PATCHES if '"middle_block_after_patch"' in source else RUNNER_PATCHES - {"middle_block_after_patch"}
+
+
+def unhandled_patches(transformer_options) -> list[str]:
+    """The patch keys (patches_replace kinds as "patches_replace.<kind>") in use that the runner does not
+    implement: a patch it does not know could need anything, so the call must run untiled."""
+    patches = transformer_options.get("patches", {})
+    replaces = transformer_options.get("patches_replace", {})
+    return ([k for k, v in patches.items() if v and k not in _host_patches()]
+            + [f"patches_replace.{k}" for k, v in replaces.items() if v and k not in RUNNER_REPLACES])
+
+
+def warn_once(key, message, *args):
     if key not in _warned:
         _warned.add(key)
         log.warning("[LinFusion] " + message, *args)
@@ -58,10 +90,19 @@ def linfusion_for(attn1, n_tokens: int):
     return attn1 if is_linfusion_attention(attn1) else None
 
 
-def _cast_weight_bias(module, like):
-    if getattr(module, "comfy_cast_weights", False):
-        return comfy.ops.cast_bias_weight(module, like)[:2]
-    return module.weight, module.bias
+def _group_norm(t, mean, rstd, norm):
+    """group_norm_with_stats with norm's affine; weights ComfyUI casts per call (manual cast, low VRAM) are
+    cast offloadable and uncast after use, as ComfyUI's own layers do (the legacy cast leaves them pinned
+    under DynamicVRAM)."""
+    if not norm.affine:
+        return group_norm_with_stats(t, mean, rstd, norm.num_groups, None, None)
+    if not getattr(norm, "comfy_cast_weights", False):
+        return group_norm_with_stats(t, mean, rstd, norm.num_groups, norm.weight, norm.bias)
+    weight, bias, offload_stream = comfy.ops.cast_bias_weight(norm, t, offloadable=True)
+    try:
+        return group_norm_with_stats(t, mean, rstd, norm.num_groups, weight, bias)
+    finally:
+        comfy.ops.uncast_bias_weight(norm, weight, bias, offload_stream)
 
 
 def _plain_conv(conv) -> bool:
@@ -140,11 +181,9 @@ class TiledUNetRunner:
             stats.add(full[:, :, r0:r1, c0:c1].to(self.dev))
             comfy.model_management.throw_exception_if_processing_interrupted()
         mean, rstd = stats.mean_rstd(norm.eps)
-        affine = norm.affine
 
         def pre(t):
-            w, b = _cast_weight_bias(norm, t) if affine else (None, None)
-            t = group_norm_with_stats(t, mean, rstd, norm.num_groups, w, b)
+            t = _group_norm(t, mean, rstd, norm)
             for m in ((act,) if act is not None else ()) + tuple(extra):
                 t = m(t)
             return t
@@ -203,11 +242,12 @@ class TiledUNetRunner:
             self._tick()
         return out
 
-    def untiled(self, layer, full, emb, context, to, output_shape, extra):
-        """Exact fallback: the layer's own forward on the whole activation."""
-        self.untiled_layers.append((to.get("block"), type(layer).__name__))
-        _warn_once(type(layer).__name__, "tiled UNet: %s runs untiled on the full activation (exact, not "
-                   "memory-bounded)", type(layer).__name__)
+    def untiled(self, layer, full, emb, context, to, output_shape, extra, why=None):
+        """Exact fallback: ComfyUI's forward_timestep_embed for the layer (its patch handlers included) on the
+        whole activation."""
+        name = type(layer).__name__ + (f": {why}" if why else "")
+        self.untiled_layers.append((to.get("block"), name))
+        warn_once(name, "tiled UNet: %s runs untiled on the full activation (exact, not memory-bounded)", name)
         y = forward_timestep_embed([layer], full.to(self.dev), emb, context, to, output_shape, **extra)
         self.ticks += len(self._tiles(*full.shape[2:], full.shape[1]))
         return y.to(self.park)
@@ -272,8 +312,8 @@ class TiledUNetRunner:
         if not tileable:
             why = "softmax self-attention" if lin is None else "an attn1 patch"
             self.untiled_layers.append((to.get("block"), "BasicTransformerBlock: " + why))
-            _warn_once(("attn1", why), "tiled UNet: a transformer block with %s runs untiled on the full "
-                       "activation (exact, not memory-bounded)", why)
+            warn_once(("attn1", why), "tiled UNet: a transformer block with %s runs untiled on the full "
+                      "activation (exact, not memory-bounded)", why)
             h, w = t.shape[2:]
             y = block(_to_tokens(t.to(self.dev)), context=context, transformer_options=to)
             self.ticks += len(self._tiles(h, w, t.shape[1]))
@@ -344,7 +384,11 @@ class TiledUNetRunner:
         return block.ff(block.norm3(x))
 
     def layer(self, layer, x, emb, context, to, output_shape, extra):
-        patched = [c for c, _ in to.get("patches", {}).get("forward_timestep_embed_patch", [])]
+        # A handler may do anything with the layer's whole input (SUPIR's cross-attention before Upsample), so a
+        # layer one claims (isinstance, as ComfyUI matches them) runs untiled, through ComfyUI's own dispatch.
+        handlers = to.get("patches", {}).get("forward_timestep_embed_patch", [])
+        if any(isinstance(layer, c) for c, _ in handlers):
+            return self.untiled(layer, x, emb, context, to, output_shape, extra, "forward_timestep_embed_patch")
         y = None
         if type(layer) is ResBlock:
             y = self.resblock(layer, x, emb)
@@ -358,7 +402,7 @@ class TiledUNetRunner:
             y = self.conv(x, layer.conv, up_shape=shape)
         elif type(layer) is Downsample and layer.dims == 2 and layer.use_conv:
             y = self.conv(x, layer.op)
-        elif isinstance(layer, torch.nn.Conv2d) and not any(isinstance(layer, c) for c in patched):
+        elif isinstance(layer, torch.nn.Conv2d):
             y = self.conv(x, layer)
         if y is None:
             y = self.untiled(layer, x, emb, context, to, output_shape, extra)
@@ -376,14 +420,15 @@ class TiledUNetRunner:
             ctrl = control[name].pop()
             if ctrl is not None:
                 if ctrl.shape != h.shape:
-                    _warn_once("ctrl", "control could not be applied %s %s", h.shape, ctrl.shape)
+                    warn_once("ctrl", "control could not be applied %s %s", h.shape, ctrl.shape)
                     return h
                 for r0, r1, c0, c1 in self._tiles(*h.shape[2:], h.shape[1]):
                     h[:, :, r0:r1, c0:c1] += ctrl[:, :, r0:r1, c0:c1].to(h.device)
         return h
 
     def forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
-        """Mirror of UNetModel._forward (ComfyUI 0.3.x) with every block run through the tiled layers."""
+        """Mirror of UNetModel._forward (ComfyUI 0.3.75 to 0.33, its patch hooks included) with every block run
+        through the tiled layers."""
         unet, to = self.unet, transformer_options
         to["original_shape"] = list(x.shape)
         to["transformer_index"] = 0
@@ -418,13 +463,17 @@ class TiledUNetRunner:
         if unet.middle_block is not None:
             h = self.block(unet.middle_block, h, emb, context, to, None, extra)
         h = self.add_control(h, control, "middle")
+        for p in tp.get("middle_block_after_patch", []):
+            h = p({"h": h.to(self.dev), "x": x, "emb": emb, "context": context, "y": y, "timesteps": timesteps,
+                   "transformer_options": to})["h"].to(self.park)
         for i, module in enumerate(unet.output_blocks):
             to["block"] = ("output", i)
             hsp = self.add_control(hs.pop(), control, "output")
             for p in tp.get("output_block_patch", []):
-                h, hsp = p(h.to(self.dev), hsp.to(self.dev), to)
-                h, hsp = h.to(self.park), hsp.to(self.park)
-            h = torch.cat([h, hsp], dim=1)
+                h, hsp = p(h.to(self.dev), None if hsp is None else hsp.to(self.dev), to)
+                h, hsp = h.to(self.park), None if hsp is None else hsp.to(self.park)
+            if hsp is not None:  # a patch that merged the skip connection itself returns None for it (SUPIR)
+                h = torch.cat([h, hsp], dim=1)
             del hsp
             output_shape = hs[-1].shape if len(hs) > 0 else None
             h = self.block(module, h, emb, context, to, output_shape, extra)
@@ -436,7 +485,6 @@ class TiledUNetRunner:
 
 def supports(unet) -> str | None:
     """None when `unet` can run tiled, else why not."""
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     if not isinstance(unet, UNetModel):
         return f"{type(unet).__name__} is not a UNet of the SD1.x/SD2.x/SDXL family"
     if unet.predict_codebook_ids:

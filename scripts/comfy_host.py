@@ -394,6 +394,7 @@ def link_extension(comfy: Path) -> None:
         link.unlink()
     elif link.exists():
         sys.exit(f"{link} exists and is not a link to this checkout; move it away first")
+    link.parent.mkdir(exist_ok=True)
     link.symlink_to(REPO, target_is_directory=True)
     log(f"linked {link} -> {REPO}")
 

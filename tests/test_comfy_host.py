@@ -1,8 +1,10 @@
-"""scripts/comfy_host.py's `serve`: --cpu only without an accelerator, the models folders named first, and a
+"""scripts/comfy_host.py's `serve`: --cpu only without an accelerator, the user's arguments after the defaults (as
+ComfyUI's own parser reads them, the later ones win), its own --help, the models folders named first, and a
 start-up log without import tracebacks (ComfyUI's audio nodes, which need torchaudio, reported in one line)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -75,7 +77,7 @@ def test_summary_kept_when_other_extras_failed(comfy_host):
 def test_cpu_flag_only_without_an_accelerator(comfy_host):
     assert comfy_host.serve_args([], None)[0] == "--cpu"
     assert "--cpu" not in comfy_host.serve_args([], "cuda NVIDIA H200")
-    assert comfy_host.serve_args(["--port", "9"], None) == ["--port", "9"]
+    assert comfy_host.serve_args(["--cpu"], None).count("--cpu") == 1
     import torch
 
     # Asked of a Python with torch (the venv's): the same answer as torch in this process.
@@ -83,6 +85,37 @@ def test_cpu_flag_only_without_an_accelerator(comfy_host):
     assert (found is not None) == (torch.cuda.is_available() or torch.backends.mps.is_available())
     if torch.cuda.is_available():
         assert found.startswith("cuda")
+
+
+def comfyui_parses(args: list[str]) -> dict:
+    """What this host's own ComfyUI parser (comfy/cli_args.py) makes of `args`, as main.py would."""
+    code = ("import json, sys; sys.argv = ['main.py'] + json.loads(sys.argv[1]); import comfy.options; "
+            "comfy.options.enable_args_parsing(); from comfy.cli_args import args; "
+            "print(json.dumps({k: v for k, v in vars(args).items() if k in ('cpu', 'listen', 'port', 'front_end_root')}))")
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(args)], cwd=os.environ["COMFYUI_PATH"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_serve_appends_the_users_arguments_to_its_defaults(comfy_host, tmp_path):
+    """`serve --port 9000` keeps --listen 127.0.0.1 and, on a CPU machine, --cpu (any argument used to replace all
+    defaults, so `serve --front-end-root X` crashed on a CPU machine with "Found no NVIDIA driver")."""
+    args = comfy_host.serve_args(["--port", "9000", "--front-end-root", str(tmp_path)], None)
+    assert comfyui_parses(args) == {"cpu": True, "listen": "127.0.0.1", "port": 9000, "front_end_root": str(tmp_path)}
+    on_gpu = comfyui_parses(comfy_host.serve_args(["--listen", "0.0.0.0"], "cuda NVIDIA H200"))
+    assert on_gpu["cpu"] is False and on_gpu["listen"] == "0.0.0.0" and on_gpu["port"] == 8188
+
+
+def test_serve_help_is_ours_then_comfyuis():
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "comfy_host.py"), "serve", "--help"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    ours, _, theirs = done.stdout.partition("ComfyUI's own options")
+    for needed in ("serve [--host", "--host 0.3.75", "--listen 127.0.0.1 --port 8188", "--cpu", "LINFUSION_TORCH_SPEC",
+                   "LINFUSION_COMFYUI_SOURCE", "COMFYUI_PATH"):
+        assert needed in ours, needed
+    assert "--front-end-root" in theirs and "--listen" in theirs, "ComfyUI's own --help is not shown after ours"
 
 
 @pytest.mark.slow

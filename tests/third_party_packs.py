@@ -1,12 +1,14 @@
 """The real third-party node packs users run beside this extension, loaded into the test host for the session.
 
 The packs are source snapshots (tarballs with one top folder each, commits in ORIGIN.txt) in
-`../shared/third_party/` beside the checkout (`LINFUSION_THIRD_PARTY_DIR` overrides). `load_pack(name)`
+`../shared/third_party/` beside the checkout (`LINFUSION_THIRD_PARTY_DIR` overrides), which only this project's own
+checkouts and CI have: where a snapshot is missing, the test that needs it skips saying so (under CI=true it
+fails, tests/ci_rules.py). `load_pack(name)`
 unpacks one into the host's temporary custom_nodes folder (the one tests/comfy_harness.py made for this
 session) and imports it with ComfyUI's own custom-node loader (`nodes.load_custom_node`), as a start-up
 would. Nothing of the packs is copied into this project, and the copies vanish with the session's temp dir.
 
-A pack that does not import on this host raises PackNotLoaded with ComfyUI's own traceback; `require_pack`
+A pack that is there but does not import on this host raises PackNotLoaded with ComfyUI's own traceback; `require_pack`
 turns that into a test failure (never a skip: a pack that stopped loading is exactly what these tests are
 for). A pack that is known not to load on a host is declared in KNOWN_NOT_LOADING with the reason, and a test
 checks that the failure is that one.
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from ci_rules import skip_or_fail
 from scratch import unpack_tar
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,10 +49,19 @@ class LoadedPack:
     node_types: tuple[str, ...]     # the node types this pack registered
 
 
+def require_snapshot(path: Path) -> Path:
+    """In a test or fixture: `path` in the snapshots folder, or a skip that says where it was looked for (a failure
+    under CI=true, whose checkout always has it)."""
+    if not path.is_file():
+        skip_or_fail(f"{path} is missing: the third-party pack snapshots are in ../shared/third_party/ beside this "
+                     f"project's own checkouts (or where LINFUSION_THIRD_PARTY_DIR says), not in a clone")
+    return path
+
+
 def origin() -> dict[str, str]:
     """pack folder -> 'commit date' from ORIGIN.txt."""
     out = {}
-    for line in (THIRD_PARTY_DIR / "ORIGIN.txt").read_text().splitlines():
+    for line in require_snapshot(THIRD_PARTY_DIR / "ORIGIN.txt").read_text().splitlines():
         parts = line.split()
         if len(parts) >= 3:
             out[parts[0]] = f"{parts[1]} {parts[2]}"
@@ -86,21 +98,14 @@ def load_pack(name: str) -> LoadedPack:
 
 def unpack(name: str, target: Path) -> Path:
     """The pack's snapshot unpacked into `target` (a custom_nodes folder of this session); its folder."""
-    tarball = THIRD_PARTY_DIR / f"{name}.tar.gz"
-    if not tarball.is_file():
-        raise FileNotFoundError(f"{tarball} is missing: the pack snapshots live in ../shared/third_party/ "
-                                f"(or set LINFUSION_THIRD_PARTY_DIR)")
-    unpack_tar(tarball, target)
+    unpack_tar(require_snapshot(THIRD_PARTY_DIR / f"{name}.tar.gz"), target)
     return target / name
 
 
 def _load(name: str) -> LoadedPack | PackNotLoaded:
     import nodes
 
-    try:
-        path = unpack(name, _custom_nodes_dir())
-    except FileNotFoundError as e:
-        return PackNotLoaded(str(e))
+    path = unpack(name, _custom_nodes_dir())
     before = set(nodes.NODE_CLASS_MAPPINGS)
     records = _Records()
     root = logging.getLogger()
@@ -122,7 +127,8 @@ def _host_version() -> str:
 
 
 def require_pack(name: str) -> LoadedPack:
-    """In a test or fixture: the loaded pack, or a failure with the import error (under CI and locally alike)."""
+    """In a test or fixture: the loaded pack, or a failure with the import error (under CI and locally alike);
+    a skip where its snapshot is missing (a failure under CI)."""
     try:
         return load_pack(name)
     except PackNotLoaded as e:

@@ -34,6 +34,7 @@ import contextlib
 import datetime
 import math
 import os
+import time
 
 import torch
 
@@ -226,6 +227,7 @@ class Strips(Local):
         self.waiter = None       # the gloo waits' helper thread
         self.latent_rows = None
         self.sent = {}           # bytes this rank sent in the current call, by kind
+        self.waits = {}          # waits for other ranks in the current call: count "n", seconds "s"
         self.last_sent = {}      # ... in the previous call
 
     # ---------------------------------------------------------------- rows and tiles
@@ -409,6 +411,14 @@ class Strips(Local):
         """Wait for p2p/collective works. On gloo the wait runs in a helper thread while this one watches the
         store: a fault another rank publishes ends the wait within ~50 ms (gloo's point-to-point works cannot
         be polled, and a wait cannot be interrupted; the abandoned one ends at the process group's timeout)."""
+        started = time.perf_counter()
+        try:
+            self._wait_works(works)
+        finally:
+            self.waits["n"] = self.waits.get("n", 0) + 1
+            self.waits["s"] = self.waits.get("s", 0.0) + time.perf_counter() - started
+
+    def _wait_works(self, works):
         if self.backend == "nccl":   # stream-ordered: wait() does not block the host
             for w in works:
                 w.wait()
@@ -433,7 +443,7 @@ class Strips(Local):
         why = self._aborted()
         if why is not None:
             raise DistributedFault(f"[LinFusion] distributed tiled UNet: the session ended earlier ({why})")
-        self.last_sent, self.sent = self.sent, {}
+        self.last_sent, self.sent, self.waits = self.sent, {}, {}
         self.calls += 1
         self.latent_rows = x.shape[2]
         fp = fingerprint(self.calls, x, timesteps, context, transformer_options).to(self.comm)

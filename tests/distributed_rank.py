@@ -88,7 +88,7 @@ def main(plan_path, out_dir):
     import tiled_unet_models as tm
     dist_mod = core.tiled_unet_distributed
     plan = json.loads(Path(plan_path).read_text())
-    rank, world = dist_mod.init_from_env("gloo", timeout_s=plan.get("timeout_s", 60))
+    rank, world = dist_mod.init_from_env(plan.get("backend", "gloo"), timeout_s=plan.get("timeout_s", 60))
     out = Path(out_dir)
     unets = {}
 
@@ -127,26 +127,37 @@ def main(plan_path, out_dir):
             # Interleaved: each round times every mode once, the others waiting at a barrier (a blocked socket
             # read: no CPU). "local" runs on rank 0 alone (the single-process runner), the others on all ranks.
             config = dict(step["config"])
-            unet = tm.build_unet(config, core.module.LinFusionAttention, 0)
-            x, t, ctx, y = tm.inputs(config, step["b"], step["h"], step["w"])
+            device = torch.device("cuda", torch.cuda.current_device()) if step.get("device") == "cuda" else torch.device("cpu")
+            dtype = getattr(torch, step.get("dtype", "float32"))
+            unet = tm.build_unet(config, core.module.LinFusionAttention, 0).to(device, dtype)
+            x, t, ctx, y = (v.to(device, dtype) if v is not None and v.is_floating_point() else v
+                            for v in tm.inputs(config, step["b"], step["h"], step["w"]))
+            t = t.to(device)
+            park = step.get("park", "cpu")
             parts = {m: dist_mod.Strips(aligned=(m == "aligned")) for m in step["modes"] if m != "local"}
-            times, sent, outs = {m: [] for m in step["modes"]}, {}, {}
+            times, sent, outs, waits, cpu = {m: [] for m in step["modes"]}, {}, {}, {}, {}
             import torch.distributed as dist
             with torch.no_grad():
                 for i in range(step["n"] + 1):   # round 0 warms up, untimed
                     for m in step["modes"]:
                         dist.barrier()
-                        t0 = time.perf_counter()
+                        t0, c0, m0 = time.perf_counter(), time.process_time(), time.thread_time()
                         if m != "local" or rank == 0:
-                            runner = core.tiled_unet.TiledUNetRunner(unet, step["tile"], "cpu", "cpu", progress=False,
-                                                                     partition=parts.get(m))
-                            outs[m] = runner.forward(x, t, ctx, y, transformer_options={})
+                            runner = core.tiled_unet.TiledUNetRunner(unet, step["tile"], device if park != "cpu" else "cpu",
+                                                                     device, progress=False, partition=parts.get(m))
+                            outs[m] = runner.forward(x, t, ctx, y, transformer_options={}).float().cpu()
+                            if device.type == "cuda":
+                                torch.cuda.synchronize()
+                        c1, m1 = time.process_time(), time.thread_time()
                         dist.barrier()
                         if i:
                             times[m].append(time.perf_counter() - t0)
+                            cpu.setdefault(m, []).append(c1 - c0)
+                            cpu.setdefault(m + " main thread", []).append(m1 - m0)
                         if m in parts:
                             sent[m] = dict(parts[m].sent)
-            save(name, times=times, sent=sent, outs=outs if rank == 0 else None, threads=torch.get_num_threads())
+                            waits.setdefault(m, []).append(dict(parts[m].waits))
+            save(name, times=times, cpu=cpu, sent=sent, waits=waits, outs=outs if rank == 0 else None, threads=torch.get_num_threads())
         elif kind == "sample":
             family = step.get("family", "sd15")
             base = tm.model_patcher(core, family, 5)
@@ -201,7 +212,14 @@ def main(plan_path, out_dir):
 
 if __name__ == "__main__":
     try:
-        main(sys.argv[1], sys.argv[2])
+        if os.environ.get("LINFUSION_PROFILE"):   # a developer's look at where a rank's time goes
+            import cProfile
+            import pstats
+            prof = cProfile.Profile()
+            prof.runcall(main, sys.argv[1], sys.argv[2])
+            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        else:
+            main(sys.argv[1], sys.argv[2])
     except BaseException:
         traceback.print_exc()
         sys.stdout.flush()

@@ -200,6 +200,12 @@ def main(plan_path, out_dir):
                 save(name, **raised)
             else:
                 save(name, failed_at=torch.load(out / f"{name}.rank{rank}.pt")["failed_at"], **raised)
+                # Stay alive (as a ComfyUI that caught the error would) until the others have raised, up to
+                # the process group's timeout: they must learn of the fault from the store, not a closed socket.
+                others = [out / f"{name}.rank{k}.pt" for k in range(world) if k != rank]
+                deadline = time.monotonic() + plan.get("timeout_s", 60)
+                while time.monotonic() < deadline and not all(o.exists() for o in others):
+                    time.sleep(0.05)
             # the session is over: no collective after a fault (the other ranks may be gone)
             sys.stdout.flush()
             os._exit(0)

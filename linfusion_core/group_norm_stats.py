@@ -73,6 +73,35 @@ def apply_group_norm(tile: torch.Tensor, stats: ChannelStats, norm: torch.nn.Gro
     return x
 
 
+def group_part(tile: torch.Tensor, num_groups: int):
+    """One tile's (count, mean, M2) per (batch, group), fp32 (B x C x h x w, any dtype)."""
+    b = tile.shape[0]
+    g = tile.float().reshape(b, num_groups, -1)
+    n = g.shape[-1]
+    if n == 0:
+        return 0, None, None
+    mean = g.mean(dim=-1)
+    return n, mean, (g - mean.unsqueeze(-1)).square().sum(dim=-1)
+
+
+def merge_parts(acc, part):
+    """Fold a tile's part into the running (count, mean, M2) (acc None: nothing yet). Folding the tiles' parts
+    in one fixed order gives the same bits wherever each part was computed (tiled_unet_distributed.py)."""
+    n, mean, m2 = part
+    if n == 0:
+        return acc
+    if acc is None or acc[0] == 0:
+        return n, mean, m2
+    count, acc_mean, acc_m2 = acc
+    return chan_merge(count, acc_mean, acc_m2, n, mean.to(acc_mean.device), m2.to(acc_mean.device))
+
+
+def stats_mean_rstd(stats, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (batch, group) mean and 1/sqrt(biased var + eps), fp32, of merged (count, mean, M2)."""
+    count, mean, m2 = stats
+    return mean, torch.rsqrt(m2 / count + eps)
+
+
 class GroupStats:
     """Running per-(batch, group) count / mean / M2, merged exactly across tiles."""
 
@@ -84,21 +113,13 @@ class GroupStats:
 
     def add(self, tile: torch.Tensor) -> None:
         """Fold one tile (B x C x h x w, any dtype) into the statistics."""
-        b = tile.shape[0]
-        g = tile.float().reshape(b, self.num_groups, -1)
-        n = g.shape[-1]
-        if n == 0:
-            return
-        mean = g.mean(dim=-1)
-        m2 = (g - mean.unsqueeze(-1)).square().sum(dim=-1)
-        if self.mean is not None:
-            mean, m2 = mean.to(self.mean.device), m2.to(self.mean.device)
-        self.count, self.mean, self.m2 = chan_merge(self.count, self.mean, self.m2, n, mean, m2)
+        merged = merge_parts((self.count, self.mean, self.m2), group_part(tile, self.num_groups))
+        if merged is not None:
+            self.count, self.mean, self.m2 = merged
 
     def mean_rstd(self, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Per (batch, group) mean and 1/sqrt(biased var + eps), fp32."""
-        var = self.m2 / self.count
-        return self.mean, torch.rsqrt(var + eps)
+        return stats_mean_rstd((self.count, self.mean, self.m2), eps)
 
 
 def group_norm_with_stats(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, num_groups: int,

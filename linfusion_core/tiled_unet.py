@@ -28,7 +28,9 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import (Downsample, ResBlock
                                                              forward_timestep_embed, timestep_embedding)
 
 from . import progress
-from .group_norm_stats import GroupStats, group_norm_with_stats
+from .attention import LinearAttentionState
+from .group_norm_stats import group_norm_with_stats, group_part, merge_parts, stats_mean_rstd
+from .tiled_unet_distributed import LOCAL
 
 log = logging.getLogger("LinFusion")
 _warned: set = set()
@@ -125,8 +127,14 @@ class TiledUNetRunner:
     """One tiled forward pass of `unet`. Holds nothing of the model; safe to drop at any time."""
 
     def __init__(self, unet, tile: int, park_device, compute_device, stale_state_cache: dict | None = None,
-                 progress: bool = True, expected_ticks: int | None = None):
+                 progress: bool = True, expected_ticks: int | None = None, partition=None):
         self.unet = unet
+        # Which tiles this process computes and what it exchanges with others (tiled_unet_distributed.py);
+        # LOCAL: all of them, nothing.
+        self.part = partition if partition is not None else LOCAL
+        if self.part.distributed and stale_state_cache is not None:
+            raise ValueError("[LinFusion] the distributed tiled UNet runs the exact mode only (the fast mode's "
+                             "stale state is not exchanged between ranks yet)")
         self.tile = int(tile)
         self.park = torch.device(park_device)
         self.dev = torch.device(compute_device)
@@ -176,11 +184,14 @@ class TiledUNetRunner:
     # ---------------------------------------------------------------- tiled primitives
     def group_norm_pre(self, full, norm, act=None, extra=()):
         """Pass 1 over `full`: exact GroupNorm statistics; returns the per-tile pre-op norm(+act, +extra)."""
-        stats = GroupStats(norm.num_groups)
-        for r0, r1, c0, c1 in self._tiles(*full.shape[2:], full.shape[1]):
-            stats.add(full[:, :, r0:r1, c0:c1].to(self.dev))
+        tiles = self._tiles(*full.shape[2:], full.shape[1])
+        self.part.fetch(full, tiles, lambda r: r[:2])
+
+        def part_of(r):
+            p = group_part(full[:, :, r[0]:r[1], r[2]:r[3]].to(self.dev), norm.num_groups)
             comfy.model_management.throw_exception_if_processing_interrupted()
-        mean, rstd = stats.mean_rstd(norm.eps)
+            return p
+        mean, rstd = stats_mean_rstd(self.part.reduce(tiles, part_of, merge_parts, tuple, self.dev), norm.eps)
 
         def pre(t):
             t = _group_norm(t, mean, rstd, norm)
@@ -189,13 +200,14 @@ class TiledUNetRunner:
             return t
         return pre
 
-    def conv(self, full, conv, pre=None, post=None, up_shape=None):
+    def conv(self, full, conv, pre=None, post=None, up_shape=None, reads=()):
         """conv(pre(full)) tile by tile; up_shape: nearest-upsample the input to that size first.
 
         A plain conv (weights as stored, the usual case) runs as F.conv2d on exactly the window each output
         tile needs, with padding 0. A conv that ComfyUI casts or patches on the fly (low-VRAM LoRA weight
         functions, manual cast, quantized weights) runs through its own forward, so ComfyUI keeps doing
-        that: the window then starts m*stride rows early and the outputs it pads for itself are cropped."""
+        that: the window then starts m*stride rows early and the outputs it pads for itself are cropped.
+        reads: other parked maps of the output's size that `post` reads at each output tile."""
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             return None
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
@@ -211,8 +223,16 @@ class TiledUNetRunner:
         Wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         functional = _plain_conv(conv)
         mh, mw = (0, 0) if functional else (-(-ph // sh), -(-pw // sw))
-        out = None
-        for o0, o1, q0, q1 in self._tiles(Ho, Wo, max(full.shape[1], conv.out_channels)):
+        tiles = self._tiles(Ho, Wo, max(full.shape[1], conv.out_channels))
+
+        def source_rows(r):  # the rows of `full` that output tile r reads
+            a0, a1 = max((r[0] - mh) * sh - (ph if functional else 0), 0), min((r[1] - 1) * sh - ph + dh * (kh - 1) + 1, H)
+            return (a0, a1) if rows is None else (int(rows[a0]), int(rows[a1 - 1]) + 1)
+        self.part.fetch(full, tiles, source_rows)
+        for t in reads:
+            self.part.fetch(t, tiles, lambda r: r[:2])
+        out = self._empty(full, conv.out_channels, Ho, Wo)
+        for o0, o1, q0, q1 in self.part.mine(tiles):
             r1 = (o1 - 1) * sh - ph + dh * (kh - 1) + 1
             c1 = (q1 - 1) * sw - pw + dw * (kw - 1) + 1
             if functional:
@@ -224,33 +244,42 @@ class TiledUNetRunner:
                 y = conv(win)[:, :, mh:mh + o1 - o0, mw:mw + q1 - q0]
             if post is not None:
                 y = post(y, (o0, o1, q0, q1))
-            if out is None:
-                out = self._empty(full, y.shape[1], Ho, Wo)
             out[:, :, o0:o1, q0:q1] = y.to(self.park)
             self._tick()
-        return out
+        return self.part.produced(out, tiles)
 
-    def pointwise(self, full, fn, channels=None):
-        """fn(tile, region) per tile of a per-pixel computation."""
-        out = None
-        for r in self._tiles(*full.shape[2:], full.shape[1]):
+    def pointwise(self, full, fn, channels=None, reads=()):
+        """fn(tile, region) per tile of a per-pixel computation giving `channels` (default: full's); reads:
+        other parked maps of full's size that fn reads at each tile."""
+        tiles = self._tiles(*full.shape[2:], full.shape[1])
+        for t in (full,) + tuple(reads):
+            self.part.fetch(t, tiles, lambda r: r[:2])
+        out = self._empty(full, channels or full.shape[1], *full.shape[2:])
+        for r in self.part.mine(tiles):
             r0, r1, c0, c1 = r
             y = fn(full[:, :, r0:r1, c0:c1].to(self.dev), r)
-            if out is None:
-                out = self._empty(full, y.shape[1], *full.shape[2:])
             out[:, :, r0:r1, c0:c1] = y.to(self.park)
             self._tick()
-        return out
+        return self.part.produced(out, tiles)
 
     def untiled(self, layer, full, emb, context, to, output_shape, extra, why=None):
         """Exact fallback: ComfyUI's forward_timestep_embed for the layer (its patch handlers included) on the
         whole activation."""
         name = type(layer).__name__ + (f": {why}" if why else "")
         self.untiled_layers.append((to.get("block"), name))
-        warn_once(name, "tiled UNet: %s runs untiled on the full activation (exact, not memory-bounded)", name)
+        warn_once(name, "tiled UNet: %s runs untiled on the full activation (exact, not memory-bounded%s)", name,
+                  self._gathered())
+        full = self.part.gather(full)
         y = forward_timestep_embed([layer], full.to(self.dev), emb, context, to, output_shape, **extra)
         self.ticks += len(self._tiles(*full.shape[2:], full.shape[1]))
-        return y.to(self.park)
+        return self.part.everywhere(y.to(self.park))
+
+    def _gathered(self) -> str:
+        return "; distributed: gathered on every rank, which each computes" if self.part.distributed else ""
+
+    def _whole(self, h):
+        """h whole on the compute device (gathered from every rank first when distributed), for a patch."""
+        return self.part.gather(h).to(self.dev)
 
     # ---------------------------------------------------------------- layers
     def resblock(self, blk, x, emb):
@@ -272,7 +301,8 @@ class TiledUNetRunner:
         def post_out(y, r):
             r0, r1, c0, c1 = r
             return skip(x[:, :, r0:r1, c0:c1].to(self.dev)) + y
-        return self.conv(h, ol[3], pre=self.group_norm_pre(h, ol[0], ol[1], extra=(ol[2],)), post=post_out)
+        return self.conv(h, ol[3], pre=self.group_norm_pre(h, ol[0], ol[1], extra=(ol[2],)), post=post_out,
+                         reads=(x,))
 
     def spatial_transformer(self, st, x, context, to):
         if not isinstance(context, list):
@@ -281,7 +311,8 @@ class TiledUNetRunner:
         to["activations_shape"] = list(x.shape)
         norm_pre = self.group_norm_pre(x, st.norm)
         if st.use_linear:
-            t = self.pointwise(x, lambda t, r: _to_image(st.proj_in(_to_tokens(norm_pre(t))), r[1] - r[0], r[3] - r[2]))
+            t = self.pointwise(x, lambda t, r: _to_image(st.proj_in(_to_tokens(norm_pre(t))), r[1] - r[0], r[3] - r[2]),
+                               channels=st.proj_in.out_features)
         else:
             t = self.conv(x, st.proj_in, pre=norm_pre)
         for i, block in enumerate(st.transformer_blocks):
@@ -295,7 +326,7 @@ class TiledUNetRunner:
             else:
                 tt = st.proj_out(tt)
             return tt + x[:, :, r[0]:r[1], r[2]:r[3]].to(self.dev)
-        return self.pointwise(t, out)
+        return self.pointwise(t, out, channels=x.shape[1], reads=(x,))
 
     def transformer_block(self, block, t, context, to):
         patches = to.get("patches", {})
@@ -313,11 +344,11 @@ class TiledUNetRunner:
             why = "softmax self-attention" if lin is None else "an attn1 patch"
             self.untiled_layers.append((to.get("block"), "BasicTransformerBlock: " + why))
             warn_once(("attn1", why), "tiled UNet: a transformer block with %s runs untiled on the full "
-                      "activation (exact, not memory-bounded)", why)
+                      "activation (exact, not memory-bounded%s)", why, self._gathered())
             h, w = t.shape[2:]
-            y = block(_to_tokens(t.to(self.dev)), context=context, transformer_options=to)
+            y = block(_to_tokens(self._whole(t)), context=context, transformer_options=to)
             self.ticks += len(self._tiles(h, w, t.shape[1]))
-            return _to_image(y, h, w).to(self.park)
+            return self.part.everywhere(_to_image(y, h, w).to(self.park))
 
         key = (id(block), tuple(t.shape), tuple(to.get("cond_or_uncond", ())))
         sigma = float(to["sigmas"].max()) if "sigmas" in to else None
@@ -325,12 +356,15 @@ class TiledUNetRunner:
         if stale is not None and sigma is not None and sigma >= stale[0]:
             stale = None  # not a later step of the same run (a new run starts at the top again): exact
         if stale is None:
-            state = None
-            for r0, r1, c0, c1 in self._tiles(*t.shape[2:], t.shape[1]):
-                n = block.norm1(_to_tokens(t[:, :, r0:r1, c0:c1].to(self.dev)))
-                part = lin.compute_state(n)
-                state = part if state is None else state + part
+            tiles = self._tiles(*t.shape[2:], t.shape[1])
+            self.part.fetch(t, tiles, lambda r: r[:2])
+
+            def part_of(r):
+                part = lin.compute_state(block.norm1(_to_tokens(t[:, :, r[0]:r[1], r[2]:r[3]].to(self.dev))))
                 comfy.model_management.throw_exception_if_processing_interrupted()
+                return part
+            state = self.part.reduce(tiles, part_of, lambda acc, part: part if acc is None else acc + part,
+                                     LinearAttentionState, self.dev)
         else:
             state = stale[1]
         fresh = [None]
@@ -343,7 +377,7 @@ class TiledUNetRunner:
                 fresh[0] = part if fresh[0] is None else fresh[0] + part
             x = self._block_tail(block, x, lin.attend(n, state), context, to)
             return _to_image(x, r[1] - r[0], r[3] - r[2])
-        out = self.pointwise(t, apply)
+        out = self.pointwise(t, apply, channels=t.shape[1])
         if self.stale is not None:
             self.stale[key] = (sigma if sigma is not None else float("inf"), fresh[0])
         return out
@@ -429,7 +463,12 @@ class TiledUNetRunner:
     def forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
         """Mirror of UNetModel._forward (ComfyUI 0.3.75 to 0.33, its patch hooks included) with every block run
         through the tiled layers."""
+        with self.part.call():   # distributed: an error here is published to the other ranks
+            return self._forward(x, timesteps, context, y, control, transformer_options, **kwargs)
+
+    def _forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
         unet, to = self.unet, transformer_options
+        self.part.begin(x, timesteps, context, to)   # distributed: all ranks on this same call, or raise
         to["original_shape"] = list(x.shape)
         to["transformer_index"] = 0
         tp = to.get("patches", {})
@@ -449,38 +488,40 @@ class TiledUNetRunner:
             emb = emb + unet.label_emb(y)
 
         hs = []
-        h = x.to(self.park)
+        h = self.part.everywhere(x.to(self.park).view(x.shape))   # (a view: the row map is not set on x)
         for i, module in enumerate(unet.input_blocks):
             to["block"] = ("input", i)
             h = self.block(module, h, emb, context, to, None, extra)
             h = self.add_control(h, control, "input")
             for p in tp.get("input_block_patch", []):
-                h = p(h.to(self.dev), to).to(self.park)
+                h = self.part.everywhere(p(self._whole(h), to).to(self.park))
             hs.append(h)
             for p in tp.get("input_block_patch_after_skip", []):
-                h = p(h.to(self.dev), to).to(self.park)
+                h = self.part.everywhere(p(self._whole(h), to).to(self.park))
         to["block"] = ("middle", 0)
         if unet.middle_block is not None:
             h = self.block(unet.middle_block, h, emb, context, to, None, extra)
         h = self.add_control(h, control, "middle")
         for p in tp.get("middle_block_after_patch", []):
-            h = p({"h": h.to(self.dev), "x": x, "emb": emb, "context": context, "y": y, "timesteps": timesteps,
-                   "transformer_options": to})["h"].to(self.park)
+            h = self.part.everywhere(p({"h": self._whole(h), "x": x, "emb": emb, "context": context, "y": y,
+                                        "timesteps": timesteps, "transformer_options": to})["h"].to(self.park))
         for i, module in enumerate(unet.output_blocks):
             to["block"] = ("output", i)
             hsp = self.add_control(hs.pop(), control, "output")
             for p in tp.get("output_block_patch", []):
-                h, hsp = p(h.to(self.dev), None if hsp is None else hsp.to(self.dev), to)
-                h, hsp = h.to(self.park), None if hsp is None else hsp.to(self.park)
+                h, hsp = p(self._whole(h), None if hsp is None else self._whole(hsp), to)
+                h = self.part.everywhere(h.to(self.park))
+                hsp = None if hsp is None else self.part.everywhere(hsp.to(self.park))
             if hsp is not None:  # a patch that merged the skip connection itself returns None for it (SUPIR)
-                h = torch.cat([h, hsp], dim=1)
+                h = self.part.cat(h, hsp)
             del hsp
             output_shape = hs[-1].shape if len(hs) > 0 else None
             h = self.block(module, h, emb, context, to, output_shape, extra)
-        h = h.type(x.dtype)
+        if h.dtype != x.dtype:
+            h = self.part.retyped(h, x.dtype)
         norm, act, conv = unet.out
         out = self.conv(h, conv, pre=self.group_norm_pre(h, norm, act))
-        return out.to(x.device)
+        return self.part.release(self.part.gather(out)).to(x.device)
 
 
 def supports(unet) -> str | None:

@@ -23,12 +23,17 @@ PARK_DEVICES = ("cpu", "accelerator")
 class TiledUNetWrapper:
     """Callable DIFFUSION_MODEL wrapper; holds the settings and the fast mode's stale state."""
 
-    def __init__(self, tile: int, park: str = "cpu", fast_stale_state: bool = False, progress: bool = True):
+    def __init__(self, tile: int, park: str = "cpu", fast_stale_state: bool = False, progress: bool = True,
+                 partition=None):
+        """partition: a tiled_unet_distributed.Strips to split each call over the ranks of a process group
+        (every rank runs the same sampler on the same inputs); None: this process alone."""
         if park not in PARK_DEVICES:
             raise ValueError(f"[LinFusion] park device must be one of {PARK_DEVICES}, got {park!r}")
         if tile < 2:
             raise ValueError(f"[LinFusion] tile size must be at least 2 latent pixels, got {tile}")
-        self.tile, self.park, self.progress = int(tile), park, progress
+        if partition is not None and partition.distributed and fast_stale_state:
+            raise ValueError("[LinFusion] the distributed tiled UNet runs the exact mode only")
+        self.tile, self.park, self.progress, self.partition = int(tile), park, progress, partition
         self.stale_states = {} if fast_stale_state else None
         self.ticks_by_shape = {}
 
@@ -46,7 +51,7 @@ class TiledUNetWrapper:
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         park = torch.device("cpu") if self.park == "cpu" else x.device
         runner = TiledUNetRunner(unet, self.tile, park, x.device, self.stale_states, self.progress,
-                                 self.expected_ticks(tuple(x.shape)))
+                                 self.expected_ticks(tuple(x.shape)), self.partition)
         # The rest of the chain runs as usual; only its innermost function is the tiled forward.
         rest = WrapperExecutor.new_class_executor(runner.forward, unet, executor.wrappers, executor.idx + 1)
         out = rest.execute(x, timesteps, context, y, control, transformer_options, **kwargs)
@@ -64,10 +69,12 @@ class TiledUNetWrapper:
         return None
 
 
-def apply_tiled_unet(model, tile: int, park: str = "cpu", fast_stale_state: bool = False, progress: bool = True):
-    """A clone of `model` (ModelPatcher) whose UNet evaluations run tile by tile."""
+def apply_tiled_unet(model, tile: int, park: str = "cpu", fast_stale_state: bool = False, progress: bool = True,
+                     partition=None):
+    """A clone of `model` (ModelPatcher) whose UNet evaluations run tile by tile (split over the ranks of a
+    process group with a tiled_unet_distributed.Strips partition)."""
     m = model.clone()
     m.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)  # re-applying replaces our own only
     m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
-                           TiledUNetWrapper(tile, park, fast_stale_state, progress))
+                           TiledUNetWrapper(tile, park, fast_stale_state, progress, partition))
     return m

@@ -216,8 +216,15 @@ class ComfyHost:
         import capture_output_node as cap
 
         self.queue.set_flag("free_memory", True)
+        waited = 0
         while self.queue.get_flags(reset=False):    # taken: the worker acts on it before its next prompt
             time.sleep(0.01)
+            waited += 1
+            if waited % 50 == 0:
+                # set_flag's notify is lost when it lands while the worker is between two waits; the worker then
+                # sleeps its full queue timeout (up to 1000 s) before it looks at the flags: wake it again.
+                with self.queue.mutex:
+                    self.queue.not_empty.notify()
         barrier = {"barrier": {"class_type": "LinFusionTest_Capture", "inputs": {"value": 0}}}
         prompt_id = str(uuid.uuid4())
         self.queue.put((next(self._numbers), prompt_id, barrier, {}, ["barrier"], {}))

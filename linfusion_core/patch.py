@@ -102,6 +102,15 @@ class LinFusionInstall:
                 return extra.model
         return self.modules
 
+    def prepare(self, patcher) -> None:
+        """ON_PRE_RUN (the models are loaded, nothing has run yet): the modules' fast-path weights are packed
+        here, eagerly, so a torch.compile'd model (TorchCompileModel) finds them cached instead of tracing the
+        packing into its first graph and compiling again once they are stored."""
+        from .attention_fast import prepare
+
+        for module in self.modules_of(patcher).blocks:
+            prepare(module)
+
     def eject(self, patcher) -> None:
         # Plain attribute work only, no imports: ComfyUI's ModelPatcher.__del__ ejects at interpreter exit,
         # when importing fails ("sys.meta_path is None") and Python prints the error as "Exception ignored".
@@ -232,6 +241,8 @@ def apply_linfusion(model, weights: LinFusionWeights, blocks: str = "all", min_t
         log.info("[LinFusion] the model already had LinFusion applied; replacing it")
     patched.set_additional_models(INJECTION_KEY, [linfusion_patcher])
     patched.set_injections(INJECTION_KEY, [comfy.patcher_extension.PatcherInjection(install.inject, install.eject)])
+    patched.remove_callbacks_with_key(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, INJECTION_KEY)
+    patched.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, INJECTION_KEY, install.prepare)
 
     summary = (f"LinFusion {os.path.basename(weights.source.rstrip('/'))} ({weights.family}, config from "
                f"{weights.config_source}) on {model_label(base_model)}: {len(placements)} of {len(every)} self-attention "

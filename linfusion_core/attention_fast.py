@@ -6,8 +6,8 @@ Low-Memory Mode's token chunks, autograd, and layers that ComfyUI casts per call
 plain self-attention call takes, the same function in fewer, bigger ops (fla's habit: naive.py beside each
 kernel). With x the B x N x C tokens, m the MLP width, h heads of d channels:
 
-    a      = LeakyReLU(LayerNorm(x W1^T + b1))                 both MLPs' hidden layers: one GEMM, one norm
-    q, k   = x Wqk^T + b_qk  +  a Wa                           to_q(x + to_q_(x)) with to_q_'s last Linear
+    a      = LeakyReLU(LayerNorm(x W1 + b1))                   both MLPs' hidden layers: one GEMM, one norm
+    q, k   = x Wqk + b_qk  +  a Wa                             to_q(x + to_q_(x)) with to_q_'s last Linear
                                                                folded into to_q (to_q has no bias), so no
                                                                residual add and no second projection
     V      = [v | 1] N^-1/2                                    to_v with one extra output per head: a zero
@@ -54,15 +54,16 @@ class PackedWeights:
     device: torch.device
     dtype: torch.dtype
     heads: int
-    w1: torch.Tensor | None        # 2m x C: [to_q_.0; to_k_.0]      (None: projection_mid_dim -1, no MLP)
+    # Index 0 is the q side, 1 the k side; batched GEMM weights are stored (input x output).
+    w1: torch.Tensor | None        # 2m x C: [to_q_.0; to_k_.0]       (None: projection_mid_dim -1, no MLP)
     b1: torch.Tensor | None        # 2m
-    ln_one: torch.Tensor | None    # m: ones, zeros (the LayerNorm's own affine differs per half: ln_w, ln_b)
+    ln_one: torch.Tensor | None    # m: ones, zeros (the LayerNorms' own affines differ per side: ln_w, ln_b)
     ln_zero: torch.Tensor | None
     ln_w: torch.Tensor | None      # 2 x m
     ln_b: torch.Tensor | None      # 2 x m
     ln_eps: float
-    w_qk: torch.Tensor             # 2C x C: [to_q; to_k] (2 x C x C, doubled, without MLP)
-    b_qk: torch.Tensor | None      # 2C: [to_q(to_q_.3.bias); to_k(to_k_.3.bias)]
+    w_qk: torch.Tensor             # 2 x C x C: to_q, to_k (doubled without MLP: x + Identity(x) = 2x)
+    b_qk: torch.Tensor | None      # 2 x 1 x C: to_q(to_q_.3.bias), to_k(to_k_.3.bias)
     w_a: torch.Tensor | None       # 2 x m x C: (to_q . to_q_.3)^T, (to_k . to_k_.3)^T
     w_v: torch.Tensor              # h(d+1) x C: to_v with a zero row after each head's d rows
     b_v: torch.Tensor              # h(d+1): 1 at those rows, 0 elsewhere
@@ -128,13 +129,13 @@ def pack(module, device: torch.device, dtype: torch.dtype) -> PackedWeights:
         if ln_q.eps != ln_k.eps:
             raise ValueError("LinFusion: the q and k MLPs' LayerNorms have different eps")
         w2q, w2k = f(layers["to_q_.3"].weight), f(layers["to_k_.3"].weight)
-        mlp = dict(w1=out(w1), b1=out(b1), ln_one=torch.ones(m, dtype=dtype, device=device),
-                   ln_zero=torch.zeros(m, dtype=dtype, device=device),
+        mlp = dict(w1=out(w1), b1=out(b1),
+                   ln_one=torch.ones(m, dtype=dtype, device=device), ln_zero=torch.zeros(m, dtype=dtype, device=device),
                    ln_w=out(torch.stack([f(ln_q.weight), f(ln_k.weight)])),
                    ln_b=out(torch.stack([f(ln_q.bias), f(ln_k.bias)])), ln_eps=float(ln_q.eps),
                    w_a=out(torch.stack([(wq @ w2q).T, (wk @ w2k).T])))
-        w_qk = torch.cat([wq, wk])
-        b_qk = out(torch.cat([wq @ f(layers["to_q_.3"].bias), wk @ f(layers["to_k_.3"].bias)]))
+        w_qk = torch.stack([wq, wk]).transpose(1, 2)
+        b_qk = out(torch.stack([wq @ f(layers["to_q_.3"].bias), wk @ f(layers["to_k_.3"].bias)]).view(2, 1, c))
     to_out = layers["to_out"]
     return PackedWeights(
         sources=sources, versions=_versions(sources), device=device, dtype=dtype, heads=heads,
@@ -206,13 +207,13 @@ def fast_forward(p: PackedWeights, x: torch.Tensor) -> torch.Tensor:
         qk = torch.bmm(xn.expand(2, rows, c), p.w_qk)                                  # 2 x rows x C
     else:
         m = p.w1.shape[0] // 2
-        h = torch.addmm(p.b1, xn, p.w1.t()).view(rows, 2, m)
-        # LayerNorm per half with its own affine: the norm with a unit affine (torch's CPU kernel is several
-        # times slower without one), then both halves' scale and shift in one op.
+        h = torch.addmm(p.b1, xn, p.w1.t()).view(rows, 2, m)                          # rows x (q, k) x m
+        # LayerNorm per side with its own affine: the norm with a unit affine (torch's CPU kernel is several
+        # times slower without one), then both sides' scale and shift in one op.
         a = torch.addcmul(p.ln_b, F.layer_norm(h, (m,), p.ln_one, p.ln_zero, p.ln_eps), p.ln_w)
         a = F.leaky_relu_(a, 0.01)
-        y = torch.addmm(p.b_qk, xn, p.w_qk.t())                                        # rows x 2C
-        qk = torch.baddbmm(y.view(rows, 2, c).transpose(0, 1), a.transpose(0, 1), p.w_a)  # 2 x rows x C
+        # q and k from the same tokens (x expanded, no copy), then the folded MLP outputs added in place.
+        qk = torch.baddbmm(p.b_qk, xn.expand(2, rows, c), p.w_qk).baddbmm_(a.transpose(0, 1), p.w_a)
     qk = _phi_(qk)
     v = torch.addmm(p.b_v, xn, p.w_v.t(), beta=scale, alpha=scale)                    # rows x h(d+1)
     # Per (image, head) views, batch index i*h + j, one batch stride each.

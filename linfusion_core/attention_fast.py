@@ -101,10 +101,11 @@ def _versions(sources) -> tuple | None:
 
 @torch.no_grad()
 def pack(module, device: torch.device, dtype: torch.dtype) -> PackedWeights:
-    """Fold and pack the module's weights (fp32 math on a CPU, fp64 elsewhere so TF32 cannot round the folds)."""
+    """Fold and pack the module's weights: fp64 math on CUDA (TF32 cannot round the folds there), fp32 elsewhere
+    (MPS has no fp64)."""
     layers = dict(_layers(module))
     sources = tuple(t for _, layer in _layers(module) for t in (layer.weight, layer.bias) if t is not None)
-    work = torch.float32 if device.type == "cpu" else torch.float64
+    work = torch.float64 if device.type == "cuda" else torch.float32
     f = lambda t: t.detach().to(device=device, dtype=work)  # noqa: E731
     out = lambda t: t.to(dtype).contiguous()                 # noqa: E731
     c, heads = module.dim, module.heads

@@ -10,9 +10,12 @@ kernel). With x the B x N x C tokens, m the MLP width, h heads of d channels:
     q, k   = x Wqk + b_qk  +  a Wa                             to_q(x + to_q_(x)) with to_q_'s last Linear
                                                                folded into to_q (to_q has no bias), so no
                                                                residual add and no second projection
-    V      = [v | 1] N^-1/2                                    to_v with one extra output per head: a zero
-                                                               weight row and a bias of 1, scaled in the GEMM
-    S      = phi(K)^T V             per (image, head): d x (d+1) = [K^T V | sum K] N^-1/2, one batched GEMM
+    V      = [v | 1 | 0] N^-1/2                                to_v with extra outputs per head: one of zero
+                                                               weights and bias 1, then zeros up to w, a
+                                                               multiple of 8 (an odd row width such as 650
+                                                               made the CPU's GEMM 1.5x slower; tensor cores
+                                                               want 16-byte strides), scaled in the GEMM
+    S      = phi(K)^T V             per (image, head): d x w = [K^T V | sum K | 0] N^-1/2, one batched GEMM
     num    = eps_row + N^-1/2 phi(Q) S                         [Q K^T V / N | Q mean(K) + 1e-4], one GEMM
     out    = to_out(num[:d] / num[d])                          the divide writes B x N x C for to_out
 
@@ -23,11 +26,13 @@ with `out_dtype=float32`; on a CPU, half inputs are upcast for that one GEMM); e
 input dtype with the GEMMs' own fp32 accumulation. The split N^-1/2 keeps the half copy of S in range.
 
 Weights: packed from the module's layers once per (device, dtype) and cached on the module, rebuilt when a
-layer's tensor is replaced, moved, cast, or (outside torch.compile) changed in place. Only for layers that
+layer's tensor is replaced, moved, cast, or (outside torch.compile, and for tensors made outside
+torch.inference_mode, which alone have version counters) changed in place. Only for layers that
 hold plain weights on the input's device and dtype: a layer ComfyUI casts per call (low-VRAM partial
 loading, fp8 or manual-cast storage, 0.33's DynamicVRAM, LoRA weight functions) takes the reference path, so
 what ComfyUI does to those weights is applied as before. The cache costs device memory next to the layers
-(the packed q/k/v and MLP weights: about 3/4 of the module's size), dropped when the module is moved.
+(the packed q/k/v and MLP weights: 3/4 of the module's size for LinFusion-XL, 7/8 for LinFusion-1-5),
+dropped when the module is moved.
 """
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ import torch.nn.functional as F
 from .attention import DEFAULT_CHUNK_SIZE, EPS, is_compiling
 
 # The fast path runs the whole batch in one pass while a C-wide temporary holds at most this many values (two
-# of the reference path's chunks at 1280 channels: cond + uncond of a 16K-token level at C <= 640 in one
+# of the reference path's chunks at 1280 channels: cond + uncond of a 16K-token level at C <= 1280 in one
 # pass). Larger calls, or any call given an explicit chunk size (Low-Memory Mode), take the chunked path.
 FAST_MAX_ELEMENTS = 2 * DEFAULT_CHUNK_SIZE * 1280
 # A CUDA GEMM of fp16/bf16 inputs with an fp32 result (torch >= 2.8); elsewhere half inputs are upcast.
@@ -50,7 +55,7 @@ _BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, "dtype")
 class PackedWeights:
     """The module's weights folded for the fast path, in one device and dtype (see the module docstring)."""
     sources: tuple                 # the layer tensors these were made from (identity checks)
-    versions: tuple | None         # their version counters when packed (None: not trackable)
+    stamps: tuple                  # their data pointers and version counters when packed (_stamps)
     device: torch.device
     dtype: torch.dtype
     heads: int
@@ -65,11 +70,16 @@ class PackedWeights:
     w_qk: torch.Tensor             # 2 x C x C: to_q, to_k (doubled without MLP: x + Identity(x) = 2x)
     b_qk: torch.Tensor | None      # 2 x 1 x C: to_q(to_q_.3.bias), to_k(to_k_.3.bias)
     w_a: torch.Tensor | None       # 2 x m x C: (to_q . to_q_.3)^T, (to_k . to_k_.3)^T
-    w_v: torch.Tensor              # h(d+1) x C: to_v with a zero row after each head's d rows
-    b_v: torch.Tensor              # h(d+1): 1 at those rows, 0 elsewhere
+    w_v: torch.Tensor              # hw x C: to_v, each head's d rows followed by w - d zero rows
+    b_v: torch.Tensor              # hw: 1 at the first of those rows, 0 elsewhere
     w_o: torch.Tensor              # to_out.0's own tensors
     b_o: torch.Tensor | None
-    eps_row: torch.Tensor          # d+1: [0, ..., 0, 1e-4]
+    eps_row: torch.Tensor          # w: 1e-4 at index d, 0 elsewhere
+
+
+def head_width(d: int) -> int:
+    """Columns per head of [v | 1] and of the state: d + 1, padded to a multiple of 8."""
+    return -(-(d + 1) // 8) * 8
 
 
 def _layers(module):
@@ -93,10 +103,11 @@ def _plain(layer, device, dtype) -> bool:
     return True
 
 
-def _versions(sources) -> tuple | None:
-    if any(t.is_inference() for t in sources):
-        return None
-    return tuple(t._version for t in sources)
+def _stamps(sources) -> tuple:
+    """Where each tensor's data is and, where torch tracks it, how often it was changed in place. Tensors made
+    under torch.inference_mode (ComfyUI runs its nodes there, so Apply LinFusion's layers are such tensors)
+    have no version counter: for them an in-place change is not seen, a new or moved tensor is."""
+    return tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in sources)
 
 
 @torch.no_grad()
@@ -111,11 +122,12 @@ def pack(module, device: torch.device, dtype: torch.dtype) -> PackedWeights:
     c, heads = module.dim, module.heads
     d = c // heads
     wq, wk, wv = f(layers["to_q"].weight), f(layers["to_k"].weight), f(layers["to_v"].weight)
-    w_v = torch.zeros(heads, d + 1, c, dtype=work, device=device)
+    w = head_width(d)
+    w_v = torch.zeros(heads, w, c, dtype=work, device=device)
     w_v[:, :d] = wv.view(heads, d, c)
-    b_v = torch.zeros(heads, d + 1, dtype=work, device=device)
+    b_v = torch.zeros(heads, w, dtype=work, device=device)
     b_v[:, d] = 1.0
-    eps_row = torch.zeros(d + 1, dtype=work, device=device)
+    eps_row = torch.zeros(w, dtype=work, device=device)
     eps_row[d] = EPS
     mlp = {}
     if module.projection_mid_dim == -1:
@@ -139,10 +151,10 @@ def pack(module, device: torch.device, dtype: torch.dtype) -> PackedWeights:
         b_qk = out(torch.stack([wq @ f(layers["to_q_.3"].bias), wk @ f(layers["to_k_.3"].bias)]).view(2, 1, c))
     to_out = layers["to_out"]
     return PackedWeights(
-        sources=sources, versions=_versions(sources), device=device, dtype=dtype, heads=heads,
+        sources=sources, stamps=_stamps(sources), device=device, dtype=dtype, heads=heads,
         w1=mlp.get("w1"), b1=mlp.get("b1"), ln_one=mlp.get("ln_one"), ln_zero=mlp.get("ln_zero"),
         ln_w=mlp.get("ln_w"), ln_b=mlp.get("ln_b"), ln_eps=mlp.get("ln_eps", 0.0),
-        w_qk=out(w_qk), b_qk=b_qk, w_a=mlp.get("w_a"), w_v=out(w_v.view(heads * (d + 1), c)),
+        w_qk=out(w_qk), b_qk=b_qk, w_a=mlp.get("w_a"), w_v=out(w_v.view(heads * w, c)),
         b_v=out(b_v.view(-1)), w_o=to_out.weight.detach(),
         b_o=to_out.bias.detach() if to_out.bias is not None else None, eps_row=out(eps_row))
 
@@ -162,7 +174,7 @@ def packed_weights(module, device: torch.device, dtype: torch.dtype) -> PackedWe
             # Dynamo guards on the tensors' identity, device and dtype; version counters cannot be traced, so
             # an in-place change of a weight between compiled calls is seen at the next eager call.
             return cached
-        if same and cached.versions is not None and _versions(sources) == cached.versions:
+        if same and _stamps(sources) == cached.stamps:
             return cached
     cached = pack(module, device, dtype)
     module._linfusion_packed = cached
@@ -216,10 +228,11 @@ def fast_forward(p: PackedWeights, x: torch.Tensor) -> torch.Tensor:
         # q and k from the same tokens (x expanded, no copy), then the folded MLP outputs added in place.
         qk = torch.baddbmm(p.b_qk, xn.expand(2, rows, c), p.w_qk).baddbmm_(a.transpose(0, 1), p.w_a)
     qk = _phi_(qk)
-    v = torch.addmm(p.b_v, xn, p.w_v.t(), beta=scale, alpha=scale)                    # rows x h(d+1)
+    w = p.eps_row.shape[0]
+    v = torch.addmm(p.b_v, xn, p.w_v.t(), beta=scale, alpha=scale)                    # rows x hw
     # Per (image, head) views, batch index i*h + j, one batch stride each.
     k_t = qk[1].view(n, b * heads, d).permute(1, 2, 0)                                 # Bh x d x N
-    v_h = v.view(n, b * heads, d + 1).transpose(0, 1)                                  # Bh x N x (d+1)
+    v_h = v.view(n, b * heads, w).transpose(0, 1)                                      # Bh x N x w
     if x.dtype == torch.float32:
         s = torch.bmm(k_t, v_h)
     elif x.device.type == "cuda" and _BMM_OUT_DTYPE:
@@ -227,13 +240,13 @@ def fast_forward(p: PackedWeights, x: torch.Tensor) -> torch.Tensor:
     else:
         s = torch.bmm(k_t.float(), v_h.float()).to(x.dtype)
     q_h = qk[0].view(n, b * heads, d).transpose(0, 1)                                  # Bh x N x d
-    num = torch.baddbmm(p.eps_row, q_h, s, alpha=scale).view(b, heads, n, d + 1)
+    num = torch.baddbmm(p.eps_row, q_h, s, alpha=scale).view(b, heads, n, w)
     if is_compiling():
-        out = (num[..., :d] / num[..., d:]).transpose(1, 2).reshape(rows, c)          # fused by the compiler
+        out = (num[..., :d] / num[..., d:d + 1]).transpose(1, 2).reshape(rows, c)          # fused by the compiler
     else:
         out = x.new_empty(b, n, heads, d)
         # Divide, merge heads and write in token order in one pass (out= on a strided view: eager only).
-        torch.div(num[..., :d], num[..., d:], out=out.transpose(1, 2))
+        torch.div(num[..., :d], num[..., d:d + 1], out=out.transpose(1, 2))
         out = out.view(rows, c)
     if p.b_o is None:
         return torch.mm(out, p.w_o.t()).view(b, n, c)

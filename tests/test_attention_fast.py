@@ -153,6 +153,28 @@ def test_packed_weights_are_cached_and_rebuilt_when_a_weight_changes(core, monke
     assert len(packs) == 4
 
 
+def test_modules_built_under_inference_mode_pack_once(core, monkeypatch):
+    """ComfyUI runs its nodes under torch.inference_mode, so Apply LinFusion's layers hold inference tensors,
+    which have no version counter: the cache must still hold across calls (packing per call would fold the
+    MLPs, a C x C x m GEMM, every time), and still see a tensor replaced or moved."""
+    packs = []
+    pack = core.attention_fast.pack
+    monkeypatch.setattr(core.attention_fast, "pack", lambda *a: packs.append(1) or pack(*a))
+    with torch.inference_mode():
+        module = random_module(core, 64, 4, 32)
+        assert module.to_q.weight.is_inference()
+        x = torch.randn(2, 30, 64)
+        first = module(x)
+        for _ in range(3):
+            assert torch.equal(module(x), first)
+        assert len(packs) == 1
+        module.to_k.weight = torch.nn.Parameter(module.to_k.weight * 1.5, requires_grad=False)
+        changed = module(x)
+        assert len(packs) == 2 and rel(changed, first) > 1e-3
+        module.fast_path = False
+        assert rel(changed, module(x)) <= 1e-6
+
+
 def test_layers_cast_per_call_take_the_reference_path(core, monkeypatch):
     """ComfyUI casts comfy.ops layers per call under manual cast, fp8 storage, low-VRAM partial loading and
     0.33's DynamicVRAM, and applies LoRA weight functions there: those modules run the reference path, which

@@ -250,9 +250,10 @@ def test_both_paths_trace_without_graph_breaks(core, fast):
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
-def test_apply_linfusion_packs_before_the_first_step(core):
+def test_apply_linfusion_packs_before_the_first_step_and_releases_after_the_run(core):
     """Apply LinFusion registers an ON_PRE_RUN callback that packs every plain module once the models are loaded,
-    so a compiled model finds the cache instead of tracing the packing (and compiling a second graph)."""
+    so a compiled model finds the cache instead of tracing the packing (and compiling a second graph), and an
+    ON_CLEANUP one that drops the packed copies when the sampler is done (memory ComfyUI does not count)."""
     import comfy.model_management
     import comfy.patcher_extension
 
@@ -261,10 +262,13 @@ def test_apply_linfusion_packs_before_the_first_step(core):
     base = build_patcher("sd15", seed=2)
     patched, _ = core.patch.apply_linfusion(base, linfusion_for(core, base.model, seed=3))
     again, _ = core.patch.apply_linfusion(patched, linfusion_for(core, base.model, seed=4))
-    assert len(again.get_all_callbacks(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN)) == 1   # replaced, not stacked
+    for call_type in (comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, comfy.patcher_extension.CallbacksMP.ON_CLEANUP):
+        assert len(again.get_all_callbacks(call_type)) == 1                                  # replaced, not stacked
     comfy.model_management.load_models_gpu([patched] + patched.get_nested_additional_models())
     modules = core.patch.linfusion_install(patched).modules_of(patched).blocks
     assert all(m._linfusion_packed is None for m in modules)
     patched.pre_run()
     assert all(m._linfusion_packed is not None for m in modules)
+    patched.cleanup()
+    assert all(m._linfusion_packed is None for m in modules)
     comfy.model_management.unload_all_models()

@@ -11,10 +11,8 @@ kernel). With x the B x N x C tokens, m the MLP width, h heads of d channels:
                                                                folded into to_q (to_q has no bias), so no
                                                                residual add and no second projection
     V      = [v | 1 | 0] N^-1/2                                to_v with extra outputs per head: one of zero
-                                                               weights and bias 1, then zeros up to w, a
-                                                               multiple of 8 (an odd row width such as 650
-                                                               made the CPU's GEMM 1.5x slower; tensor cores
-                                                               want 16-byte strides), scaled in the GEMM
+                                                               weights and bias 1, then zeros up to w (GEMM
+                                                               alignment: head_width), scaled in the GEMM
     S      = phi(K)^T V             per (image, head): d x w = [K^T V | sum K | 0] N^-1/2, one batched GEMM
     num    = eps_row + N^-1/2 phi(Q) S                         [Q K^T V / N | Q mean(K) + 1e-4], one GEMM
     out    = to_out(num[:d] / num[d])                          the divide writes B x N x C for to_out
@@ -77,9 +75,16 @@ class PackedWeights:
     eps_row: torch.Tensor          # w: 1e-4 at index d, 0 elsewhere
 
 
-def head_width(d: int) -> int:
-    """Columns per head of [v | 1] and of the state: d + 1, padded to a multiple of 8."""
-    return -(-(d + 1) // 8) * 8
+def head_width(d: int, heads: int, device: torch.device) -> int:
+    """Columns per head of [v | 1] and of the state: d + 1, padded so that GEMM rows stay aligned. On CUDA to a
+    multiple of 8 (16-byte strides for the per-head GEMMs' tensor cores); elsewhere only as far as a whole row of
+    V (heads x width) needs to be a multiple of 8 (a 650-wide GEMM was 1.5x slower on the CPU than 656)."""
+    if device.type == "cuda":
+        return -(-(d + 1) // 8) * 8
+    w = d + 1
+    while (heads * w) % 8:
+        w += 1
+    return w
 
 
 def _layers(module):
@@ -122,7 +127,7 @@ def pack(module, device: torch.device, dtype: torch.dtype) -> PackedWeights:
     c, heads = module.dim, module.heads
     d = c // heads
     wq, wk, wv = f(layers["to_q"].weight), f(layers["to_k"].weight), f(layers["to_v"].weight)
-    w = head_width(d)
+    w = head_width(d, heads, device)
     w_v = torch.zeros(heads, w, c, dtype=work, device=device)
     w_v[:, :d] = wv.view(heads, d, c)
     b_v = torch.zeros(heads, w, dtype=work, device=device)
@@ -214,8 +219,12 @@ def fast_forward(p: PackedWeights, x: torch.Tensor) -> torch.Tensor:
     d = c // heads
     rows = b * n
     scale = n ** -0.5
-    # (token, image) order: row t*B + i is token t of image i. A copy only when B > 1.
+    # (token, image) order: row t*B + i is token t of image i. A copy only when B > 1. Temporaries are let go
+    # as soon as they are used (`del`): a lower peak lets the CPU allocator reuse memory instead of mapping
+    # fresh pages.
     xn = x.transpose(0, 1).reshape(rows, c)
+    w = p.eps_row.shape[0]
+    v = torch.addmm(p.b_v, xn, p.w_v.t(), beta=scale, alpha=scale)                    # rows x hw
     if p.w1 is None:
         qk = torch.bmm(xn.expand(2, rows, c), p.w_qk)                                  # 2 x rows x C
     else:
@@ -224,12 +233,13 @@ def fast_forward(p: PackedWeights, x: torch.Tensor) -> torch.Tensor:
         # LayerNorm per side with its own affine: the norm with a unit affine (torch's CPU kernel is several
         # times slower without one), then both sides' scale and shift in one op.
         a = torch.addcmul(p.ln_b, F.layer_norm(h, (m,), p.ln_one, p.ln_zero, p.ln_eps), p.ln_w)
+        del h
         a = F.leaky_relu_(a, 0.01)
         # q and k from the same tokens (x expanded, no copy), then the folded MLP outputs added in place.
         qk = torch.baddbmm(p.b_qk, xn.expand(2, rows, c), p.w_qk).baddbmm_(a.transpose(0, 1), p.w_a)
+        del a
+    del xn
     qk = _phi_(qk)
-    w = p.eps_row.shape[0]
-    v = torch.addmm(p.b_v, xn, p.w_v.t(), beta=scale, alpha=scale)                    # rows x hw
     # Per (image, head) views, batch index i*h + j, one batch stride each.
     k_t = qk[1].view(n, b * heads, d).permute(1, 2, 0)                                 # Bh x d x N
     v_h = v.view(n, b * heads, w).transpose(0, 1)                                      # Bh x N x w
@@ -239,15 +249,18 @@ def fast_forward(p: PackedWeights, x: torch.Tensor) -> torch.Tensor:
         s = torch.bmm(k_t, v_h, out_dtype=torch.float32).to(x.dtype)
     else:
         s = torch.bmm(k_t.float(), v_h.float()).to(x.dtype)
+    del k_t, v_h, v
     q_h = qk[0].view(n, b * heads, d).transpose(0, 1)                                  # Bh x N x d
     num = torch.baddbmm(p.eps_row, q_h, s, alpha=scale).view(b, heads, n, w)
+    del q_h, qk
     if is_compiling():
-        out = (num[..., :d] / num[..., d:d + 1]).transpose(1, 2).reshape(rows, c)          # fused by the compiler
+        out = (num[..., :d] / num[..., d:d + 1]).transpose(1, 2).reshape(rows, c)      # fused by the compiler
     else:
         out = x.new_empty(b, n, heads, d)
         # Divide, merge heads and write in token order in one pass (out= on a strided view: eager only).
         torch.div(num[..., :d], num[..., d:d + 1], out=out.transpose(1, 2))
         out = out.view(rows, c)
+    del num
     if p.b_o is None:
         return torch.mm(out, p.w_o.t()).view(b, n, c)
     return torch.addmm(p.b_o, out, p.w_o.t()).view(b, n, c)

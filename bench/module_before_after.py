@@ -11,6 +11,7 @@ On a machine without CUDA it times fp32 at the sizes of 512 and 1024 px images (
 REPS (default 7) sets the timed calls per module and size; THREADS, torch's CPU threads (default: torch's).
 
 docs/module_before_after_h200.jsonl is its run on the H200 lent on 2026-12-04 (idle, torch 2.11, n = 7 a side).
+docs/module_before_after_cpu.jsonl: the fast path (issue #29) against 0dfbd7d on the 2-core CPU, REPS=9 THREADS=1.
 """
 import json, os, statistics, sys, types, importlib.util
 from pathlib import Path

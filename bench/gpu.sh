@@ -14,11 +14,17 @@
 # First, ComfyUI 0.33's GPU default (DynamicVRAM) checked pass/fail (bench/dynamic_vram.py: SD 1.5 and SDXL in
 # fp16 and bf16, fp16 and fp32 LinFusion files, Apply LinFusion manual and auto, Tiled UNet, one ladder stage;
 # docs/dynamic_vram_gpu.md). A failing row does not stop the benchmarks. LINFUSION_SKIP_DYNAMIC_CHECK=1 skips it.
+# Then issue #29's attn1 comparison (bench/attn1_fast.py, at most 4 more minutes: the fast path eager and
+# compiled, the reference path it replaced and SDPA, C = 640/1280, N = 1K-65K, fp16/bf16, CUDA events, errors
+# against fp32; docs/attn1_fast_gpu.md). LINFUSION_SKIP_ATTN1_FAST=1 skips it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 args=("$@")
 [[ " ${args[*]-} " == *" --device "* ]] || args=(--device cuda "${args[@]}")
 if [[ -z "${LINFUSION_SKIP_DYNAMIC_CHECK-}" && " ${args[*]} " != *" --device cpu "* ]]; then
   python3 scripts/comfy_host.py python --host 0.33 bench/dynamic_vram.py --device cuda || true
+fi
+if [[ -z "${LINFUSION_SKIP_ATTN1_FAST-}" && " ${args[*]} " != *" --device cpu "* ]]; then
+  python3 scripts/comfy_host.py python --host 0.33 bench/attn1_fast.py --device cuda || true
 fi
 exec python3 scripts/comfy_host.py python bench/run_all.py "${args[@]}"

@@ -8,8 +8,10 @@ difference of the two outputs is recorded with each row. Plain torch layers (no 
     OUT=docs python3 bench/module_before_after.py     # writes docs/module_before_after.jsonl
 
 On a machine without CUDA it times fp32 at the sizes of 512 and 1024 px images (SD 1.5 at 512 px only).
+REPS (default 7) sets the timed calls per module and size; THREADS, torch's CPU threads (default: torch's).
 
 docs/module_before_after_h200.jsonl is its run on the H200 lent on 2026-12-04 (idle, torch 2.11, n = 7 a side).
+docs/module_before_after_cpu.jsonl: the fast path (issue #29) against 0dfbd7d on the 2-core CPU, REPS=9 THREADS=1.
 """
 import json, os, statistics, sys, types, importlib.util
 from pathlib import Path
@@ -52,6 +54,9 @@ out = open(Path(os.environ.get("OUT", "/tmp")) / "module_before_after.jsonl", "w
 layouts = {"sd15": [(320, 8, None, [64, 128, 256]), (640, 8, None, [32, 64, 128]), (1280, 8, None, [16, 32, 64])],
            "sdxl": [(640, 10, 40, [64, 128, 256]), (1280, 20, 80, [32, 64, 128])]}
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+REPS = int(os.environ.get("REPS", 7))
+if os.environ.get("THREADS"):
+    torch.set_num_threads(int(os.environ["THREADS"]))
 if dev.type == "cpu":     # the latent sides of each level at 512 and 1024 px (SD 1.5 at 512 px only)
     cpu_sides = {("sd15", 320): [64], ("sd15", 640): [32], ("sd15", 1280): [16],
                  ("sdxl", 640): [32, 64], ("sdxl", 1280): [16, 32]}
@@ -72,7 +77,7 @@ with torch.inference_mode():
                         f()
                     (torch.cuda.synchronize() if dev.type == "cuda" else None)
                     ta, tb = [], []
-                    for r in range(7):
+                    for r in range(REPS):
                         order = (a, b) if r % 2 == 0 else (b, a)
                         for m in order:
                             t = timed(lambda: m(x), 1)[0]

@@ -1,6 +1,7 @@
 """How many ops one attn1 call dispatches: LinFusionAttention (of this checkout, or of another one given by
 --repo, e.g. an older commit) against ComfyUI's CrossAttention on PyTorch SDPA, counted with torch.profiler
-(every recorded CPU event of one call, nested ones included), at SDXL's and SD 1.5's shapes, batch 2.
+(every recorded CPU event of one call, nested ones included; the top-level ops; and the compute ops, those of
+them that do work: `compute_ops`), at SDXL's and SD 1.5's shapes, batch 2.
 
     python3 scripts/comfy_host.py python bench/op_count.py --out docs/op_count.json
     git worktree add /tmp/old <commit> && python3 scripts/comfy_host.py python bench/op_count.py --repo /tmp/old \\
@@ -20,6 +21,23 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# Ops that do no work of their own: views and metadata, allocations, no-op casts, and composites whose work
+# shows as a child op (linear -> addmm, layer_norm -> native_layer_norm, reshape -> clone when it copies).
+NO_WORK = {"aten::" + name for name in (
+    "alias", "view", "_unsafe_view", "view_as", "as_strided", "t", "transpose", "permute", "unsqueeze", "squeeze",
+    "reshape", "_reshape_alias", "unflatten", "flatten", "slice", "select", "narrow", "expand", "split", "chunk",
+    "unbind", "detach", "resolve_conj", "resolve_neg", "lift_fresh", "empty", "empty_strided", "empty_like",
+    "new_empty", "to", "contiguous", "dropout", "linear", "matmul", "layer_norm")}
+
+
+def does_work(event) -> bool:
+    return event.name not in NO_WORK or any(does_work(child) for child in event.cpu_children)
+
+
+def compute_ops(events) -> int:
+    """Top-level ops of one recorded call that do work (run at least one kernel, on a GPU a launch): an op
+    counts when it, or an op it calls, is not in NO_WORK."""
+    return sum(1 for e in events if e.cpu_parent is None and does_work(e))
 # (layout, C, N): SDXL's two widths at 512 px, SD 1.5's top level at 512 px.
 SHAPES = [("sdxl", 1280, 256), ("sdxl", 640, 1024), ("sd15", 320, 4096)]
 TIMED_CALLS = 10     # the per-op self CPU times: mean over these calls (one thread; times, unlike counts, vary)
@@ -72,6 +90,7 @@ def main(argv=None) -> int:
                            key=lambda kv: -kv[1])
             rows.append({"layout": layout, "dim": dim, "tokens": tokens, "attention": name, "events": len(events),
                          "top_level": sum(1 for e in events if e.cpu_parent is None),
+                         "compute_ops": compute_ops(events),
                          "self_cpu_ms_per_call": round(sum(ms for _, ms in by_op), 3),
                          "top_ops_self_cpu_ms": {k: round(ms, 3) for k, ms in by_op[:8]}})
             print(json.dumps(rows[-1]))

@@ -51,6 +51,12 @@ def linear_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return out.transpose(1, 2).reshape(b, n, c)
 
 
+def is_compiling() -> bool:
+    """Inside torch.compile's tracing (Dynamo): out= into strided views is eager-only."""
+    fn = getattr(torch.compiler, "is_compiling", None)
+    return bool(fn()) if fn is not None else torch._dynamo.is_compiling()
+
+
 def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -140,7 +146,8 @@ def attend_rows(q_rows: torch.Tensor, s_aug: torch.Tensor, heads: int, out_rows:
     num = torch.bmm(_head_batches(q_phi, heads), s_aug.reshape(g * heads, -1, d_v + 1))   # (g*h) x n x (d_v+1)
     out_heads = out_rows.unflatten(-1, (heads, d_v)).transpose(-3, -2)       # a strided view: (g x) h x n x d_v
     num = num.view(*out_heads.shape[:-1], d_v + 1)
-    if _needs_grad(num, out_rows):
+    if _needs_grad(num, out_rows) or is_compiling():
+        # (Dynamo cannot trace out= into a strided view; the compiler fuses these into one pass anyway.)
         out_heads.copy_(num[..., :d_v] / (num[..., d_v:] + EPS))
     else:
         # Divide, merge heads and cast to the output dtype in one pass.

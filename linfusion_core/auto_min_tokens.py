@@ -2,13 +2,20 @@
 
 Both modules share the q/k/v/out projections; LinFusion adds its query/key MLPs and the d x d state work
 (linear in the token count N), softmax adds Q K^T and P V (quadratic in N). So below some N per width
-softmax is the faster one (LinFusion-1-5's C-wide MLPs put it near N ~ 2C; LinFusion-XL's narrow ones far
-lower). This measures that crossover once per (device, dtype, width, heads, MLP width, softmax function)
-and caches it for the process: one LinFusion module (the file's own weights for that width) and one ComfyUI
-CrossAttention (random weights: timing does not depend on the values), batch 1, at two token counts
-(PROBE_TOKENS), each timed interleaved, the minimum of RUNS. A power law through the two points of each gives the crossover, clamped
-to [0, CAP x the larger probe]: a softmax that does not grow faster than LinFusion over the probes stays
-below that cap rather than everywhere.
+softmax is the faster one (LinFusion-1-5's C-wide MLPs put it near N ~ 2C on a CPU; LinFusion-XL's narrow
+ones far lower). This measures that crossover once per (device, dtype, width, heads, MLP width, softmax
+function) and caches it for the process: one LinFusion module (the file's own weights for that width) and one
+ComfyUI CrossAttention (random weights: timing does not depend on the values), batch 1, each timed
+interleaved, the minimum of RUNS, at a ladder of token counts (PROBE_TOKENS).
+
+The probes must sit where the kernels, not their launches, set the time. On a CPU that is the case from a
+hundred tokens on. On a GPU both modules take a flat ~1-2 ms up to a few thousand tokens (launch-bound on an
+H200: docs/benchmarks.json), so a power law through two such points says nothing (it answered the cap,
+65,536 tokens, for 9 of 10 width/dtype pairs whose measured crossover is ~10-16K). There the ladder starts at
+4096 tokens and doubles until LinFusion is the faster one (at least two sizes, at most 65,536), and the
+crossover is read off the segment where the two cross (`crossover_from_ladder`): between two probes that
+bracket it, or extrapolated from the first or last two. A softmax that runs out of memory at a probe counts as
+infinitely slow there.
 """
 from __future__ import annotations
 
@@ -17,9 +24,10 @@ import time
 
 import torch
 
-# Token counts the two modules are timed at: small enough on a CPU to take a fraction of a second per
-# width, large enough on a GPU that the kernels, not their launches, set the time.
-PROBE_TOKENS = {"cpu": (128, 512), "other": (1024, 4096)}
+# Token counts the two modules are timed at: small enough on a CPU to take a fraction of a second per width;
+# on a GPU, where the time is flat (launches) up to a few thousand tokens, a ladder from 4096 that stops at
+# the first size where LinFusion is faster (after two sizes at least).
+PROBE_TOKENS = {"cpu": (128, 512), "other": (4096, 8192, 16384, 32768, 65536)}
 RUNS = 2
 CAP = 16
 _CACHE: dict[tuple, int] = {}
@@ -69,6 +77,24 @@ def crossover_from_probes(tokens: tuple[int, int], linear_s: tuple[float, float]
     return int(min(CAP * n2, max(0.0, n1 * ratio ** (1.0 / (e_soft - e_lin)))))
 
 
+def crossover_from_ladder(tokens, linear_s, softmax_s) -> int:
+    """The crossover from probes at increasing token counts (two or more): the power law through the two probes
+    where LinFusion first becomes the faster one (the two that bracket the crossing); through the first two when
+    it is faster from the start, the last two when it never is. A softmax time of inf (out of memory): LinFusion
+    from the last size softmax ran at."""
+    if len(tokens) < 2:
+        raise ValueError("a crossover needs probes at two token counts at least")
+    first = next((i for i in range(len(tokens)) if linear_s[i] <= softmax_s[i]), None)
+    if first is not None and math.isinf(softmax_s[first]):
+        return int(tokens[first - 1]) if first > 0 else 0
+    i = len(tokens) - 2 if first is None else max(first - 1, 0)
+    return crossover_from_probes(tuple(tokens[i:i + 2]), tuple(linear_s[i:i + 2]), tuple(softmax_s[i:i + 2]))
+
+
+def _out_of_memory(error: Exception) -> bool:
+    return isinstance(error, getattr(torch, "OutOfMemoryError", ())) or "out of memory" in str(error)
+
+
 @torch.inference_mode()
 def crossover_tokens(dim: int, heads: int, mid_dim, device, dtype, transformer_options: dict | None = None,
                      linfusion_state: dict | None = None) -> int:
@@ -88,19 +114,30 @@ def crossover_tokens(dim: int, heads: int, mid_dim, device, dtype, transformer_o
     soft = loaded(lambda ops, dev, dt: attention.CrossAttention(dim, heads=heads, dim_head=dim // heads, dtype=dt,
                                                                 device=dev, operations=ops), None, device, dtype)
     options = {"optimized_attention_override": override} if override else {}
-    tokens = PROBE_TOKENS["cpu" if device.type == "cpu" else "other"]
+    ladder = PROBE_TOKENS["cpu" if device.type == "cpu" else "other"]
     timed = _timer(device)
-    best = {}
-    for n in tokens:
+    best, probed = {}, []
+    for n in ladder:
         x = torch.randn(1, n, dim, device=device, dtype=dtype)
         calls = {"linear": lambda: lin(x), "softmax": lambda: soft(x, transformer_options=options)}
-        for fn in calls.values():             # warm-up at this size
-            fn()
-        for r in range(RUNS):                 # interleaved, the minimum of RUNS each
+        calls["linear"]()                         # warm-up at this size
+        try:
+            calls["softmax"]()
+        except Exception as error:                # softmax's N x N at a large probe, on a small GPU
+            if not (_out_of_memory(error) and probed):
+                raise
+            del calls["softmax"]
+            best["softmax", n] = math.inf
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        for r in range(RUNS):                     # interleaved, the minimum of RUNS each
             for name in (calls if r % 2 == 0 else list(calls)[::-1]):
                 t = timed(calls[name])
                 best[name, n] = min(best.get((name, n), t), t)
-    found = crossover_from_probes(tokens, tuple(best["linear", n] for n in tokens),
-                                  tuple(best["softmax", n] for n in tokens))
+        probed.append(n)
+        del x, calls
+        if len(probed) >= 2 and best["linear", n] <= best["softmax", n]:
+            break
+    found = crossover_from_ladder(probed, [best["linear", n] for n in probed], [best["softmax", n] for n in probed])
     _CACHE[key] = found
     return found

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import attention_fast
 from .attention import (DEFAULT_CHUNK_SIZE, LinearAttentionState, attend_rows, normalized_state, rows_by_blocks,
                         state_by_blocks)
 
@@ -37,6 +38,13 @@ class LinFusionAttention(nn.Module):
 
     dim: channels C; heads: number of heads (d = C / heads);
     projection_mid_dim: hidden width of the q/k MLPs (None means C, -1 means no MLP).
+
+    Two paths, one function. A plain self-attention call without autograd whose layers hold plain weights on
+    its device and dtype runs `attention_fast` (packed, folded weights, a handful of ops for the whole
+    batch). Everything else runs the reference path below (the module's own layers over attention.py's
+    block loop): keys/values other than the queries (HyperTile, tiles), an explicit chunk size (Low-Memory
+    Mode) or a call too large for one pass, autograd, layers ComfyUI casts per call. `compute_state` and
+    `attend` (tiled UNet) are always the reference path. `fast_path = False` turns the fast one off.
     """
 
     def __init__(self, dim: int, heads: int, projection_mid_dim: int | None = None, dtype=None, device=None,
@@ -47,13 +55,38 @@ class LinFusionAttention(nn.Module):
         operations = operations or default_operations()
         mid = dim if projection_mid_dim is None else int(projection_mid_dim)
         self.dim, self.heads, self.projection_mid_dim = dim, heads, projection_mid_dim
-        self.chunk_size = DEFAULT_CHUNK_SIZE
+        # Tokens per block of the reference path; None: DEFAULT_CHUNK_SIZE there, and the fast path up to its
+        # own bound. Set (or passed as chunk_size), it bounds both paths' temporaries.
+        self.chunk_size: int | None = None
+        self.fast_path = True
+        self._linfusion_packed = None   # attention_fast.PackedWeights, built on first use
         self.to_q = operations.Linear(dim, dim, bias=False, dtype=dtype, device=device)
         self.to_k = operations.Linear(dim, dim, bias=False, dtype=dtype, device=device)
         self.to_v = operations.Linear(dim, dim, bias=False, dtype=dtype, device=device)
         self.to_out = nn.Sequential(operations.Linear(dim, dim, dtype=dtype, device=device), nn.Dropout(0.0))
         self.to_q_ = _projection_mlp(dim, mid, dtype, device, operations)
         self.to_k_ = _projection_mlp(dim, mid, dtype, device, operations)
+
+    def _chunk(self, chunk_size: int | None) -> int:
+        return chunk_size or self.chunk_size or DEFAULT_CHUNK_SIZE
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .half() / .cpu(): the packed copy is rebuilt on the next call, never kept on the old device.
+        self._linfusion_packed = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _fast(self, x: torch.Tensor, context, value, chunk_size: int | None) -> torch.Tensor | None:
+        """The fast path's output, or None where the reference path must run."""
+        if not self.fast_path or (context is not None and context is not x) or (value is not None and value is not x):
+            return None
+        if x.dim() != 3 or x.shape[-1] != self.dim or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return None
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return None
+        if not attention_fast.fast_path_fits(x, chunk_size or self.chunk_size):
+            return None
+        packed = attention_fast.packed_weights(self, x.device, x.dtype)
+        return None if packed is None else attention_fast.fast_forward(packed, x)
 
     @staticmethod
     def _plus_mlp(t: torch.Tensor, mlp: nn.Module) -> torch.Tensor:
@@ -79,7 +112,7 @@ class LinFusionAttention(nn.Module):
         # Blocks of whole images while they fit in a chunk (at small N the whole batch in one pass: a few
         # batched ops per call, not a loop over images), token chunks of one image beyond: the MLP activations
         # of a 16K canvas never exist at once. The projections are fresh, so phi may overwrite them.
-        return state_by_blocks(context.shape[0], context.shape[1], self.heads, chunk_size or self.chunk_size,
+        return state_by_blocks(context.shape[0], context.shape[1], self.heads, self._chunk(chunk_size),
                                lambda i0, i1, t0, t1: (self.project_k(context[i0:i1, t0:t1]),
                                                        self.to_v(value[i0:i1, t0:t1])), overwrite=True)
 
@@ -96,11 +129,14 @@ class LinFusionAttention(nn.Module):
             # q is a fresh projection: phi and the division land in its own storage when dtypes allow.
             out = q if not torch.is_grad_enabled() else torch.empty_like(q)
             return self.to_out(attend_rows(q, s_aug[i0:i1], self.heads, out, overwrite=True))
-        return rows_by_blocks(b, n, chunk_size or self.chunk_size, block_rows)
+        return rows_by_blocks(b, n, self._chunk(chunk_size), block_rows)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, value: torch.Tensor | None = None,
                 chunk_size: int | None = None, **kwargs) -> torch.Tensor:
         """chunk_size: tokens per chunk (None: the module's default); it bounds the temporaries, not the result."""
+        fast = self._fast(x, context, value, chunk_size)
+        if fast is not None:
+            return fast
         # attn1_patch users (HyperTile, ...) pass context and value explicitly: keys from context,
         # values from value, exactly as ComfyUI's CrossAttention does.
         context = x if context is None else context

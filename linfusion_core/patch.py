@@ -102,6 +102,22 @@ class LinFusionInstall:
                 return extra.model
         return self.modules
 
+    def prepare(self, patcher) -> None:
+        """ON_PRE_RUN (the models are loaded, nothing has run yet): the modules' fast-path weights are packed
+        here, eagerly, so a torch.compile'd model (TorchCompileModel) finds them cached instead of tracing the
+        packing into its first graph and compiling again once they are stored."""
+        from .attention_fast import prepare
+
+        for module in self.modules_of(patcher).blocks:
+            prepare(module)
+
+    def release(self, patcher) -> None:
+        """ON_CLEANUP (the sampler is done): the packed weights go, so between runs they hold no device memory that
+        ComfyUI's accounting does not see (a low-VRAM partial unload moves single layers, not the module that
+        holds the cache); the next ON_PRE_RUN packs again (no recompile: a compiled graph takes them as inputs)."""
+        for module in self.modules_of(patcher).blocks:
+            module._linfusion_packed = None
+
     def eject(self, patcher) -> None:
         # Plain attribute work only, no imports: ComfyUI's ModelPatcher.__del__ ejects at interpreter exit,
         # when importing fails ("sys.meta_path is None") and Python prints the error as "Exception ignored".
@@ -232,6 +248,10 @@ def apply_linfusion(model, weights: LinFusionWeights, blocks: str = "all", min_t
         log.info("[LinFusion] the model already had LinFusion applied; replacing it")
     patched.set_additional_models(INJECTION_KEY, [linfusion_patcher])
     patched.set_injections(INJECTION_KEY, [comfy.patcher_extension.PatcherInjection(install.inject, install.eject)])
+    callbacks = comfy.patcher_extension.CallbacksMP
+    for call_type, callback in ((callbacks.ON_PRE_RUN, install.prepare), (callbacks.ON_CLEANUP, install.release)):
+        patched.remove_callbacks_with_key(call_type, INJECTION_KEY)
+        patched.add_callback_with_key(call_type, INJECTION_KEY, callback)
 
     summary = (f"LinFusion {os.path.basename(weights.source.rstrip('/'))} ({weights.family}, config from "
                f"{weights.config_source}) on {model_label(base_model)}: {len(placements)} of {len(every)} self-attention "

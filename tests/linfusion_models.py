@@ -26,6 +26,10 @@ UNET_CONFIGS = {
                       "channel_mult": [1, 2], "transformer_depth": [0, 1], "transformer_depth_output": [0, 0, 1, 1],
                       "transformer_depth_middle": 1, "use_linear_in_transformer": True, "context_dim": 2048}),
 }
+# The smallest UNet ComfyUI builds as SD 1.5 with LinFusion on it: one level, 32 channels (4 attn1). For the
+# torch.compile test, where inductor's C++ compile time grows with every kernel of the model.
+UNET_CONFIGS["sd15_tiny"] = ("SD15", dict(UNET_CONFIGS["sd15"][1], model_channels=32, num_heads=4, num_res_blocks=[1],
+                                          channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1]))
 
 
 def fill_(module: torch.nn.Module, seed: int) -> torch.nn.Module:

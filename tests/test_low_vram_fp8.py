@@ -102,7 +102,12 @@ def test_low_vram_partial_load_gives_the_same_output(core):
         with LinFusionDtypes(core) as calls, torch.no_grad():
             out = patched.model.diffusion_model(inputs["x"], inputs["t"], context=inputs["context"])
         assert len(calls.seen) == 7
-        torch.testing.assert_close(out, full, rtol=0, atol=1e-6)
+        # A module with a layer left to per-call casting runs the reference path (the layers cast themselves);
+        # fully loaded ones keep the fast path (attention_fast.py), equal to it up to float rounding.
+        cast_modules = [m for m in modules_patcher.model.blocks
+                        if any(getattr(layer, "comfy_cast_weights", False) for layer in m.modules())]
+        assert cast_modules and all(m._linfusion_packed is None for m in cast_modules)
+        torch.testing.assert_close(out, full, rtol=0, atol=1e-5 * full.abs().max().item())
     finally:
         for p in (patched, modules_patcher):
             p.detach()

@@ -306,6 +306,59 @@ def test_min_tokens_auto_equals_the_manual_threshold_it_picked(host, fixtures, c
     assert torch.equal(legacy, everywhere) and "min_tokens auto" not in legacy_info
 
 
+def h200_attn1_medians() -> dict:
+    """docs/benchmarks.json's GPU attn1 rows (an H200, batch 2, old module): median seconds per
+    ((family, width, dtype), tokens, backend)."""
+    import json
+    import statistics
+    from pathlib import Path
+
+    rows = json.loads((Path(__file__).resolve().parent.parent / "docs" / "benchmarks.json").read_text())["gpu"]
+    return {((r["family"], r["dim"], r["dtype"]), r["tokens"], r["backend"]): statistics.median(r["times_s"])
+            for r in rows["sections"]["attn1"]}
+
+
+def test_auto_crossover_on_a_gpu_comes_out_near_the_measured_one(core):
+    """Fed the H200's attn1 medians as its GPU probes would see them (the ladder from PROBE_TOKENS["other"][0],
+    stopping where LinFusion is first faster), min_tokens auto lands between 8K and 24K tokens for all 10 width x
+    dtype pairs (their medians cross at ~10-16K). The old probes at 1024 and 4096 tokens, both launch-bound
+    there, answered the cap (65,536) for 9 of the 10."""
+    from importlib import import_module
+
+    amt = import_module(core.__name__ + ".auto_min_tokens")
+    med = h200_attn1_medians()
+    pairs = sorted({pair for pair, _, _ in med})
+    assert len(pairs) == 10
+    found, old = {}, {}
+    for pair in pairs:
+        probed = []
+        for n in sorted({n for p, n, _ in med if p == pair and n >= amt.PROBE_TOKENS["other"][0]}):
+            probed.append(n)
+            if len(probed) >= 2 and med[pair, n, "linfusion"] <= med[pair, n, "sdpa"]:
+                break
+        found[pair] = amt.crossover_from_ladder(probed, [med[pair, n, "linfusion"] for n in probed],
+                                                [med[pair, n, "sdpa"] for n in probed])
+        old[pair] = amt.crossover_from_probes((1024, 4096), tuple(med[pair, n, "linfusion"] for n in (1024, 4096)),
+                                              tuple(med[pair, n, "sdpa"] for n in (1024, 4096)))
+    assert all(8192 <= n <= 24576 for n in found.values()), found
+    assert sum(n == 65536 for n in old.values()) == 9, old
+
+
+def test_crossover_from_ladder_reads_the_bracketing_probes(core):
+    from importlib import import_module
+
+    ladder = import_module(core.__name__ + ".auto_min_tokens").crossover_from_ladder
+    inf = float("inf")
+    # flat (launch-bound) at 4K and 8K, kernel-bound after: the crossing between 8K and 16K, from those two
+    assert ladder((4096, 8192, 16384), (2.0, 2.0, 3.0), (1.0, 1.5, 4.0)) == ladder((8192, 16384), (2.0, 3.0),
+                                                                                     (1.5, 4.0))
+    assert 8192 < ladder((4096, 8192, 16384), (2.0, 2.0, 3.0), (1.0, 1.5, 4.0)) < 16384
+    assert ladder((4096, 8192), (1.0, 2.0), (2.0, 8.0)) < 4096          # faster from the start: below the ladder
+    assert ladder((128, 512), (4.0, 16.0), (1.0, 16.0)) == 512          # two probes: the power law, as before
+    assert ladder((4096, 8192), (2.0, 4.0), (1.0, 2.0)) == 16 * 8192    # never faster, same growth: the cap
+    assert ladder((4096, 8192, 16384), (2.0, 3.0, 5.0), (1.0, 2.0, inf)) == 8192   # softmax out of memory
+
+
 def test_crossover_from_probes_is_where_the_power_laws_cross(core):
     from importlib import import_module
 

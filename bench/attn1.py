@@ -70,7 +70,7 @@ def run(core, device, dtype, sides_by_layout: dict, n: int, budget, max_call_s: 
     for family, sides_by_width in sides_by_layout.items():
         for dim, sides in sides_by_width.items():
             heads, mid = LAYOUTS[family](dim)
-            lin = filled(lambda: core.module.LinFusionAttention(dim, heads, mid)).to(device, dtype).eval()
+            lin = filled(lambda: core.attention.module.LinFusionAttention(dim, heads, mid)).to(device, dtype).eval()
             soft = filled(lambda: attn.CrossAttention(dim, heads=heads, dim_head=dim // heads, dtype=dtype,
                                                       operations=comfy.ops.disable_weight_init)).to(device, dtype)
             last = {}

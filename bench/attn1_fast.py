@@ -1,4 +1,4 @@
-"""Issue #29 on a GPU: one attn1 call of the fast path (attention_fast.py) against the reference path it
+"""Issue #29 on a GPU: one attn1 call of the fast path (attention/fast_path.py) against the reference path it
 replaced (the same module with fast_path off: the pre-#29 code path) and ComfyUI's CrossAttention on PyTorch
 SDPA, SDXL's layout (64-channel heads, LinFusion-XL's C/16 MLPs) at C = 640 and 1280, batch 2, N = 1K to 65K
 tokens, fp16 and bf16; the fast path also under torch.compile (inductor, dynamic shapes: one compile per width
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -97,7 +96,7 @@ def measure(device, widths, tokens, n_calls) -> list[dict]:
     import comfy.ops
     import torch
 
-    import linfusion_core.module as lf_module
+    import linfusion_core.attention.module as lf_module
     from bench.models import filled
 
     started = time.perf_counter()

@@ -89,7 +89,7 @@ def run(core, family, base, weights, vae, cnet, quick: bool, budget, predict_ste
                 control = cnet[family]
                 parts["controlnet"] = [control.control_model]
                 if cnet_attention == "linfusion":       # the node's core function with its shipped source
-                    control = core.controlnet_patch.apply_linfusion_controlnet(control, weights)[0]
+                    control = core.controlnet.controlnet_patch.apply_linfusion_controlnet(control, weights)[0]
             # ComfyUI passes a ControlNet no per-call attention choice: its softmax attention (all of it, or
             # attn2 beside LinFusion) gets PyTorch SDPA, as the UNet has (on a GPU ComfyUI's default; on a
             # CPU its default is sub-quadratic, 2.4-3.7x slower here).
@@ -106,7 +106,7 @@ def run(core, family, base, weights, vae, cnet, quick: bool, budget, predict_ste
                 row["attn1_s"] = None
             if (variant, with_cnet, cnet_attention) == plans[0]:
                 latent = torch.randn(1, 4, h // 8, w // 8, generator=torch.Generator().manual_seed(0))
-                decode = (lambda: core.tiled_vae.decode(vae, latent, tile_size=wf["vae_tile"] // div, park="cpu")) \
+                decode = (lambda: core.tiling.tiled_vae.decode(vae, latent, tile_size=wf["vae_tile"] // div, park="cpu")) \
                     if wf["vae_tile"] else (lambda: vae.decode(latent))
                 row["vae_s"] = measure(decode, device, 1, warmup=False)["median_s"]
             rows.append(row)

@@ -103,9 +103,9 @@ def run(sizes, variants=VARIANTS, repeats: int = 1, core=None, warmup: bool = Tr
     work = work or scratch_dir("linfusion-bench-cn-")
     unet = bench_models.build("sd15", quick)
     weights = bench_models.linfusion_weights(core, unet, "sd15", work / "linfusion")
-    lf_unet, _ = core.patch.apply_linfusion(unet, weights)
+    lf_unet, _ = core.patching.patch.apply_linfusion(unet, weights)
     control = bench_models.controlnet("sd15", quick)
-    lf_control, info = core.controlnet_patch.apply_linfusion_controlnet(control, weights)
+    lf_control, info = core.controlnet.controlnet_patch.apply_linfusion_controlnet(control, weights)
     log.info("[bench] %s", info)
     models = {"sd": (unet, None), "linfusion": (lf_unet, None), "sd_cn": (unet, control),
               "linfusion_cn": (lf_unet, control), "linfusion_lf_cn": (lf_unet, lf_control)}

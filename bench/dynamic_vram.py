@@ -78,7 +78,7 @@ def run(core, quick: bool, work: Path) -> list[dict]:
             base = models.build(family, quick, dtype)
             for file in FILES:
                 weights = models.linfusion_weights(core, base, family, work / f"{family}-{file}")
-                weights = core.checkpoint.LinFusionWeights(
+                weights = core.weights.checkpoint.LinFusionWeights(
                     weights.source, weights.modules,
                     {k: v.to(getattr(torch, file)) for k, v in weights.state_dict.items()}, weights.config_source)
                 by_check = {r["check"]: r for r in ({"family": family, "storage": storage, "file": file,
@@ -91,18 +91,18 @@ def run(core, quick: bool, work: Path) -> list[dict]:
                     return out
 
                 def manual():
-                    finite(core.patch.apply_linfusion(base, weights)[0])
+                    finite(core.patching.patch.apply_linfusion(base, weights)[0])
 
                 def auto():
-                    model, info = core.patch.apply_linfusion(base, weights, min_tokens="auto")
+                    model, info = core.patching.patch.apply_linfusion(base, weights, min_tokens="auto")
                     finite(model)
                     return info.split("min_tokens auto", 1)[-1][:200]
                 check(by_check["manual"], manual)
                 check(by_check["auto"], auto)
 
                 def tiled():
-                    plain = finite(core.patch.apply_linfusion(base, weights)[0])
-                    model = core.tiled_unet_patch.apply_tiled_unet(core.patch.apply_linfusion(base, weights)[0],
+                    plain = finite(core.patching.patch.apply_linfusion(base, weights)[0])
+                    model = core.tiling.tiled_unet_patch.apply_tiled_unet(core.patching.patch.apply_linfusion(base, weights)[0],
                                                                    64, "cpu", progress=False)
                     err = float((finite(model) - plain).abs().max() / plain.abs().max())
                     if err > TILED_TOLERANCE[storage]:
@@ -116,7 +116,7 @@ def run(core, quick: bool, work: Path) -> list[dict]:
                     positive, negative = models.conditioning(family)
                     latent = torch.randn(1, 4, px // 16, px // 16, generator=torch.Generator().manual_seed(0))
                     out, _ = nodes.NODE_CLASS_MAPPINGS["LinFusionProgressiveUpscale"]().upscale(
-                        core.patch.apply_linfusion(base, weights)[0], positive, negative, vae,
+                        core.patching.patch.apply_linfusion(base, weights)[0], positive, negative, vae,
                         latent={"samples": latent}, seed=1, stages=1, target_width=0, target_height=0,
                         ladder=family, strengths="", base_steps=4, cfg=5.0, sampler_name="euler",
                         scheduler="normal", upscale_in="pixels", demofusion=False, anchoring="off",

@@ -27,7 +27,7 @@ def run(core, base, weights, vae, sizes: list[int], tile: int, vae_tile: int, bu
                      **measure(lambda: models.sample(model, "sd15", px), device, 1, warmup=False)})
         latent = torch.randn(1, 4, px // 8, px // 8, generator=torch.Generator().manual_seed(0))
         rows.append({"px": px, "part": "VAE decode (LinFusion tiled)", "tile": vae_tile,
-                     **measure(lambda: core.tiled_vae.decode(vae, latent, tile_size=vae_tile, park="cpu"), device, 1,
+                     **measure(lambda: core.tiling.tiled_vae.decode(vae, latent, tile_size=vae_tile, park="cpu"), device, 1,
                                warmup=False)})
         log.info("[LinFusion] bench ladder stage %d px: step %.1f s, VAE %.1f s", px, rows[-2]["median_s"],
                  rows[-1]["median_s"])

@@ -144,7 +144,7 @@ def linfusion_weights(core, patcher, family: str, folder: Path, seed: int = 0):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps({"_class_name": "LinFusion", "modules_list": modules}))
     save_file(sd, str(folder / "diffusion_pytorch_model.safetensors"))
-    return core.checkpoint.load_linfusion(str(folder))
+    return core.weights.checkpoint.load_linfusion(str(folder))
 
 
 def _diffusers_attn1_names(patcher):
@@ -173,11 +173,11 @@ def variant(core, base, weights, name: str, tile: int = 64):
         lambda _default, *a, **kw: sdpa(*a, **kw)
     parts = name.split("+")
     if parts[0] == "linfusion":
-        model = core.patch.apply_linfusion(model, weights)[0]
+        model = core.patching.patch.apply_linfusion(model, weights)[0]
     if "low-memory" in parts:        # the node's defaults, as the shipped workflows set it
-        model = core.low_memory.LowMemoryOptions().apply(model)
+        model = core.patching.low_memory.LowMemoryOptions().apply(model)
     if "tiled" in parts:
-        model = core.tiled_unet_patch.apply_tiled_unet(model, tile, "cpu", progress=False)
+        model = core.tiling.tiled_unet_patch.apply_tiled_unet(model, tile, "cpu", progress=False)
     return model
 
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE.parent))
 ops = types.SimpleNamespace(Linear=nn.Linear, LayerNorm=nn.LayerNorm)
 import oldlf.module as old_mod
 import importlib
-new_mod = importlib.import_module("linfusion_core.module")
+new_mod = importlib.import_module("linfusion_core.attention.module")
 
 def fill(m):
     g = torch.Generator().manual_seed(0)

@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     sys.path.insert(0, str(args.repo.resolve()))
-    module = importlib.import_module("linfusion_core.module")
+    module = importlib.import_module("linfusion_core.attention.module")
     sys.path.insert(0, str(REPO))
     from bench.attn1 import LAYOUTS
     from bench.models import filled

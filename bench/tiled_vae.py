@@ -25,7 +25,7 @@ def run(core, vae, sizes: list[int], tile: int, n, budget) -> list[dict]:
         decodes = {"untiled": lambda: vae.decode(latent),
                    "comfy_tiled": lambda: vae.decode_tiled(latent, tile_x=tile // 8, tile_y=tile // 8,
                                                            overlap=overlap // 8),
-                   "ours": lambda: core.tiled_vae.decode(vae, latent, tile_size=tile, park="cpu")}
+                   "ours": lambda: core.tiling.tiled_vae.decode(vae, latent, tile_size=tile, park="cpu")}
         ref = None
         for name, fn in decodes.items():
             row = {"px": px, "tile": tile, "variant": name, **measure(fn, device, n(px), warmup=False, keep=True)}

@@ -1,2 +1,3 @@
-"""The LinFusion engine: attention math, checkpoint loading, block mapping, model patching,
-high-resolution schedules and tiled VAE. Torch-first and testable without a UI; it never imports nodes/."""
+"""The LinFusion engine, torch-first and testable without a UI; it never imports nodes/. Grouped by concept,
+every import pointing down: controlnet/ and highres/ use patching/ and tiling/, which use attention/ and
+weights/; progress.py and dynamic_vram.py are shared by all."""

@@ -3,7 +3,7 @@
 The patch lives in a clone (ComfyUI injections + an additional model for the weights), so the input MODEL
 and its other clones stay untouched, and removing the node gives back exactly the original model.
 """
-from ..linfusion_core.patch import AUTO, BLOCK_CHOICES, apply_linfusion
+from ..linfusion_core.patching.patch import AUTO, BLOCK_CHOICES, apply_linfusion
 
 MIN_TOKENS_MODES = ("manual", AUTO)
 

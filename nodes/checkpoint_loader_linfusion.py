@@ -6,10 +6,10 @@ import logging
 import comfy.sd
 import folder_paths
 
-from ..linfusion_core.checkpoint import LinFusionLoadError, load_linfusion, peek_linfusion
-from ..linfusion_core.patch import apply_linfusion
-from ..linfusion_core.hub_download import release_for_family
-from ..linfusion_core.placement import model_family, model_label, place_modules
+from ..linfusion_core.weights.checkpoint import LinFusionLoadError, load_linfusion, peek_linfusion
+from ..linfusion_core.patching.patch import apply_linfusion
+from ..linfusion_core.weights.hub_download import release_for_family
+from ..linfusion_core.patching.placement import model_family, model_label, place_modules
 from .model_folder import (linfusion_path, list_linfusion_choices, list_linfusion_entries, release_not_on_disk,
                            resolve_linfusion_entry, validate_linfusion_choice)
 

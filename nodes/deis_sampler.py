@@ -1,7 +1,7 @@
 """The SD 1.5 recipe's sampler and grid for SamplerCustomAdvanced graphs: diffusers' DEIS (the scheduler of the
-paper's SD 1.5 checkpoint, Lykon/dreamshaper-8) and its "leading" sigmas (engine in linfusion_core.deis_sampler)."""
-from ..linfusion_core.deis_sampler import deis_sampler, img2img_steps, leading_sigmas, lower_order_final_for
-from ..linfusion_core.highres_schedule import PAPER_BASE_STEPS
+paper's SD 1.5 checkpoint, Lykon/dreamshaper-8) and its "leading" sigmas (engine in linfusion_core.highres.deis_sampler)."""
+from ..linfusion_core.highres.deis_sampler import deis_sampler, img2img_steps, leading_sigmas, lower_order_final_for
+from ..linfusion_core.highres.highres_schedule import PAPER_BASE_STEPS
 
 
 class LinFusionDEISSampler:

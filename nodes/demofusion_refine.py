@@ -1,10 +1,10 @@
 """LinFusion DemoFusion Refine: a MODEL patch for refining an upscaled latent with any sampler node, and the
-final mean/std anchoring. The math lives in linfusion_core.demofusion / latent_filters."""
+final mean/std anchoring. The math lives in linfusion_core.highres.demofusion / latent_filters."""
 import math
 
-from ..linfusion_core.demofusion import native_long_side
-from ..linfusion_core.latent_filters import channel_stats, match_stats
-from ..linfusion_core.progressive_upscale import with_demofusion
+from ..linfusion_core.highres.demofusion import native_long_side
+from ..linfusion_core.highres.latent_filters import channel_stats, match_stats
+from ..linfusion_core.highres.progressive_upscale import with_demofusion
 
 
 class LinFusionDemoFusion:

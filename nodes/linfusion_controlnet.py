@@ -8,8 +8,8 @@ import os
 
 import folder_paths
 
-from ..linfusion_core.controlnet_distill import DEFAULT_STEPS, SUBFOLDER, linfusion_controlnet
-from ..linfusion_core.controlnet_patch import SOURCES
+from ..linfusion_core.controlnet.controlnet_distill import DEFAULT_STEPS, SUBFOLDER, linfusion_controlnet
+from ..linfusion_core.controlnet.controlnet_patch import SOURCES
 from .model_folder import FOLDER_NAME
 
 

@@ -1,6 +1,6 @@
 """Load LinFusion: weights from models/linfusion (hub folder, or one .safetensors with or without config);
 the released sets are offered too and downloaded when the prompt runs if they are not on disk."""
-from ..linfusion_core.checkpoint import load_linfusion
+from ..linfusion_core.weights.checkpoint import load_linfusion
 from .model_folder import linfusion_path, list_linfusion_choices, validate_linfusion_choice
 
 

@@ -1,6 +1,6 @@
 """LinFusion Low-Memory Mode: a MODEL patch that lowers peak memory without changing results
-(engine: linfusion_core.low_memory)."""
-from ..linfusion_core.low_memory import FF_CHUNKING, PAPER_FF_CHUNKS, LowMemoryOptions
+(engine: linfusion_core.patching.low_memory)."""
+from ..linfusion_core.patching.low_memory import FF_CHUNKING, PAPER_FF_CHUNKS, LowMemoryOptions
 
 
 class LinFusionLowMemory:

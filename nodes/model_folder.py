@@ -6,8 +6,8 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
-from ..linfusion_core.checkpoint import LinFusionLoadError
-from ..linfusion_core.hub_download import RELEASES, download_release, release_name, repo_id
+from ..linfusion_core.weights.checkpoint import LinFusionLoadError
+from ..linfusion_core.weights.hub_download import RELEASES, download_release, release_name, repo_id
 
 FOLDER_NAME = "linfusion"
 # Folders (hub layout: config.json + diffusion_pytorch_model.safetensors) are listed as well as files.

@@ -1,13 +1,13 @@
 """LinFusion Progressive Upscale: the paper's x2-per-stage SDEdit ladder as one node (engine in
-linfusion_core.progressive_upscale; stage arithmetic in linfusion_core.highres_schedule)."""
+linfusion_core.highres.progressive_upscale; stage arithmetic in linfusion_core.highres.highres_schedule)."""
 import comfy.samplers
 
-from ..linfusion_core.highres_schedule import (DEIS_SAMPLER, LEADING_SCHEDULER, PAPER_BASE_STEPS, SAMPLER_AUTO,
+from ..linfusion_core.highres.highres_schedule import (DEIS_SAMPLER, LEADING_SCHEDULER, PAPER_BASE_STEPS, SAMPLER_AUTO,
                                                SCHEDULER_AUTO, parse_strengths, plan_stages)
-from ..linfusion_core.progressive_upscale import (ANCHOR_AUTO, ANCHORINGS, SKIP_ON_STATE, SKIP_RESIDUAL_FORMS,
+from ..linfusion_core.highres.progressive_upscale import (ANCHOR_AUTO, ANCHORINGS, SKIP_ON_STATE, SKIP_RESIDUAL_FORMS,
                                                   progressive_upscale, resolve_anchoring, resolve_sampling)
-from ..linfusion_core.sdxl_size import SIZE_CONDITIONINGS, SIZE_FINAL
-from ..linfusion_core.vae_codec import AUTO_TILE, VaeCodec
+from ..linfusion_core.highres.sdxl_size import SIZE_CONDITIONINGS, SIZE_FINAL
+from ..linfusion_core.highres.vae_codec import AUTO_TILE, VaeCodec
 
 BLUR_PADDINGS = {"zeros (paper)": "zeros", "reflect": "reflect"}
 

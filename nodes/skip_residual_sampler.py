@@ -1,7 +1,7 @@
 """LinFusion Skip Residual Sampler: the paper's skip residual on the sampler's state, as a SAMPLER for
-SamplerCustomAdvanced (engine in linfusion_core.skip_residual_sampler)."""
-from ..linfusion_core.highres_schedule import COSINE_SCALES
-from ..linfusion_core.skip_residual_sampler import STEPWISE_EXACT, skip_residual_sampler
+SamplerCustomAdvanced (engine in linfusion_core.highres.skip_residual_sampler)."""
+from ..linfusion_core.highres.highres_schedule import COSINE_SCALES
+from ..linfusion_core.highres.skip_residual_sampler import STEPWISE_EXACT, skip_residual_sampler
 
 
 class LinFusionSkipResidualSampler:

@@ -1,5 +1,5 @@
 """LinFusion Tiled UNet: every UNet evaluation runs spatially tile by tile, equal to the untiled UNet."""
-from ..linfusion_core.tiled_unet_patch import PARK_DEVICES, apply_tiled_unet
+from ..linfusion_core.tiling.tiled_unet_patch import PARK_DEVICES, apply_tiled_unet
 
 
 class LinFusionTiledUNet:

@@ -1,11 +1,12 @@
 """VAE Decode / Encode (LinFusion tiled): tiled, yet equal to the untiled VAE up to float rounding.
 
-The work is in linfusion_core/tiled_vae.py; these nodes wire it to ComfyUI (progress bar, fallback).
+The work is in linfusion_core/tiling/tiled_vae.py; these nodes wire it to ComfyUI (progress bar, fallback).
 For a VAE the exact path does not handle (TAESD, video VAEs, a layer it cannot tile) the node runs the
 untiled VAE when it fits (still exact), and only otherwise ComfyUI's own tiled decode/encode (inexact); either
 way it says so, naming the reason, in the log and the UI output.
 """
-from ..linfusion_core import progress, tiled_vae
+from ..linfusion_core import progress
+from ..linfusion_core.tiling import tiled_vae
 
 TILE_TOOLTIP = ("Tile side in pixels at full resolution (layers with more channels use proportionally "
                 "fewer pixels, so every tile holds about the same memory). Smaller = less accelerator "

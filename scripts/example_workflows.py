@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
 from workflow_build import NODE_WIDTH, UIGraph  # noqa: E402
-from linfusion_core.highres_schedule import RECIPES as PAPER_RECIPES  # noqa: E402  (the one recipe table)
+from linfusion_core.highres.highres_schedule import RECIPES as PAPER_RECIPES  # noqa: E402  (the one recipe table)
 
 OUT_DIR = REPO / "example_workflows"
 

@@ -52,7 +52,7 @@ def hm(host):
 
 @pytest.fixture(scope="session")
 def pu(core):
-    return importlib.import_module(core.__name__ + ".progressive_upscale")
+    return importlib.import_module(core.__name__ + ".highres.progressive_upscale")
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,7 @@ def family_controlnet(core, fixtures, family: str):
 
     if family == "sd15":
         (control,) = nodes.ControlNetLoader().load_controlnet(fixtures.controlnet_sd15)
-        weights = core.checkpoint.load_linfusion(str(fixtures.path("linfusion", fixtures.linfusion_folder["sd15"])))
+        weights = core.weights.checkpoint.load_linfusion(str(fixtures.path("linfusion", fixtures.linfusion_folder["sd15"])))
         return control, build_base_model("sd15"), weights
     base = build_base_model(family, seed=3)
     control = controlnet_from_unet_config(base.model_config.unet_config, seed=4)

@@ -72,13 +72,13 @@ def boot():
     sys.argv = saved
     import torch
     torch.set_num_threads(1)
-    import linfusion_core.block_map  # noqa: F401  (the attributes tests' helpers use on `core`)
-    import linfusion_core.checkpoint  # noqa: F401
-    import linfusion_core.module  # noqa: F401
-    import linfusion_core.patch  # noqa: F401
-    import linfusion_core.tiled_unet  # noqa: F401
-    import linfusion_core.tiled_unet_distributed  # noqa: F401
-    import linfusion_core.tiled_unet_patch  # noqa: F401
+    import linfusion_core.patching.block_map  # noqa: F401  (the attributes tests' helpers use on `core`)
+    import linfusion_core.weights.checkpoint  # noqa: F401
+    import linfusion_core.attention.module  # noqa: F401
+    import linfusion_core.patching.patch  # noqa: F401
+    import linfusion_core.tiling.tiled_unet  # noqa: F401
+    import linfusion_core.tiling.tiled_unet_distributed  # noqa: F401
+    import linfusion_core.tiling.tiled_unet_patch  # noqa: F401
     return linfusion_core
 
 
@@ -86,7 +86,7 @@ def main(plan_path, out_dir):
     core = boot()
     import torch
     import tiled_unet_models as tm
-    dist_mod = core.tiled_unet_distributed
+    dist_mod = core.tiling.tiled_unet_distributed
     plan = json.loads(Path(plan_path).read_text())
     rank, world = dist_mod.init_from_env(plan.get("backend", "gloo"), timeout_s=plan.get("timeout_s", 60))
     out = Path(out_dir)
@@ -94,7 +94,7 @@ def main(plan_path, out_dir):
 
     def unet_for(family):
         if family not in unets:
-            lin = core.module.LinFusionAttention
+            lin = core.attention.module.LinFusionAttention
             cast = {"operations": __import__("comfy.ops").ops.manual_cast} if family.endswith("_cast") else {}
             unets[family] = tm.build_unet(tm.CONFIGS[family], lin, 0 if family != "sdxl" else 1,
                                           skip_middle=family.startswith("sd15"), **cast)
@@ -111,7 +111,7 @@ def main(plan_path, out_dir):
             unet, config = unet_for(family), tm.CONFIGS[family]
             x, t, ctx, y = tm.inputs(config, step.get("b", 2), step.get("h", 20), step.get("w", 20))
         if kind == "forward":
-            runner = core.tiled_unet.TiledUNetRunner(unet, step["tile"], "cpu", "cpu", progress=False, partition=part)
+            runner = core.tiling.tiled_unet.TiledUNetRunner(unet, step["tile"], "cpu", "cpu", progress=False, partition=part)
             with torch.no_grad():
                 t0 = time.perf_counter()
                 got = runner.forward(x, t, ctx, y, transformer_options={})
@@ -119,7 +119,7 @@ def main(plan_path, out_dir):
                 values = dict(out=got, sent=dict(part.sent), seconds=seconds, untiled=runner.untiled_layers,
                               ticks=runner.ticks)
                 if rank == 0:
-                    local = core.tiled_unet.TiledUNetRunner(unet, step["tile"], "cpu", "cpu", progress=False)
+                    local = core.tiling.tiled_unet.TiledUNetRunner(unet, step["tile"], "cpu", "cpu", progress=False)
                     values.update(tiled=local.forward(x, t, ctx, y, transformer_options={}),
                                   untiled_ref=unet(x, t, ctx, y, transformer_options={}), local_ticks=local.ticks)
             save(name, **values)
@@ -129,7 +129,7 @@ def main(plan_path, out_dir):
             config = dict(step["config"])
             device = torch.device("cuda", torch.cuda.current_device()) if step.get("device") == "cuda" else torch.device("cpu")
             dtype = getattr(torch, step.get("dtype", "float32"))
-            unet = tm.build_unet(config, core.module.LinFusionAttention, 0).to(device, dtype)
+            unet = tm.build_unet(config, core.attention.module.LinFusionAttention, 0).to(device, dtype)
             x, t, ctx, y = (v.to(device, dtype) if v is not None and v.is_floating_point() else v
                             for v in tm.inputs(config, step["b"], step["h"], step["w"]))
             t = t.to(device)
@@ -143,7 +143,7 @@ def main(plan_path, out_dir):
                         dist.barrier()
                         t0, c0, m0 = time.perf_counter(), time.process_time(), time.thread_time()
                         if m != "local" or rank == 0:
-                            runner = core.tiled_unet.TiledUNetRunner(unet, step["tile"], device if park != "cpu" else "cpu",
+                            runner = core.tiling.tiled_unet.TiledUNetRunner(unet, step["tile"], device if park != "cpu" else "cpu",
                                                                      device, progress=False, partition=parts.get(m))
                             outs[m] = runner.forward(x, t, ctx, y, transformer_options={}).float().cpu()
                             if device.type == "cuda":
@@ -161,18 +161,18 @@ def main(plan_path, out_dir):
         elif kind == "sample":
             family = step.get("family", "sd15")
             base = tm.model_patcher(core, family, 5)
-            model = core.tiled_unet_patch.apply_tiled_unet(base, step["tile"], progress=False, partition=part)
+            model = core.tiling.tiled_unet_patch.apply_tiled_unet(base, step["tile"], progress=False, partition=part)
             got = tm.sample(model, family, step["h"], step["w"], step["steps"])
             values = dict(out=got, calls=part.calls)
             if rank == 0:
-                values["tiled"] = tm.sample(core.tiled_unet_patch.apply_tiled_unet(base, step["tile"], progress=False),
+                values["tiled"] = tm.sample(core.tiling.tiled_unet_patch.apply_tiled_unet(base, step["tile"], progress=False),
                                             family, step["h"], step["w"], step["steps"])
                 values["untiled_ref"] = tm.sample(base, family, step["h"], step["w"], step["steps"])
             save(name, **values)
         elif kind == "mismatch":
             unet, config = unet_for("sd15"), tm.CONFIGS["sd15"]
             x, t, ctx, y = tm.inputs(config, 1, 12, 12, seed=1 + (rank == 1))
-            runner = core.tiled_unet.TiledUNetRunner(unet, 8, "cpu", "cpu", progress=False, partition=part)
+            runner = core.tiling.tiled_unet.TiledUNetRunner(unet, 8, "cpu", "cpu", progress=False, partition=part)
             try:
                 with torch.no_grad():
                     runner.forward(x, t, ctx, y, transformer_options={})
@@ -189,7 +189,7 @@ def main(plan_path, out_dir):
                         os._exit(17)
                     raise RuntimeError("injected fault")
                 block.emb_layers.forward = boom
-            runner = core.tiled_unet.TiledUNetRunner(unet, step["tile"], "cpu", "cpu", progress=False, partition=part)
+            runner = core.tiling.tiled_unet.TiledUNetRunner(unet, step["tile"], "cpu", "cpu", progress=False, partition=part)
             try:
                 with torch.no_grad():
                     runner.forward(x, t, ctx, y, transformer_options={})

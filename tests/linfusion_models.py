@@ -61,14 +61,14 @@ def build_patcher(family: str, dtype=torch.float32, seed: int = 1):
 def linfusion_for(core, base_model, seed: int = 7, mid: str = "auto", source: str = "test_linfusion.safetensors",
                   with_config: bool = True):
     """Random LinFusion weights for every attn1 of base_model, as a loaded LINFUSION object."""
-    ckpt = core.checkpoint
-    sites = core.block_map.attn1_sites(base_model.diffusion_model, base_model.model_config.unet_config)
+    ckpt = core.weights.checkpoint
+    sites = core.patching.block_map.attn1_sites(base_model.diffusion_model, base_model.model_config.unet_config)
     xl = base_model.model_config.unet_config.get("context_dim") == 2048
     g = torch.Generator().manual_seed(seed)
     specs, sd = [], {}
     for i, s in enumerate(sites):
         mid_dim = (s.dim // 16 if xl else s.dim) if mid == "auto" else mid
-        module = core.module.LinFusionAttention(s.dim, s.heads, mid_dim)
+        module = core.attention.module.LinFusionAttention(s.dim, s.heads, mid_dim)
         for k, p in module.state_dict().items():
             r = torch.randn(p.shape, generator=g)
             if k.endswith(".1.weight"):

@@ -24,7 +24,7 @@ class AttentionCall:
 
 class LinFusionSpy:
     def __init__(self, core):
-        self.cls = core.module.LinFusionAttention
+        self.cls = core.attention.module.LinFusionAttention
         self.calls: list[AttentionCall] = []
 
     def __enter__(self):

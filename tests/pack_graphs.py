@@ -35,7 +35,7 @@ class LinFusionTokens:
     """Token count (and batch) of every LinFusion attention call while active."""
 
     def __init__(self, core):
-        self.cls = core.module.LinFusionAttention
+        self.cls = core.attention.module.LinFusionAttention
         self.shapes: list[tuple[int, ...]] = []
 
     def __enter__(self):

@@ -29,7 +29,7 @@ def qkv(b, n, c, dtype=torch.float32, seed=0, scale=1.0):
                                               (2, 1024, 1280, 20, 256), (2, 256, 1280, 20, 16384),
                                               (3, 100, 64, 2, 200), (3, 100, 64, 2, 100), (3, 101, 64, 2, 100)])
 def test_fp32_matches_reference(core, b, n, c, heads, chunk):
-    att = core.attention
+    att = core.attention.reference
     q, k, v = qkv(b, n, c)
     ref = att.linear_attention_reference(q, k, v, heads)
     out = att.linear_attention(q, k, v, heads, chunk_size=chunk)
@@ -49,7 +49,7 @@ def test_reference_is_the_paper_formula_per_head(core):
         z = qh @ kh.mean(0) + 1e-4
         outs.append((qh @ s) / z[:, None])
     expected = torch.cat(outs, dim=1)[None].float()
-    assert (core.attention.linear_attention_reference(q, k, v, heads) - expected).abs().max().item() <= 1e-6
+    assert (core.attention.reference.linear_attention_reference(q, k, v, heads) - expected).abs().max().item() <= 1e-6
 
 
 def official_spelling(q, k, v, heads):
@@ -68,7 +68,7 @@ def test_reference_and_the_official_code_agree_on_self_attention_and_part_on_que
     """Where the reference's docstring says it differs from the official code, and why that is the right
     choice: identical for self-attention (the only place LinFusion runs); for a tile of the queries against
     all keys (HyperTile, tiled UNet) ours gives the untiled rows, the query-count scaling 4x them."""
-    ref = core.attention.linear_attention_reference
+    ref = core.attention.reference.linear_attention_reference
     q, k, v = qkv(2, 64, 40, seed=3)
     assert (official_spelling(q, k, v, 5) - ref(q, k, v, 5)).abs().max().item() <= 1e-5
     tile = q[:, :16]
@@ -81,7 +81,7 @@ def test_reference_and_the_official_code_agree_on_self_attention_and_part_on_que
 def test_half_precision_within_rounding_of_fp32(core, dtype, tol):
     """Stated tolerance: the half-precision result is the fp32 result of the same (rounded) inputs up to
     output rounding (fp16 ~ 1e-3 relative, bf16 ~ 8e-3 relative)."""
-    att = core.attention
+    att = core.attention.reference
     q, k, v = qkv(2, 2000, 320, dtype)
     ref = att.linear_attention_reference(q, k, v, 8)
     out = att.linear_attention(q, k, v, 8, chunk_size=512)
@@ -91,7 +91,7 @@ def test_half_precision_within_rounding_of_fp32(core, dtype, tol):
 
 def test_fp16_state_does_not_overflow(core):
     # Keys/values large enough that sum K^T V overflows fp16 (65504) many times over: fp32 state keeps it finite.
-    att = core.attention
+    att = core.attention.reference
     q, k, v = qkv(1, 65536, 64, torch.float16, scale=30.0)
     out = att.linear_attention(q, k, v, 2, chunk_size=8192)
     assert torch.isfinite(out).all()
@@ -100,7 +100,7 @@ def test_fp16_state_does_not_overflow(core):
 
 
 def test_state_is_additive_over_tiles(core):
-    att = core.attention
+    att = core.attention.reference
     q, k, v = qkv(2, 1000, 64)
     parts = [(0, 123), (123, 640), (640, 1000)]
     state = None
@@ -116,7 +116,7 @@ def test_state_is_additive_over_tiles(core):
 
 def test_cross_length_keys(core):
     # attn1_patch users may pass a context of another length (e.g. reference tokens appended).
-    att = core.attention
+    att = core.attention.reference
     q, _, _ = qkv(2, 100, 64, seed=1)
     _, k, v = qkv(2, 333, 64, seed=2)
     ref = att.linear_attention_reference(q, k, v, 4)
@@ -126,7 +126,7 @@ def test_cross_length_keys(core):
 def test_262144_tokens_without_quadratic_memory(core):
     """N = 262144 (a 4096 px SD1.5 canvas at the top level): the largest tensor created while computing
     is bounded by the output, and in half precision no full fp32 copy of q/k/v appears."""
-    att = core.attention
+    att = core.attention.reference
     n, c, heads, chunk = 262144, 64, 2, 16384
     q, k, v = qkv(1, n, c, torch.float16, seed=3)
     with LargestTensor() as tracker:
@@ -141,7 +141,7 @@ def test_262144_tokens_without_quadratic_memory(core):
 
 @pytest.mark.parametrize("bad", ["rank", "heads", "batch", "tokens"])
 def test_bad_shapes_raise_clear_errors(core, bad):
-    att = core.attention
+    att = core.attention.reference
     q, k, v = qkv(2, 10, 64)
     with pytest.raises(ValueError):
         if bad == "rank":
@@ -155,7 +155,7 @@ def test_bad_shapes_raise_clear_errors(core, bad):
 
 
 def test_token_blocks_cover_every_token_once_within_the_chunk(core):
-    blocks = core.attention.token_blocks
+    blocks = core.attention.reference.token_blocks
     assert blocks(2, 256, 16384) == [(0, 2, 0, 256)]                          # the whole batch at once
     assert blocks(5, 64, 128) == [(0, 2, 0, 64), (2, 4, 0, 64), (4, 5, 0, 64)]
     assert blocks(2, 300, 128) == [(0, 1, 0, 128), (0, 1, 128, 256), (0, 1, 256, 300),
@@ -173,8 +173,8 @@ def test_phi_is_elu_plus_one(core):
     u = torch.cat([torch.linspace(-30, 30, 10001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, -200.0, 80.0])])
     exact = torch.where(u > 0, u.double() + 1, u.double().exp())      # elu(u) + 1 without double's cancellation
     t = u.clone()
-    out = core.attention.phi_(t)
+    out = core.attention.reference.phi_(t)
     assert out.data_ptr() == t.data_ptr()
     torch.testing.assert_close(out.double(), exact, rtol=2e-7, atol=2.0 ** -126)   # fp32 underflows below
     assert (out - (F.elu(u) + 1)).abs().max().item() <= 2 ** -23      # today's fp32 spelling: one rounding at 1
-    assert core.attention.phi_(torch.tensor([float("nan")])).isnan().all()
+    assert core.attention.reference.phi_(torch.tensor([float("nan")])).isnan().all()

@@ -1,4 +1,4 @@
-"""The fast path (attention_fast.py) against the reference path of the same module, which paths run when, the
+"""The fast path (attention/fast_path.py) against the reference path of the same module, which paths run when, the
 packed-weight cache, ComfyUI's per-call weight casting, op counts and Dynamo. No timing is asserted."""
 import math
 
@@ -19,7 +19,7 @@ class Paths:
 
     def __init__(self, core, module, monkeypatch):
         self.fast = self.reference = 0
-        fast_forward, attend = core.attention_fast.fast_forward, module.attend
+        fast_forward, attend = core.attention.fast_path.fast_forward, module.attend
 
         def fast(*args, **kwargs):
             self.fast += 1
@@ -28,7 +28,7 @@ class Paths:
         def reference(*args, **kwargs):
             self.reference += 1
             return attend(*args, **kwargs)
-        monkeypatch.setattr(core.attention_fast, "fast_forward", fast)
+        monkeypatch.setattr(core.attention.fast_path, "fast_forward", fast)
         module.attend = reference
 
 
@@ -98,9 +98,9 @@ def test_which_path_runs(core, monkeypatch):
     module.chunk_size = 50
     assert runs() == "reference"
     module.chunk_size = None
-    monkeypatch.setattr(core.attention_fast, "FAST_MAX_ELEMENTS", 2 * 40 * 64 - 1)
+    monkeypatch.setattr(core.attention.fast_path, "FAST_MAX_ELEMENTS", 2 * 40 * 64 - 1)
     assert runs() == "reference"
-    monkeypatch.setattr(core.attention_fast, "FAST_MAX_ELEMENTS", 2 * 40 * 64)
+    monkeypatch.setattr(core.attention.fast_path, "FAST_MAX_ELEMENTS", 2 * 40 * 64)
     assert runs() == "fast"
     module.fast_path = False
     assert runs() == "reference"
@@ -115,20 +115,20 @@ def test_whole_batch_in_one_pass_where_the_reference_splits_per_image(core, monk
     path's default chunk (16384 tokens) takes it image by image."""
     module = random_module(core, 64, 4, 16).requires_grad_(False)
     seen = []
-    fast_forward = core.attention_fast.fast_forward
-    monkeypatch.setattr(core.attention_fast, "fast_forward", lambda p, x: seen.append(tuple(x.shape)) or fast_forward(p, x))
+    fast_forward = core.attention.fast_path.fast_forward
+    monkeypatch.setattr(core.attention.fast_path, "fast_forward", lambda p, x: seen.append(tuple(x.shape)) or fast_forward(p, x))
     x = torch.randn(2, 16384, 64, generator=torch.Generator().manual_seed(4))
     fast, reference = both_paths(module, x)
     assert seen == [(2, 16384, 64)]
-    assert core.attention.token_blocks(2, 16384, core.attention.DEFAULT_CHUNK_SIZE) == [(0, 1, 0, 16384), (1, 2, 0, 16384)]
+    assert core.attention.reference.token_blocks(2, 16384, core.attention.reference.DEFAULT_CHUNK_SIZE) == [(0, 1, 0, 16384), (1, 2, 0, 16384)]
     assert rel(fast, reference) <= 1e-6
 
 
 def test_packed_weights_are_cached_and_rebuilt_when_a_weight_changes(core, monkeypatch):
     module = random_module(core, 64, 4, 32).requires_grad_(False)
     packs = []
-    pack = core.attention_fast.pack
-    monkeypatch.setattr(core.attention_fast, "pack", lambda *a: packs.append(a[1:]) or pack(*a))
+    pack = core.attention.fast_path.pack
+    monkeypatch.setattr(core.attention.fast_path, "pack", lambda *a: packs.append(a[1:]) or pack(*a))
     x = torch.randn(2, 30, 64, generator=torch.Generator().manual_seed(5))
 
     def check():
@@ -158,8 +158,8 @@ def test_modules_built_under_inference_mode_pack_once(core, monkeypatch):
     which have no version counter: the cache must still hold across calls (packing per call would fold the
     MLPs, a C x C x m GEMM, every time), and still see a tensor replaced or moved."""
     packs = []
-    pack = core.attention_fast.pack
-    monkeypatch.setattr(core.attention_fast, "pack", lambda *a: packs.append(1) or pack(*a))
+    pack = core.attention.fast_path.pack
+    monkeypatch.setattr(core.attention.fast_path, "pack", lambda *a: packs.append(1) or pack(*a))
     with torch.inference_mode():
         module = random_module(core, 64, 4, 32)
         assert module.to_q.weight.is_inference()
@@ -182,7 +182,7 @@ def test_layers_cast_per_call_take_the_reference_path(core, monkeypatch):
     import comfy.ops
 
     plain = random_module(core, 64, 4, 32).requires_grad_(False)
-    cast = core.module.LinFusionAttention(64, 4, 32, operations=comfy.ops.manual_cast)
+    cast = core.attention.module.LinFusionAttention(64, 4, 32, operations=comfy.ops.manual_cast)
     cast.load_state_dict(plain.state_dict())
     cast.requires_grad_(False)
     x = torch.randn(2, 30, 64, generator=torch.Generator().manual_seed(6))
@@ -205,10 +205,10 @@ def test_layers_cast_per_call_take_the_reference_path(core, monkeypatch):
 def test_layers_on_another_device_or_dtype_take_the_reference_path(core):
     module = random_module(core, 64, 4, 32).requires_grad_(False)
     module.to_out[0].to(torch.float64)
-    assert core.attention_fast.packed_weights(module, torch.device("cpu"), torch.float32) is None
+    assert core.attention.fast_path.packed_weights(module, torch.device("cpu"), torch.float32) is None
     module.to_out[0].to(torch.float32)
-    assert core.attention_fast.packed_weights(module, torch.device("cpu"), torch.float32) is not None
-    assert core.attention_fast.packed_weights(module, torch.device("meta"), torch.float32) is None
+    assert core.attention.fast_path.packed_weights(module, torch.device("cpu"), torch.float32) is not None
+    assert core.attention.fast_path.packed_weights(module, torch.device("meta"), torch.float32) is None
 
 
 @pytest.mark.parametrize("mid", [16, -1])
@@ -217,7 +217,7 @@ def test_one_attn1_call_dispatches_at_most_16_compute_ops(core, mid):
     not depend on the sizes). Before issue #29: 32 (bench/op_count.py, docs/op_count.json)."""
     import comfy.ops
 
-    module = core.module.LinFusionAttention(64, 4, mid, operations=comfy.ops.disable_weight_init)
+    module = core.attention.module.LinFusionAttention(64, 4, mid, operations=comfy.ops.disable_weight_init)
     with torch.no_grad():
         for p in module.parameters():
             p.normal_(0, 1 / math.sqrt(p.shape[-1]))
@@ -260,12 +260,12 @@ def test_apply_linfusion_packs_before_the_first_step_and_releases_after_the_run(
     from linfusion_models import build_patcher, linfusion_for
 
     base = build_patcher("sd15", seed=2)
-    patched, _ = core.patch.apply_linfusion(base, linfusion_for(core, base.model, seed=3))
-    again, _ = core.patch.apply_linfusion(patched, linfusion_for(core, base.model, seed=4))
+    patched, _ = core.patching.patch.apply_linfusion(base, linfusion_for(core, base.model, seed=3))
+    again, _ = core.patching.patch.apply_linfusion(patched, linfusion_for(core, base.model, seed=4))
     for call_type in (comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, comfy.patcher_extension.CallbacksMP.ON_CLEANUP):
         assert len(again.get_all_callbacks(call_type)) == 1                                  # replaced, not stacked
     comfy.model_management.load_models_gpu([patched] + patched.get_nested_additional_models())
-    modules = core.patch.linfusion_install(patched).modules_of(patched).blocks
+    modules = core.patching.patch.linfusion_install(patched).modules_of(patched).blocks
     assert all(m._linfusion_packed is None for m in modules)
     patched.pre_run()
     assert all(m._linfusion_packed is not None for m in modules)

@@ -70,7 +70,7 @@ def test_three_layouts_load_and_give_the_same_unet(core, models, folder, family)
         name = f"{layout}_{family}" + ("" if layout == "hub" else ".safetensors")
         weights = load(core, name)
         assert weights.config_source == {"hub": "config.json", "single": "metadata", "bare": "weights only"}[layout]
-        patched, info = core.patch.apply_linfusion(patcher, weights)
+        patched, info = core.patching.patch.apply_linfusion(patcher, weights)
         assert f"{len(weights.modules)} of {len(weights.modules)}" in info
         outs[layout] = run_unet(patched, inputs)
     assert torch.equal(outs["hub"], outs["single"])
@@ -117,22 +117,22 @@ def test_bare_file_on_the_other_family_says_the_family_was_assumed(core, models,
     base = models[model_family]
     name = f"bare_{weights_family}.safetensors"
     with caplog.at_level(logging.WARNING, logger="LinFusion"):
-        patched, info = core.patch.apply_linfusion(base, load(core, name))
+        patched, info = core.patching.patch.apply_linfusion(base, load(core, name))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "family ASSUMED from the model" in info and name in info
     assert any("family ASSUMED from the model" in w and name in w for w in warnings), warnings
-    assert {p.site.heads for p in core.patch.linfusion_install(patched).placements} == heads   # the model's
+    assert {p.site.heads for p in core.patching.patch.linfusion_install(patched).placements} == heads   # the model's
     for config_layout in (f"hub_{weights_family}", f"single_{weights_family}.safetensors"):
-        with pytest.raises(core.checkpoint.LinFusionLoadError, match="Load the LinFusion weights made for"):
-            core.patch.apply_linfusion(base, load(core, config_layout))
+        with pytest.raises(core.weights.checkpoint.LinFusionLoadError, match="Load the LinFusion weights made for"):
+            core.patching.patch.apply_linfusion(base, load(core, config_layout))
 
 
 def test_files_with_a_config_do_not_warn(core, models, folder, caplog):
     import logging
 
     with caplog.at_level(logging.WARNING, logger="LinFusion"):
-        _, info = core.patch.apply_linfusion(models["sd21"], load(core, "single_sd21.safetensors"))
-        _, info_xl = core.patch.apply_linfusion(models["sdxl"], load(core, "bare_sdxl.safetensors"))
+        _, info = core.patching.patch.apply_linfusion(models["sd21"], load(core, "single_sd21.safetensors"))
+        _, info_xl = core.patching.patch.apply_linfusion(models["sdxl"], load(core, "bare_sdxl.safetensors"))
     assert "ASSUMED" not in info and "ASSUMED" not in info_xl
     assert not [r for r in caplog.records if "ASSUMED" in r.getMessage()]
 
@@ -145,7 +145,7 @@ def test_files_with_a_config_do_not_warn(core, models, folder, caplog):
     ("a_lora.safetensors", "Is it a LoRA"),
 ])
 def test_bad_files_raise_naming_the_file(core, folder, name, needle):
-    with pytest.raises(core.checkpoint.LinFusionLoadError) as err:
+    with pytest.raises(core.weights.checkpoint.LinFusionLoadError) as err:
         load(core, name)
     assert name in str(err.value) and needle in str(err.value)
 
@@ -153,8 +153,8 @@ def test_bad_files_raise_naming_the_file(core, folder, name, needle):
 def test_non_safetensors_extension_refused(core, tmp_path):
     path = tmp_path / "weights.bin"
     path.write_bytes(b"\x80\x02}q\x00.")
-    with pytest.raises(core.checkpoint.LinFusionLoadError, match="weights.bin.*not a .safetensors"):
-        core.checkpoint.load_linfusion(str(path))
+    with pytest.raises(core.weights.checkpoint.LinFusionLoadError, match="weights.bin.*not a .safetensors"):
+        core.weights.checkpoint.load_linfusion(str(path))
 
 
 @pytest.mark.parametrize("weights_family,model_family,found,expected", [
@@ -165,8 +165,8 @@ def test_wrong_family_names_file_found_and_expected(core, models, folder, weight
                                                     expected):
     base = models[model_family]
     weights = load(core, f"hub_{weights_family}")
-    with pytest.raises(core.checkpoint.LinFusionLoadError) as err:
-        core.patch.apply_linfusion(base, weights)
+    with pytest.raises(core.weights.checkpoint.LinFusionLoadError) as err:
+        core.patching.patch.apply_linfusion(base, weights)
     message = str(err.value)
     assert f"hub_{weights_family}" in message
     assert f"weights for {found}" in message and f"the model is {expected}" in message
@@ -175,8 +175,8 @@ def test_wrong_family_names_file_found_and_expected(core, models, folder, weight
 
 
 def test_bare_sdxl_weights_on_sd15_model(core, models, folder):
-    with pytest.raises(core.checkpoint.LinFusionLoadError, match="bare_sdxl.*SDXL.*SD1.x"):
-        core.patch.apply_linfusion(models["sd15"], load(core, "bare_sdxl.safetensors"))
+    with pytest.raises(core.weights.checkpoint.LinFusionLoadError, match="bare_sdxl.*SDXL.*SD1.x"):
+        core.patching.patch.apply_linfusion(models["sd15"], load(core, "bare_sdxl.safetensors"))
 
 
 @pytest.mark.parametrize("kind", ["Flux", "SD3"])
@@ -204,8 +204,8 @@ def test_unsupported_model_families(core, kind):
     model = model_config.get_model({}, device="meta")
     cpu = torch.device("cpu")
     patcher = comfy.model_patcher.ModelPatcher(model, cpu, cpu)
-    with pytest.raises(core.checkpoint.LinFusionLoadError, match=f"SD1.x, SD2.x and SDXL UNets; this model is {kind}"):
-        core.patch.apply_linfusion(patcher, core.checkpoint.LinFusionWeights("x.safetensors", [], {}))
+    with pytest.raises(core.weights.checkpoint.LinFusionLoadError, match=f"SD1.x, SD2.x and SDXL UNets; this model is {kind}"):
+        core.patching.patch.apply_linfusion(patcher, core.weights.checkpoint.LinFusionWeights("x.safetensors", [], {}))
     assert not patcher.injections
 
 
@@ -244,8 +244,8 @@ def test_malformed_config_json_names_the_folder_and_the_field(core, models, tmp_
     weights = linfusion_for(core, models["sd15"].model, seed=11)
     text, needle = _config_variants(hub_config(weights))[variant]
     folder = hub_folder(tmp_path, "LinFusion-1-5", text, weights)
-    for read in (core.checkpoint.load_linfusion, core.checkpoint.peek_linfusion):
-        with pytest.raises(core.checkpoint.LinFusionLoadError) as err:
+    for read in (core.weights.checkpoint.load_linfusion, core.weights.checkpoint.peek_linfusion):
+        with pytest.raises(core.weights.checkpoint.LinFusionLoadError) as err:
             read(str(folder), display_name="LinFusion-1-5")
         message = str(err.value)
         assert "'LinFusion-1-5'" in message and "config.json" in message and needle in message, message
@@ -255,16 +255,16 @@ def test_hub_folder_without_weights(core, models, tmp_path):
     weights = linfusion_for(core, models["sd15"].model, seed=11)
     config = json.dumps(hub_config(weights))
     only_config = hub_folder(tmp_path, "only_config", config)
-    for read in (core.checkpoint.load_linfusion, core.checkpoint.peek_linfusion):
-        with pytest.raises(core.checkpoint.LinFusionLoadError,
+    for read in (core.weights.checkpoint.load_linfusion, core.weights.checkpoint.peek_linfusion):
+        with pytest.raises(core.weights.checkpoint.LinFusionLoadError,
                            match="folder 'only_config' has no diffusion_pytorch_model.safetensors .found: no weight "
                                  "files.*download both files"):
             read(str(only_config), display_name="only_config")
     # A diffusers variant name beside config.json (the folder is then listed as that file): the config is used.
     variant = hub_folder(tmp_path, "variant", config, weights, "diffusion_pytorch_model.fp16.safetensors")
-    with pytest.raises(core.checkpoint.LinFusionLoadError, match="found: diffusion_pytorch_model.fp16.safetensors"):
-        core.checkpoint.load_linfusion(str(variant), display_name="variant")
-    loaded = core.checkpoint.load_linfusion(str(variant / "diffusion_pytorch_model.fp16.safetensors"))
+    with pytest.raises(core.weights.checkpoint.LinFusionLoadError, match="found: diffusion_pytorch_model.fp16.safetensors"):
+        core.weights.checkpoint.load_linfusion(str(variant), display_name="variant")
+    loaded = core.weights.checkpoint.load_linfusion(str(variant / "diffusion_pytorch_model.fp16.safetensors"))
     assert loaded.config_source == "config.json" and loaded.family == "SD1.x"
 
 
@@ -303,7 +303,7 @@ def test_auto_picker_with_only_wrong_family_files(core, models, only_these_linfu
     # The released set's folder is there but holds another family's weights: nothing left to fall back to.
     wrong = linfusion_for(core, models["sd21"].model, seed=12)
     hub_folder(root, "LinFusion-1-5", json.dumps(hub_config(wrong)), wrong)
-    with pytest.raises(core.checkpoint.LinFusionLoadError) as err:
+    with pytest.raises(core.weights.checkpoint.LinFusionLoadError) as err:
         pick(sd15)
     message = str(err.value)
     assert "no LinFusion weights in models/linfusion fit this SD1.x (SD15) checkpoint" in message
@@ -314,7 +314,7 @@ def test_auto_picker_with_only_wrong_family_files(core, models, only_these_linfu
     save_file({k: v.half().contiguous() for k, v in bare.state_dict.items()}, str(root / "renamed.safetensors"))
     assert pick(sd15) == "renamed.safetensors"
     with caplog.at_level(logging.WARNING, logger="LinFusion"):
-        _, info = core.patch.apply_linfusion(models["sd15"], load(core, "renamed.safetensors"))
+        _, info = core.patching.patch.apply_linfusion(models["sd15"], load(core, "renamed.safetensors"))
     assert "ASSUMED" in info and any("ASSUMED" in r.getMessage() for r in caplog.records)
 
     right = linfusion_for(core, sd15, seed=11)
@@ -328,7 +328,7 @@ def test_invalid_blocks_value(core, models, host, fixtures):
     base = models["sd15"]
     weights = linfusion_for(core, base.model)
     with pytest.raises(ValueError, match="blocks must be one of .'all', 'highest resolution only'., got 'middle'"):
-        core.patch.apply_linfusion(base, weights, blocks="middle")
+        core.patching.patch.apply_linfusion(base, weights, blocks="middle")
     assert not base.injections and not base.additional_models
 
     prompt = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": fixtures.checkpoint["sd15"]}},

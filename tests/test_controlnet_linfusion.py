@@ -22,7 +22,7 @@ def controlnets(core, fixtures):
 
 
 def linfusion_controlnet(core, control, weights, source="base modules", **kwargs):
-    patched, info = core.controlnet_distill.linfusion_controlnet(control, weights, source, **kwargs)
+    patched, info = core.controlnet.controlnet_distill.linfusion_controlnet(control, weights, source, **kwargs)
     return patched, info
 
 
@@ -66,10 +66,10 @@ def test_linfusion_runs_in_every_controlnet_self_attention_and_nowhere_else(core
     plain_before = residuals(prepared(control, base_model, image), inputs)
 
     patched, info = linfusion_controlnet(core, control, weights)
-    sites = core.controlnet_patch.control_sites(control.control_model)
+    sites = core.controlnet.controlnet_patch.control_sites(control.control_model)
     assert f"{len(sites)} self-attention modules patched" in info
     lf = prepared(patched, base_model, image)
-    with CallLog(control.control_model, core.module.LinFusionAttention) as log:
+    with CallLog(control.control_model, core.attention.module.LinFusionAttention) as log:
         out = residuals(lf, inputs)
     attn1 = [c for c in log.calls if c[0].endswith("attn1")]
     attn2 = [c for c in log.calls if c[0].endswith("attn2")]
@@ -126,7 +126,7 @@ def test_wrong_family_and_t2i_adapter(core, controlnets):
 
     control, _, _ = controlnets["sd15"]
     _, _, xl_weights = controlnets["sdxl"]
-    with pytest.raises(core.checkpoint.LinFusionLoadError, match="for SDXL.*ControlNet is SD1.x"):
+    with pytest.raises(core.weights.checkpoint.LinFusionLoadError, match="for SDXL.*ControlNet is SD1.x"):
         linfusion_controlnet(core, control, xl_weights)
     adapter = comfy.controlnet.T2IAdapter(comfy.t2i_adapter.adapter.Adapter(channels=[32, 64], nums_rb=1, cin=192,
                                                                              ksize=1, sk=True, use_conv=False),
@@ -203,11 +203,11 @@ def test_controllora_runs_linfusion_in_its_attention(core, host):
     image = hint_image(64, 64, 6)
     hw = (8, 8)
     plain = sample_step(model, lora, image, hw)
-    patched, info = core.controlnet_distill.linfusion_controlnet(lora, weights, "distilled for this ControlNet")
+    patched, info = core.controlnet.controlnet_distill.linfusion_controlnet(lora, weights, "distilled for this ControlNet")
     assert "ControlLoRA" in info and "nothing was distilled" in info
     calls = []
     handle = torch.nn.modules.module.register_module_forward_hook(
-        lambda m, a, o: calls.append(1) if isinstance(m, core.module.LinFusionAttention) else None)
+        lambda m, a, o: calls.append(1) if isinstance(m, core.attention.module.LinFusionAttention) else None)
     try:
         out = sample_step(model, patched, image, hw)
     finally:
@@ -242,7 +242,7 @@ def layer_errors(distill, control, modules_by_weights, hint, seed=1):
 def test_distilled_modules_track_the_controlnets_softmax_attention(core, controlnets, host, tmp_path, monkeypatch):
     import comfy.model_management
 
-    distill = core.controlnet_distill
+    distill = core.controlnet.controlnet_distill
     control, base_model, weights = controlnets["sd21"]
     image = hint_image(DISTILL_SIZE, DISTILL_SIZE, 4)
     host.progress = []
@@ -266,7 +266,7 @@ def test_distilled_modules_track_the_controlnets_softmax_attention(core, control
     softmax = residuals(prepared(control, base_model, image), inputs)
     res = {}
     for label, w in (("base", weights), ("distilled", distilled)):
-        patched, info = core.controlnet_distill.linfusion_controlnet(control, w, "base modules")
+        patched, info = core.controlnet.controlnet_distill.linfusion_controlnet(control, w, "base modules")
         res[label] = residual_error(residuals(prepared(patched, base_model, image), inputs), softmax)
     print(f"[distill] ControlNet residuals, relative error vs softmax ControlNet: base {res['base']:.4f} -> "
           f"distilled {res['distilled']:.4f}")

@@ -42,12 +42,12 @@ def sd15(core):
     reference = build_patcher("sd15")
     weights = linfusion_for(core, reference.model)
     inputs = unet_inputs(reference.model, batch=2, hw=(8, 8))
-    return reference, weights, inputs, call_unet(core.patch.apply_linfusion(reference, weights)[0], inputs)
+    return reference, weights, inputs, call_unet(core.patching.patch.apply_linfusion(reference, weights)[0], inputs)
 
 
 def as_file(core, weights, dtype):
     """The same LinFusion weights as a file saved in `dtype` would give them."""
-    return core.checkpoint.LinFusionWeights(weights.source, weights.modules, stored(weights.state_dict, dtype),
+    return core.weights.checkpoint.LinFusionWeights(weights.source, weights.modules, stored(weights.state_dict, dtype),
                                             weights.config_source)
 
 
@@ -88,8 +88,8 @@ def test_apply_linfusion_every_model_and_file_dtype(core, host, sd15, path, mode
                                                  load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
         assert not core.dynamic_vram.is_dynamic(base)    # ModelPatcherDynamic's own reroute for the CPU
 
-        manual, _ = core.patch.apply_linfusion(base, weights, min_tokens=0)
-        modules = core.patch.linfusion_install(manual).modules
+        manual, _ = core.patching.patch.apply_linfusion(base, weights, min_tokens=0)
+        modules = core.patching.patch.linfusion_install(manual).modules
         assert {p.dtype for p in modules.parameters()} == {storage}, "LinFusion not stored like the model"
         with LinFusionSpy(core) as spy:
             out = call_unet(manual, inputs)
@@ -98,7 +98,7 @@ def test_apply_linfusion_every_model_and_file_dtype(core, host, sd15, path, mode
         tolerance = max(TOLERANCE[d] for d in (storage, compute or storage, FILES[file]))
         assert relative(out, expected) <= tolerance
 
-        auto, info = core.patch.apply_linfusion(base, weights, min_tokens="auto")
+        auto, info = core.patching.patch.apply_linfusion(base, weights, min_tokens="auto")
         assert "min_tokens auto (cpu, " in info
         out_auto = call_unet(auto, inputs)
         assert torch.isfinite(out_auto).all()
@@ -113,7 +113,7 @@ def test_linfusion_modules_get_the_hosts_dynamic_patcher(core, sd15, dynamic):
 
     reference, weights, _, _ = sd15
     base = dynamic_patcher(loaded_base_model(reference.model, FP16))
-    patched, _ = core.patch.apply_linfusion(base, weights)
+    patched, _ = core.patching.patch.apply_linfusion(base, weights)
     (modules,) = patched.get_additional_models_with_key("linfusion")
     assert modules.is_dynamic() and modules.load_device == CUDA0
     delegate = modules.clone(disable_dynamic=True)
@@ -131,15 +131,15 @@ def test_low_memory_mode_frees_memory_the_dynamic_way(core, sd15, dynamic, monke
     import comfy.model_management
 
     reference, weights, _, _ = sd15
-    patched, _ = core.patch.apply_linfusion(dynamic_patcher(loaded_base_model(reference.model, FP16)), weights)
+    patched, _ = core.patching.patch.apply_linfusion(dynamic_patcher(loaded_base_model(reference.model, FP16)), weights)
     asked = []
     monkeypatch.setattr(comfy.model_management, "free_memory",
                         lambda memory, device, keep_loaded=[], **kw: asked.append((device, kw)) or [])
     keep = [patched] + patched.get_nested_additional_models()
     assert all(p.is_dynamic() for p in keep)
-    core.low_memory.unload_models_besides(keep, CUDA0)
+    core.patching.low_memory.unload_models_besides(keep, CUDA0)
     classic = build_patcher("sd15")
-    core.low_memory.unload_models_besides(keep + [classic], CUDA0)
+    core.patching.low_memory.unload_models_besides(keep + [classic], CUDA0)
     assert asked == [(CUDA0, {"for_dynamic": True}), (CUDA0, {})]
 
 
@@ -165,13 +165,13 @@ def test_tiled_vae_reads_free_memory_from_the_patcher(core, hm, dynamic, monkeyp
     gc.collect()
     assert entries[2].model is None
     monkeypatch.setattr(comfy.model_management, "current_loaded_models", entries)
-    assert core.tiled_vae.available_memory(vae) == 1000 + 20
+    assert core.tiling.tiled_vae.available_memory(vae) == 1000 + 20
 
 
 def controlnet_residuals(core, loaded):
     """The LinFusion ControlNet of the sd15 fixture ControlNet at one step: its residuals and LinFusion's calls."""
     control, base_model, weights = loaded
-    patched, _ = core.controlnet_patch.apply_linfusion_controlnet(control, weights)
+    patched, _ = core.controlnet.controlnet_patch.apply_linfusion_controlnet(control, weights)
     x, sigma, cond = control_inputs(base_model)
     with LinFusionSpy(core) as spy, torch.no_grad():
         out = prepared(patched, base_model, hint_image(64, 64)).get_control(x, sigma, cond, 1, {})
@@ -200,7 +200,7 @@ def test_multigpu_cfg_split_copy_of_a_linfusion_controlnet_has_its_own_modules(c
     if not host_has_dynamic_vram():
         skip_for_host_difference(NO_DYNAMIC_VRAM)
     control, base_model, weights = family_controlnet(core, fixtures, "sd15")
-    patched, _ = core.controlnet_patch.apply_linfusion_controlnet(control, weights)
+    patched, _ = core.controlnet.controlnet_patch.apply_linfusion_controlnet(control, weights)
     first = patched.linfusion.patcher
     second_gpu = torch.device("cuda", 1)   # a device object: nothing is loaded on it here
     copy_ = patched.deepclone_multigpu(second_gpu, autoregister=True)
@@ -227,7 +227,7 @@ def test_skip_residual_sampler_names_a_model_chain_it_cannot_walk(core):
         def __init__(self, inner=None):
             self.inner_model = inner
 
-    sampling = core.skip_residual_sampler.find_model_sampling
+    sampling = core.highres.skip_residual_sampler.find_model_sampling
     model = build_patcher("sd15").model
     assert sampling(Level(Level(model))) is model.model_sampling
     assert sampling(Level(Level(Level(model)))) is model.model_sampling     # one wrapper more
@@ -249,7 +249,7 @@ def ladder_stage(core, hm, model, vae, weights, min_tokens_mode):
                                                       .INPUT_TYPES()["required"]["mode"][0][0])
     latent = torch.randn(1, 4, 6, 8, generator=torch.Generator().manual_seed(5)) * 0.5
     attended = []
-    cls = core.module.LinFusionAttention
+    cls = core.attention.module.LinFusionAttention
     original = cls.attend      # what the tiled UNet calls per tile (it never calls forward)
     cls.attend = lambda module, *args, **kwargs: attended.append(id(module)) or original(module, *args, **kwargs)
     try:

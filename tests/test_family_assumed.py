@@ -1,7 +1,7 @@
 """SD 1.x vs SD 2.x LinFusion weights through ComfyUI's executor, on the fixture checkpoints and files.
 
 A renamed file without config cannot show which of the two it is for (identical tensors; see
-linfusion_core/checkpoint.py AMBIGUOUS_FAMILY): it runs with the model's heads, and both nodes' `info`
+linfusion_core/weights/checkpoint.py AMBIGUOUS_FAMILY): it runs with the model's heads, and both nodes' `info`
 outputs and a WARNING say the family was assumed. The same weights with a config (hub folder or metadata)
 stop with the wrong-family error."""
 import logging

@@ -8,7 +8,7 @@ import torch
 
 @pytest.fixture(scope="module")
 def df(core):
-    return importlib.import_module(core.__name__ + ".demofusion")
+    return importlib.import_module(core.__name__ + ".highres.demofusion")
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,8 @@ def ksample(model, latent, hm, steps=3, denoise=0.5, seed=3):
 
 
 def test_demofusion_denoise_formula(df, core):
-    hs = importlib.import_module(core.__name__ + ".highres_schedule")
-    lf = importlib.import_module(core.__name__ + ".latent_filters")
+    hs = importlib.import_module(core.__name__ + ".highres.highres_schedule")
+    lf = importlib.import_module(core.__name__ + ".highres.latent_filters")
     g = torch.Generator().manual_seed(0)
     x, ref = torch.randn(2, 4, 12, 16, generator=g), torch.randn(2, 4, 12, 16, generator=g)
     t = torch.tensor([600.0, 600.0])
@@ -184,7 +184,7 @@ def test_skip_residual_sampler_is_a_sampler_custom_advanced_sampler(hm, core):
     noised start: the same result as with the noise given; and the residual does act (vs plain euler)."""
     import comfy.sample
     import comfy.samplers
-    srs = importlib.import_module(core.__name__ + ".skip_residual_sampler")
+    srs = importlib.import_module(core.__name__ + ".highres.skip_residual_sampler")
     model = hm.unet_patcher(seed=12)
     latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     noise = comfy.sample.prepare_noise(latent, 4)
@@ -206,8 +206,8 @@ def test_hand_built_sampler_custom_advanced_graph_equals_the_ladder_exact_form(h
     sampling path = one ladder stage with the skip residual on the sampler state."""
     import comfy.sample
     import nodes
-    pu = importlib.import_module(core.__name__ + ".progressive_upscale")
-    hs = importlib.import_module(core.__name__ + ".highres_schedule")
+    pu = importlib.import_module(core.__name__ + ".highres.progressive_upscale")
+    hs = importlib.import_module(core.__name__ + ".highres.highres_schedule")
     model = hm.unet_patcher(seed=13)
     base = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(6)) * 0.5
     pos, neg = hm.conditioning(10), hm.conditioning(11)

@@ -11,7 +11,7 @@ TOLERANCE = 1e-5  # fp32; batch-1 vs batch-2 and chunked matmuls round different
 
 @pytest.fixture(scope="module")
 def lm(core):
-    return importlib.import_module(core.__name__ + ".low_memory")
+    return importlib.import_module(core.__name__ + ".patching.low_memory")
 
 
 def ksample(model, latent, hm, positive=None, negative=None, steps=3):

@@ -179,8 +179,8 @@ def test_image_input_is_encoded_inside_the_one_bar(host, hm, vae, pu):
 
 # -- the VAE crossing: auto / untiled / exact tiled (never ComfyUI's inexact tiles) --------------------
 def test_vae_codec_auto_picks_the_exact_tiled_vae_above_its_bound(core, hm, vae):
-    vc = importlib.import_module(core.__name__ + ".vae_codec")
-    tv = importlib.import_module(core.__name__ + ".tiled_vae")
+    vc = importlib.import_module(core.__name__ + ".highres.vae_codec")
+    tv = importlib.import_module(core.__name__ + ".tiling.tiled_vae")
     # The automatic rule: untiled only when ComfyUI's estimate fits the free memory AND the image is small.
     assert tv.choose_untiled(need_bytes=1 << 30, free_bytes=2 << 30, pixels=512 * 512, max_pixels=1024 * 1024)
     assert not tv.choose_untiled(need_bytes=3 << 30, free_bytes=2 << 30, pixels=512 * 512, max_pixels=1024 * 1024)
@@ -229,7 +229,7 @@ def test_upscale_model_replaces_bicubic_and_lands_on_the_stage_size(host, core, 
                                                                    every_progress_update):
     from comfy_extras.nodes_upscale_model import ImageUpscaleWithModel
 
-    px = importlib.import_module(core.__name__ + ".pixel_upscale")
+    px = importlib.import_module(core.__name__ + ".highres.pixel_upscale")
     image = torch.rand(1, 64, 96, 3, generator=torch.Generator().manual_seed(4))
     ours = px.upscale_image(image, 192, 128, upscale_model)
     # ComfyUI's own node (x4), then the area resize to the exact x2 stage size.
@@ -266,7 +266,7 @@ def test_upscale_model_loads_through_its_patcher_where_comfyui_has_one(core, ups
     upscale step does what the host's node does."""
     import comfy.model_management as mm
 
-    px = importlib.import_module(core.__name__ + ".pixel_upscale")
+    px = importlib.import_module(core.__name__ + ".highres.pixel_upscale")
     loaded, load = [], mm.load_models_gpu
     monkeypatch.setattr(mm, "load_models_gpu", lambda models, *a, **kw: loaded.append(list(models)) or load(models, *a, **kw))
     image = torch.rand(1, 32, 48, 3, generator=torch.Generator().manual_seed(4))
@@ -350,7 +350,7 @@ def size_embedding(*ids):
 def test_sdxl_size_conditioning_reaches_encode_adm(hm, vae, pu, core):
     """Each choice sets the size ids SDXL's encode_adm embeds into y, for every stage, cond and uncond."""
     import comfy.patcher_extension
-    sz = importlib.import_module(core.__name__ + ".sdxl_size")
+    sz = importlib.import_module(core.__name__ + ".highres.sdxl_size")
     model = hm.sdxl_unet_patcher(seed=37).clone()
     seen = []
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test", size_ids_seen(model, seen))
@@ -374,7 +374,7 @@ def test_sdxl_size_conditioning_reaches_encode_adm(hm, vae, pu, core):
 
 
 def test_size_conditioning_leaves_other_models_untouched(hm, vae, pu, core):
-    sz = importlib.import_module(core.__name__ + ".sdxl_size")
+    sz = importlib.import_module(core.__name__ + ".highres.sdxl_size")
     model = hm.unet_patcher(seed=38)
     pos, neg = hm.conditioning(10), hm.conditioning(11)
     for mode in sz.SIZE_CONDITIONINGS:
@@ -388,7 +388,7 @@ def test_size_conditioning_leaves_other_models_untouched(hm, vae, pu, core):
 
 
 def test_skip_residual_on_state_needs_a_single_step_sampler(hm, vae, pu, core, caplog):
-    srs = importlib.import_module(core.__name__ + ".skip_residual_sampler")
+    srs = importlib.import_module(core.__name__ + ".highres.skip_residual_sampler")
     with pytest.raises(ValueError, match="single-step samplers"):
         srs.skip_residual_sampler("dpmpp_2m")
     # In the ladder a multistep sampler falls back to the model-input form, and says so.

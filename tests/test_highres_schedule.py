@@ -8,12 +8,12 @@ import torch
 
 @pytest.fixture(scope="module")
 def hs(core):
-    return importlib.import_module(core.__name__ + ".highres_schedule")
+    return importlib.import_module(core.__name__ + ".highres.highres_schedule")
 
 
 @pytest.fixture(scope="module")
 def lf(core):
-    return importlib.import_module(core.__name__ + ".latent_filters")
+    return importlib.import_module(core.__name__ + ".highres.latent_filters")
 
 
 def sizes(stages):

@@ -205,7 +205,7 @@ def test_hypertile_is_exact_under_linfusion(host, core, fixtures, monkeypatch):
 
     hypertile = [("HyperTile", {"tile_size": 32, "swap_size": 1, "max_depth": 0, "scale_depth": False})]
     with monkeypatch.context() as m:
-        m.setattr(core.attention_fast, "fast_path_fits", lambda *args: False)   # every module on one path
+        m.setattr(core.attention.fast_path, "fast_path_fits", lambda *args: False)   # every module on one path
         with LinFusionSpy(core) as spy:
             tiled = fresh(host, graph(fixtures, linfusion=True, extra_model=hypertile))
         alone_reference = fresh(host, graph(fixtures, linfusion=True))

@@ -17,7 +17,7 @@ UNET_STEP_2 = (300, 400)     # the second step of stage 1: the tiled UNet knows 
 
 def ladder_units(core) -> int:
     """The job's units by the recipe's rules: the planned stages' steps plus a decode and an encode per stage."""
-    hs = importlib.import_module(core.__name__ + ".highres_schedule")
+    hs = importlib.import_module(core.__name__ + ".highres.highres_schedule")
     stages = hs.plan_stages(32, 24, num_stages=2, ladder="sd15", base_steps=BASE_STEPS)
     assert [s.steps for s in stages] == [2, 2], "the unit positions below assume 2 steps in each stage"
     return sum(s.steps for s in stages) + 2 * len(stages)

@@ -14,7 +14,7 @@ class LinFusionDtypes:
     """Records (input dtype, output dtype) of every LinFusion attention call."""
 
     def __init__(self, core):
-        self.cls, self.seen = core.module.LinFusionAttention, []
+        self.cls, self.seen = core.attention.module.LinFusionAttention, []
 
     def __enter__(self):
         def hook(module, args, output):
@@ -56,8 +56,8 @@ def test_fp8_weight_storage_runs_linfusion_in_the_compute_dtype(core):
     stored, compute = fp8_stored_patcher("sd15")
     assert compute is not None and compute != FP8 and stored.model.manual_cast_dtype == compute
     weights = linfusion_for(core, stored.model)
-    patched, _ = core.patch.apply_linfusion(stored, weights)
-    modules = core.patch.linfusion_install(patched).modules
+    patched, _ = core.patching.patch.apply_linfusion(stored, weights)
+    modules = core.patching.patch.linfusion_install(patched).modules
     assert {p.dtype for p in modules.parameters()} == {FP8}            # stored like the UNet: fp8
     inputs = unet_inputs(stored.model, hw=(8, 8))
     with LinFusionDtypes(core) as dtypes:
@@ -69,9 +69,9 @@ def test_fp8_weight_storage_runs_linfusion_in_the_compute_dtype(core):
     # must be that model, up to float rounding of the casts.
     reference = build_patcher("sd15")
     reference.model.diffusion_model.load_state_dict(fp8_rounded(stored.model.diffusion_model.state_dict()))
-    rounded = core.checkpoint.LinFusionWeights(weights.source, weights.modules, fp8_rounded(weights.state_dict),
+    rounded = core.weights.checkpoint.LinFusionWeights(weights.source, weights.modules, fp8_rounded(weights.state_dict),
                                                weights.config_source)
-    expected = run_unet(core.patch.apply_linfusion(reference, rounded)[0], inputs)
+    expected = run_unet(core.patching.patch.apply_linfusion(reference, rounded)[0], inputs)
     plain = run_unet(reference, inputs)
     scale = expected.abs().max().item()
     assert (out - expected).abs().max().item() <= 1e-4 * scale
@@ -86,7 +86,7 @@ def test_low_vram_partial_load_gives_the_same_output(core):
 
     cpu = torch.device("cpu")
     base = build_patcher("sd15", seed=3)
-    patched, _ = core.patch.apply_linfusion(base, linfusion_for(core, base.model, seed=4))
+    patched, _ = core.patching.patch.apply_linfusion(base, linfusion_for(core, base.model, seed=4))
     inputs = unet_inputs(base.model, hw=(8, 8))
     full = run_unet(patched, inputs)
     comfy.model_management.unload_all_models()
@@ -103,7 +103,7 @@ def test_low_vram_partial_load_gives_the_same_output(core):
             out = patched.model.diffusion_model(inputs["x"], inputs["t"], context=inputs["context"])
         assert len(calls.seen) == 7
         # A module with a layer left to per-call casting runs the reference path (the layers cast themselves);
-        # fully loaded ones keep the fast path (attention_fast.py), equal to it up to float rounding.
+        # fully loaded ones keep the fast path (attention/fast_path.py), equal to it up to float rounding.
         cast_modules = [m for m in modules_patcher.model.blocks
                         if any(getattr(layer, "comfy_cast_weights", False) for layer in m.modules())]
         assert cast_modules and all(m._linfusion_packed is None for m in cast_modules)

@@ -31,7 +31,7 @@ def reference_module_forward(sd: dict, x, context, value, heads):
 
 
 def random_module(core, dim, heads, mid, seed=0):
-    module = core.module.LinFusionAttention(dim, heads, mid)
+    module = core.attention.module.LinFusionAttention(dim, heads, mid)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
@@ -45,10 +45,10 @@ HUB_KEYS = {"to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight", "to_
 
 
 def test_submodule_names_are_the_hub_keys(core):
-    assert set(core.module.LinFusionAttention(64, 4).state_dict()) == HUB_KEYS
-    assert set(core.module.LinFusionAttention(64, 4, -1).state_dict()) == {k for k in HUB_KEYS if "_." not in k}
+    assert set(core.attention.module.LinFusionAttention(64, 4).state_dict()) == HUB_KEYS
+    assert set(core.attention.module.LinFusionAttention(64, 4, -1).state_dict()) == {k for k in HUB_KEYS if "_." not in k}
     import comfy.ops
-    assert isinstance(core.module.LinFusionAttention(64, 4).to_q, comfy.ops.CastWeightBiasOp)
+    assert isinstance(core.attention.module.LinFusionAttention(64, 4).to_q, comfy.ops.CastWeightBiasOp)
 
 
 @pytest.mark.parametrize("dim,heads,mid,b,n,chunk", [
@@ -109,7 +109,7 @@ def test_module_half_precision(core, dtype, tol):
 
 def test_bad_heads(core):
     with pytest.raises(ValueError, match="heads"):
-        core.module.LinFusionAttention(320, 7)
+        core.attention.module.LinFusionAttention(320, 7)
 
 
 def test_queries_folded_into_batch_attend_to_their_images_state(core):
@@ -151,7 +151,7 @@ def test_chunk_size_from_transformer_options_reaches_the_module(core):
     the module then works in chunks of that many tokens, with the same result."""
     import importlib
 
-    patch = importlib.import_module(core.__name__ + ".patch")
+    patch = importlib.import_module(core.__name__ + ".patching.patch")
     module = random_module(core, 64, 4, None, seed=3)
     x = torch.randn(2, 50, 64)
     seen = []

@@ -292,7 +292,7 @@ def test_official_loop_deis_grid(hm, pu, core):
         assert model_sampling.timestep(sigmas).round().tolist() == timesteps + [0]
     # int, not ceil: 25 steps at 0.3 run int(7.5) = 7 steps (the SDXL pipelines' ceil would run 8).
     assert len(deis_leading_timesteps(25, 0.3)) == 7
-    hs = importlib.import_module(core.__name__ + ".highres_schedule")
+    hs = importlib.import_module(core.__name__ + ".highres.highres_schedule")
     assert [s.steps for s in hs.plan_stages(32, 32, num_stages=2, ladder="sd15", base_steps=25)] == [10, 7]
     assert [s.steps for s in hs.plan_stages(32, 32, num_stages=2, ladder="sdxl", base_steps=25,
                                             strengths=[0.4, 0.3])] == [10, 8]
@@ -319,7 +319,7 @@ def test_official_loop_deis_sampler_equals_diffusers(hm, pu, core, base_steps, s
     (set_begin_index, add_noise, step) with the same smooth toy noise predictor. Measured 3e-7 to 8e-7; the bar is
     TOL: diffusers computes its sigmas from a float32 cumprod (up to 1e-5 apart from ComfyUI's float64 schedule)
     and its coefficients in float32, and those differences mostly cancel in x0 + sigma * eps."""
-    ds = importlib.import_module(core.__name__ + ".deis_sampler")
+    ds = importlib.import_module(core.__name__ + ".highres.deis_sampler")
     model = hm.unet_patcher(seed=44)
     model_sampling = model.get_model_object("model_sampling")
     g = torch.Generator().manual_seed(4)

@@ -76,7 +76,7 @@ def acn_prompt(fixtures, hint, *, linfusion_cn=True, strength=1.0, start=0.0, en
 
 def run(host, core, prompt, calls=None):
     """(latent, [(class, LinFusion modules placed) per ControlNet call of ours], the loaded ControlNet)."""
-    installs = PackCalls(core.controlnet_patch.ControlLinFusion, "installed",
+    installs = PackCalls(core.controlnet.controlnet_patch.ControlLinFusion, "installed",
                          lambda control, device: (type(control), len(control.linfusion.placements)))
     host.reset_cache()      # every node runs (a cached capture node would capture nothing)
     with installs, LinFusionTokens(core) as seen:
@@ -96,15 +96,15 @@ def test_linfusion_runs_in_the_packs_controlnet_and_leaves_it_untouched(host, co
     assert not plain_installs
     acn_cls = type(loaded)
     assert "adv_control" in acn_cls.__module__, f"the loader gave a {acn_cls}, not the pack's class"
-    assert installs and all(issubclass(c, acn_cls) and issubclass(c, core.controlnet_patch.LinFusionControlMixin)
+    assert installs and all(issubclass(c, acn_cls) and issubclass(c, core.controlnet.controlnet_patch.LinFusionControlMixin)
                             for c, _ in installs), installs
     # Every attn1 of the ControlNet got a LinFusion module, and LinFusion ran there on each ControlNet call.
-    sites = core.controlnet_patch.control_sites(loaded.control_model)
+    sites = core.controlnet.controlnet_patch.control_sites(loaded.control_model)
     assert isinstance(loaded.control_model, comfy.cldm.cldm.ControlNet)
     assert {n for _, n in installs} == {len(sites)} == {3}
     assert counts[1] - counts[0] == len(sites) * len(installs), counts
     # The loaded ControlNet: still the pack's class, no LinFusion, no forward left on its attention.
-    assert not core.controlnet_patch.is_linfusion_control(loaded) and not hasattr(loaded, "linfusion")
+    assert not core.controlnet.controlnet_patch.is_linfusion_control(loaded) and not hasattr(loaded, "linfusion")
     assert not any("forward" in m.__dict__ for n, m in loaded.control_model.named_modules() if n.endswith("attn1"))
     print(f"[advanced-controlnet] max |LinFusion CN - plain CN| {(lf - plain).abs().max().item():.4g}, "
           f"|plain CN - no CN| {(plain - none).abs().max().item():.4g}")

@@ -100,7 +100,7 @@ def test_composes_with_linfusion_tiled_unet(host, core, fixtures, pack, input_im
     """One 128 px USDU tile (144 px with padding: an 18 x 18 latent) run by the tiled UNet in 8 x 8 latent tiles
     ("exact" mode): the same image as LinFusion untiled, up to rounding."""
     lf, tiles, _ = run(host, core, pack, usdu_prompt(fixtures, input_image, tile=128))
-    calls = PackCalls(core.tiled_unet.TiledUNetRunner, "forward", lambda x, *a, **k: tuple(x.shape))
+    calls = PackCalls(core.tiling.tiled_unet.TiledUNetRunner, "forward", lambda x, *a, **k: tuple(x.shape))
     with calls:
         tiled, tiled_tiles, seen = run(host, core, pack, usdu_prompt(fixtures, input_image, tile=128,
                                                                      tiled_unet=True))

@@ -38,7 +38,7 @@ def test_patched_unet_equals_reference_modules_mounted_by_hand(core, sd15):
     """The injected UNet equals a copy of the UNet whose attn1 modules were swapped by hand for the
     plain reference formula (checks the install path; the diffusers test checks the name mapping)."""
     base, weights = sd15
-    patched, info = core.patch.apply_linfusion(base, weights)
+    patched, info = core.patching.patch.apply_linfusion(base, weights)
     inputs = unet_inputs(base.model, hw=(8, 8))
     out = run_unet(patched, inputs)
 
@@ -52,7 +52,7 @@ def test_patched_unet_equals_reference_modules_mounted_by_hand(core, sd15):
 
     by_hand = copy.deepcopy(base.model.diffusion_model)
     for spec in weights.modules:
-        path = core.block_map.attn1_name_map(base.model.model_config.unet_config)[spec.name]
+        path = core.patching.block_map.attn1_name_map(base.model.model_config.unet_config)[spec.name]
         parent, leaf = path.rsplit(".", 1)
         setattr(by_hand.get_submodule(parent), leaf, Reference(weights.module_state_dict(spec.index), spec.heads))
     with torch.no_grad():
@@ -66,7 +66,7 @@ def test_unpatched_outputs_are_bit_identical(core, sd15):
     inputs = unet_inputs(base.model)
     before = run_unet(base, inputs)
     state_before = {k: v.clone() for k, v in base.model.state_dict().items()}
-    patched, _ = core.patch.apply_linfusion(base, weights)
+    patched, _ = core.patching.patch.apply_linfusion(base, weights)
     with_lf = run_unet(patched, inputs)
     assert attn1_instance_forwards(base)          # injected while the LinFusion clone is the loaded one
     after = run_unet(base, inputs)
@@ -82,7 +82,7 @@ def test_unpatched_outputs_are_bit_identical(core, sd15):
 def test_two_clones_sampled_alternately_are_stable(core, sd15):
     base, weights = sd15
     plain = base.clone()
-    lf, _ = core.patch.apply_linfusion(base, weights)
+    lf, _ = core.patching.patch.apply_linfusion(base, weights)
     results = {"plain": [], "lf": []}
     for name in ["plain", "lf", "plain", "lf", "lf", "plain"]:
         results[name].append(sample(plain if name == "plain" else lf, seed=3))
@@ -98,10 +98,10 @@ def test_toggling_linfusion_and_lora_on_one_checkpoint_equals_fresh_runs(core):
         lora = lora_like_patches(patcher)
         plain_lora = patcher.clone()
         plain_lora.add_patches(lora, 1.0)
-        lf, _ = core.patch.apply_linfusion(patcher, weights)
+        lf, _ = core.patching.patch.apply_linfusion(patcher, weights)
         lf_lora_after = lf.clone()                    # LoRA loaded after Apply LinFusion
         lf_lora_after.add_patches(lora, 1.0)
-        lf_lora_before, _ = core.patch.apply_linfusion(plain_lora, weights)   # LoRA before Apply LinFusion
+        lf_lora_before, _ = core.patching.patch.apply_linfusion(plain_lora, weights)   # LoRA before Apply LinFusion
         return {"plain": patcher.clone(), "lf": lf, "plain_lora": plain_lora, "lf_lora_after": lf_lora_after,
                 "lf_lora_before": lf_lora_before}
 
@@ -132,9 +132,9 @@ def test_hybrid_threshold_keeps_softmax_on_small_levels(core, sd15):
     base, weights = sd15
     inputs = unet_inputs(base.model, hw=(8, 8))     # levels: 64 and 16 tokens
     plain = run_unet(base, inputs)
-    everywhere = run_unet(core.patch.apply_linfusion(base, weights, min_tokens=0)[0], inputs)
-    above_all = run_unet(core.patch.apply_linfusion(base, weights, min_tokens=65)[0], inputs)
-    between = run_unet(core.patch.apply_linfusion(base, weights, min_tokens=32)[0], inputs)
+    everywhere = run_unet(core.patching.patch.apply_linfusion(base, weights, min_tokens=0)[0], inputs)
+    above_all = run_unet(core.patching.patch.apply_linfusion(base, weights, min_tokens=65)[0], inputs)
+    between = run_unet(core.patching.patch.apply_linfusion(base, weights, min_tokens=32)[0], inputs)
     assert torch.equal(above_all, plain)
     assert (between - plain).abs().max().item() > 1e-3
     assert (between - everywhere).abs().max().item() > 1e-3
@@ -142,9 +142,9 @@ def test_hybrid_threshold_keeps_softmax_on_small_levels(core, sd15):
 
 def test_highest_resolution_only(core, sd15):
     base, weights = sd15
-    patched, info = core.patch.apply_linfusion(base, weights, blocks="highest resolution only")
+    patched, info = core.patching.patch.apply_linfusion(base, weights, blocks="highest resolution only")
     assert "3 of 7" in info                        # the 64-channel level: input 1, output 2 and 3
-    install = core.patch.linfusion_install(patched)
+    install = core.patching.patch.linfusion_install(patched)
     assert {p.site.dim for p in install.placements} == {64}
 
 
@@ -153,7 +153,7 @@ def test_multi_gpu_copy_runs_its_own_linfusion_modules(core, sd15):
     factory and injects the copy: the copy must run its own LinFusion modules (on its own device), not the
     modules of the MODEL it was copied from. Done here by hand with the same public patcher calls."""
     base, weights = sd15
-    patched, _ = core.patch.apply_linfusion(base, weights)
+    patched, _ = core.patching.patch.apply_linfusion(base, weights)
     inputs = unet_inputs(base.model, hw=(8, 8))
     expected = run_unet(patched, inputs)
     original = patched.get_additional_models_with_key("linfusion")[0]
@@ -185,8 +185,8 @@ def test_fifty_apply_sample_unpatch_cycles_do_not_grow_memory(core, sd15):
     alive = []
     loaded_before = None
     for i in range(50):
-        patched, _ = core.patch.apply_linfusion(base, weights)
-        alive.append(weakref.ref(core.patch.linfusion_install(patched).modules))
+        patched, _ = core.patching.patch.apply_linfusion(base, weights)
+        alive.append(weakref.ref(core.patching.patch.linfusion_install(patched).modules))
         sample(patched, seed=i, steps=1, hw=(4, 4))
         sample(base, seed=i, steps=1, hw=(4, 4))       # switching back ejects LinFusion
         del patched
@@ -219,7 +219,7 @@ def test_attention_patches_compose(core, sd15):
         calls["out"] += 1
         return n * 0.0
 
-    lf, _ = core.patch.apply_linfusion(base, weights)
+    lf, _ = core.patching.patch.apply_linfusion(base, weights)
     alone = run_unet(lf, inputs)
     with_attn2 = lf.clone()
     with_attn2.set_model_attn2_replace(attn2_replace, "input", 1)
@@ -325,7 +325,7 @@ def test_auto_crossover_on_a_gpu_comes_out_near_the_measured_one(core):
     there, answered the cap (65,536) for 9 of the 10."""
     from importlib import import_module
 
-    amt = import_module(core.__name__ + ".auto_min_tokens")
+    amt = import_module(core.__name__ + ".attention.auto_min_tokens")
     med = h200_attn1_medians()
     pairs = sorted({pair for pair, _, _ in med})
     assert len(pairs) == 10
@@ -347,7 +347,7 @@ def test_auto_crossover_on_a_gpu_comes_out_near_the_measured_one(core):
 def test_crossover_from_ladder_reads_the_bracketing_probes(core):
     from importlib import import_module
 
-    ladder = import_module(core.__name__ + ".auto_min_tokens").crossover_from_ladder
+    ladder = import_module(core.__name__ + ".attention.auto_min_tokens").crossover_from_ladder
     inf = float("inf")
     # flat (launch-bound) at 4K and 8K, kernel-bound after: the crossing between 8K and 16K, from those two
     assert ladder((4096, 8192, 16384), (2.0, 2.0, 3.0), (1.0, 1.5, 4.0)) == ladder((8192, 16384), (2.0, 3.0),
@@ -362,7 +362,7 @@ def test_crossover_from_ladder_reads_the_bracketing_probes(core):
 def test_crossover_from_probes_is_where_the_power_laws_cross(core):
     from importlib import import_module
 
-    cross = import_module(core.__name__ + ".auto_min_tokens").crossover_from_probes
+    cross = import_module(core.__name__ + ".attention.auto_min_tokens").crossover_from_probes
     # linear ~ N, softmax ~ N^2: softmax 4x faster at 128 tokens -> equal at 512
     assert cross((128, 512), (4.0, 16.0), (1.0, 16.0)) == 512
     assert cross((128, 512), (1.0, 4.0), (4.0, 64.0)) == 32           # LinFusion already faster: below the probes

@@ -22,8 +22,8 @@ CHILD = textwrap.dedent("""
     core = host.import_core()
     from linfusion_models import build_patcher, linfusion_for, sample
     base = build_patcher("sd15")
-    patched, _ = core.patch.apply_linfusion(base, linfusion_for(core, base.model))
-    low = core.low_memory.LowMemoryOptions(ff_chunks=4).apply(patched)
+    patched, _ = core.patching.patch.apply_linfusion(base, linfusion_for(core, base.model))
+    low = core.patching.low_memory.LowMemoryOptions(ff_chunks=4).apply(patched)
     sample(low, steps=1, hw=(4, 4))
     sample(patched, steps=1, hw=(4, 4))
     assert patched.is_injected

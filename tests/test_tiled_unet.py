@@ -29,7 +29,7 @@ def test_tiled_forward_equals_untiled(core, unets, family, h, w, tile):
     x, t, ctx, y = inputs(config, 2, h, w)
     with torch.no_grad():
         ref = unet(x, t, ctx, y, transformer_options={})
-        runner = core.tiled_unet.TiledUNetRunner(unet, tile, "cpu", "cpu", progress=False)
+        runner = core.tiling.tiled_unet.TiledUNetRunner(unet, tile, "cpu", "cpu", progress=False)
         out = runner.forward(x, t, ctx, y, transformer_options={})
     assert out.shape == ref.shape
     assert rel_err(out, ref) <= TOL
@@ -70,7 +70,7 @@ def test_cast_group_norm_weights_are_offloadable_and_uncast(core, unets, monkeyp
     monkeypatch.setattr(comfy.ops, "uncast_bias_weight", spy_uncast)
     x, t, ctx, _ = inputs(SD15_SMALL, 1, 36, 28)
     with torch.no_grad():
-        core.tiled_unet.TiledUNetRunner(unets["sd15_cast"], 10, "cpu", "cpu", progress=False).forward(
+        core.tiling.tiled_unet.TiledUNetRunner(unets["sd15_cast"], 10, "cpu", "cpu", progress=False).forward(
             x, t, ctx, transformer_options={})
     assert casts, "no GroupNorm weights were cast: the test could not fail"
     assert all(casts), f"{casts.count(False)} of {len(casts)} GroupNorm casts were the legacy kind"
@@ -119,7 +119,7 @@ def test_wrapper_chains_with_other_wrappers(core, host):
 
     m = base.clone()
     m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "test_outer", outer)
-    m = core.tiled_unet_patch.apply_tiled_unet(m, 16)
+    m = core.tiling.tiled_unet_patch.apply_tiled_unet(m, 16)
     m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "test_inner", inner)
     ref = one_step(base, "sd15", 32, 32)
     out = one_step(m, "sd15", 32, 32)
@@ -132,7 +132,7 @@ def test_progress_and_interruption_leave_model_clean(core, host, every_progress_
     import comfy.model_management
     base = model_patcher(core, "sd15", 31)
     before = state_snapshot(base)
-    tiled = core.tiled_unet_patch.apply_tiled_unet(base, 8)
+    tiled = core.tiling.tiled_unet_patch.apply_tiled_unet(base, 8)
     host.progress = []
     one_step(tiled, "sd15", 32, 32)
     assert len(host.progress) > 16, "no per-tile progress was reported"
@@ -153,15 +153,15 @@ def test_fast_mode_reuses_previous_state(core, unets):
     to = lambda s: {"sigmas": torch.tensor([s])}  # noqa: E731
     with torch.no_grad():
         ref = unet(x, t, ctx, transformer_options={})
-        first = core.tiled_unet.TiledUNetRunner(unet, 16, "cpu", "cpu", cache, progress=False)
+        first = core.tiling.tiled_unet.TiledUNetRunner(unet, 16, "cpu", "cpu", cache, progress=False)
         out1 = first.forward(x, t, ctx, transformer_options=to(5.0))
         # Same input, same sigma: the stale state is the exact one, and its pass is skipped.
-        second = core.tiled_unet.TiledUNetRunner(unet, 16, "cpu", "cpu", cache, progress=False)
+        second = core.tiling.tiled_unet.TiledUNetRunner(unet, 16, "cpu", "cpu", cache, progress=False)
         out2 = second.forward(x, t, ctx, transformer_options=to(5.0))
         # A different input: the state of the previous call is used, so the result is no longer exact.
         x3 = x.flip(-1)
         ref3 = unet(x3, t, ctx, transformer_options={})
-        out3 = core.tiled_unet.TiledUNetRunner(unet, 16, "cpu", "cpu", cache, progress=False).forward(
+        out3 = core.tiling.tiled_unet.TiledUNetRunner(unet, 16, "cpu", "cpu", cache, progress=False).forward(
             x3, t, ctx, transformer_options=to(4.0))
     assert rel_err(out1, ref) <= TOL and rel_err(out2, ref) <= TOL
     assert rel_err(out3, ref3) > TOL
@@ -174,7 +174,7 @@ def test_fast_mode_through_the_node_and_a_sampler(core, host):
     nodes = host.extension_module.NODE_CLASS_MAPPINGS
     base = model_patcher(core, "sd15", 41)
     (fast,) = nodes["LinFusionTiledUNet"]().patch(base, 16, "cpu", "fast (one-step-stale attention state)")
-    wrapper = fast.wrappers[WrappersMP.DIFFUSION_MODEL][core.tiled_unet_patch.WRAPPER_KEY][0]
+    wrapper = fast.wrappers[WrappersMP.DIFFUSION_MODEL][core.tiling.tiled_unet_patch.WRAPPER_KEY][0]
     assert wrapper.stale_states == {}
     assert rel_err(one_step(fast, "sd15", 32, 24), one_step(base, "sd15", 32, 24)) <= TOL
     assert wrapper.stale_states, "fast mode kept no state for the next step"
@@ -190,9 +190,9 @@ def test_fast_mode_through_the_node_and_a_sampler(core, host):
 
 def test_bad_settings_are_refused(core):
     with pytest.raises(ValueError, match="park device"):
-        core.tiled_unet_patch.TiledUNetWrapper(16, "gpu0")
+        core.tiling.tiled_unet_patch.TiledUNetWrapper(16, "gpu0")
     with pytest.raises(ValueError, match="tile size"):
-        core.tiled_unet_patch.TiledUNetWrapper(1)
+        core.tiling.tiled_unet_patch.TiledUNetWrapper(1)
 
 
 @pytest.mark.slow

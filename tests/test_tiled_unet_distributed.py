@@ -1,4 +1,4 @@
-"""The distributed tiled UNet (linfusion_core/tiled_unet_distributed.py) on the CPU: gloo, 2 and 3 ranks.
+"""The distributed tiled UNet (linfusion_core/tiling/tiled_unet_distributed.py) on the CPU: gloo, 2 and 3 ranks.
 
 Each rank is a process of its own started as torchrun starts one (env:// rendezvous on a free port of 127.0.0.1,
 tests/distributed_rank.py), one thread each. One launch per world size runs every step of its plan in order;

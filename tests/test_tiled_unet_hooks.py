@@ -40,11 +40,11 @@ def unets(host, core):
 def runners(core, monkeypatch):
     made = []
 
-    class Recorded(core.tiled_unet.TiledUNetRunner):
+    class Recorded(core.tiling.tiled_unet.TiledUNetRunner):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             made.append(self)
-    monkeypatch.setattr(core.tiled_unet_patch, "TiledUNetRunner", Recorded)
+    monkeypatch.setattr(core.tiling.tiled_unet_patch, "TiledUNetRunner", Recorded)
     return made
 
 
@@ -52,7 +52,7 @@ def compare(core, unet, options, tile=10, h=36, w=28):
     """(unpatched, untiled, tiled) outputs of one UNet call with transformer_options built by options()."""
     from comfy.patcher_extension import WrappersMP
     x, t, ctx, y = inputs(SD15_SMALL, 2, h, w)
-    wrapper = core.tiled_unet_patch.TiledUNetWrapper(tile, progress=False)
+    wrapper = core.tiling.tiled_unet_patch.TiledUNetWrapper(tile, progress=False)
     with torch.no_grad():
         plain = unet(x, t, ctx, y, transformer_options={})
         ref = unet(x, t, ctx, y, transformer_options=options())
@@ -148,7 +148,7 @@ def test_unknown_patch_sends_the_whole_call_untiled(core, unets, runners, caplog
     assert any(named in w and "whole UNet call runs untiled" in w for w in warnings), warnings
     assert rel_err(out, ref) <= TOL
     # Keys in use only: an empty list or replace table is no patch.
-    assert core.tiled_unet.unhandled_patches({"patches": {"linfusion_test_patch": []},
+    assert core.tiling.tiled_unet.unhandled_patches({"patches": {"linfusion_test_patch": []},
                                               "patches_replace": {"linfusion_test_kind": {}}}) == []
 
 

@@ -18,7 +18,7 @@ FP32_TOL = 1e-4          # on the decoder's [-1, 1] output / the latent mean
 
 @pytest.fixture(scope="module")
 def tv(host):
-    return importlib.import_module(host.extension_module.__name__ + ".linfusion_core.tiled_vae")
+    return importlib.import_module(host.extension_module.__name__ + ".linfusion_core.tiling.tiled_vae")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def _max_err(a, b):
 # -- the building blocks against their plain formulas ------------------------------------------------
 def test_group_stats_merge_equals_group_norm(host):
     from importlib import import_module
-    gns = import_module(host.extension_module.__name__ + ".linfusion_core.group_norm_stats")
+    gns = import_module(host.extension_module.__name__ + ".linfusion_core.tiling.group_norm_stats")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 64, 23, 37, generator=g) * 3 + 5       # offset mean: catches a naive E[x^2]-E[x]^2
     norm = torch.nn.GroupNorm(32, 64, eps=1e-6)
@@ -68,7 +68,7 @@ def test_group_stats_merge_equals_group_norm(host):
 
 def test_online_softmax_attention_equals_softmax(host):
     from importlib import import_module
-    att = import_module(host.extension_module.__name__ + ".linfusion_core.vae_attention")
+    att = import_module(host.extension_module.__name__ + ".linfusion_core.tiling.vae_attention")
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(150, 32, generator=g) * 3 for _ in range(3))   # peaked softmax
     chunks = [(k[s:s + 37], v[s:s + 37]) for s in range(0, 150, 37)]

@@ -29,7 +29,7 @@ def test_torch_compile_model_has_no_graph_break_and_matches_eager(core, monkeypa
     monkeypatch.setattr(attention, "optimized_attention", attention.attention_pytorch)
 
     base = build_patcher("sd15_tiny", seed=5)
-    patched, _ = core.patch.apply_linfusion(base, linfusion_for(core, base.model, seed=6))
+    patched, _ = core.patching.patch.apply_linfusion(base, linfusion_for(core, base.model, seed=6))
     with torch.inference_mode():
         eager = sample(patched, steps=1)
         plain = sample(base, steps=1)
@@ -38,13 +38,13 @@ def test_torch_compile_model_has_no_graph_break_and_matches_eager(core, monkeypa
     torch._dynamo.reset()
     counters.clear()
     fast_calls = []
-    fast_forward = core.attention_fast.fast_forward
-    core.attention_fast.fast_forward = lambda *a, **kw: fast_calls.append(1) or fast_forward(*a, **kw)
+    fast_forward = core.attention.fast_path.fast_forward
+    core.attention.fast_path.fast_forward = lambda *a, **kw: fast_calls.append(1) or fast_forward(*a, **kw)
     try:
         with torch.inference_mode():
             compiled = sample(compiled_model, steps=1)
     finally:
-        core.attention_fast.fast_forward = fast_forward
+        core.attention.fast_path.fast_forward = fast_forward
         torch._dynamo.reset()
     breaks = dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"

@@ -90,16 +90,16 @@ def test_official_module_lists_map_onto_full_size_comfy_unets(core, family, coun
         if name.endswith(".attn1"):
             dim = module.to_q.in_features
             mid = dim // 16 if family == "sdxl" else dim
-            specs.append(core.checkpoint.ModuleSpec(len(specs), dim, mid, module.heads, name))
+            specs.append(core.weights.checkpoint.ModuleSpec(len(specs), dim, mid, module.heads, name))
     assert len(specs) == count and specs[-1].name.startswith("mid_block")
 
     unet_config = comfy.model_detection.unet_config_from_diffusers_unet(ref.state_dict())
     model_config = comfy.model_detection.model_config_from_unet_config(unet_config)
     assert type(model_config).__name__ in model_class.split("|")
     base = model_config.get_model({}, device="meta")
-    weights = core.checkpoint.LinFusionWeights(f"official_{family}", specs, {}, "config.json")
+    weights = core.weights.checkpoint.LinFusionWeights(f"official_{family}", specs, {}, "config.json")
     assert weights.family == {"sd15": "SD1.x", "sd21": "SD2.x", "sdxl": "SDXL"}[family]
-    placements = core.placement.place_modules(weights, base)
+    placements = core.patching.placement.place_modules(weights, base)
     assert len(placements) == count
     assert {p.site.comfy_path for p in placements} == {
         n for n, m in base.diffusion_model.named_modules() if n.endswith(".attn1")}

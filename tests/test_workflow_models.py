@@ -38,7 +38,7 @@ def needed_files(wf: dict, object_info: dict, core) -> list[tuple[str, str]]:
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "LinFusionLoader":
             name = inputs["linfusion_name"]
-            assert core.hub_download.release_name(name), f"{name} is not a released set Load LinFusion downloads"
+            assert core.weights.hub_download.release_name(name), f"{name} is not a released set Load LinFusion downloads"
         elif kind == "IPAdapterUnifiedLoader":
             needs += IPADAPTER_PRESET_FILES[inputs["preset"]]
         elif "Loader" in kind:

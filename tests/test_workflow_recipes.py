@@ -1,4 +1,4 @@
-"""The recipe workflows against the recipe table (linfusion_core.highres_schedule.RECIPES), the one table the
+"""The recipe workflows against the recipe table (linfusion_core.highres.highres_schedule.RECIPES), the one table the
 ladder node's defaults and scripts/example_workflows.py read too: sampler and grid, steps and their rounding, CFG,
 strengths, anchoring, SDXL size conditioning, DemoFusion and its skip-residual form, and the paper's negative
 conditioning (SD 1.5: the empty prompt; SDXL: the positive zeroed, ConditioningZeroOut), for the ladder and the
@@ -23,7 +23,7 @@ def object_info(host):
 
 @pytest.fixture(scope="module")
 def hs(core):
-    return importlib.import_module(core.__name__ + ".highres_schedule")
+    return importlib.import_module(core.__name__ + ".highres.highres_schedule")
 
 
 def producer(prompt, link):

@@ -157,7 +157,7 @@ class LinFusionCalls:
     """Counts forward calls of LinFusion's attention modules (whatever model they are installed in)."""
 
     def __init__(self, core):
-        self.cls = core.module.LinFusionAttention
+        self.cls = core.attention.module.LinFusionAttention
         self.count = 0
 
     def __enter__(self):
@@ -179,8 +179,8 @@ def first_tensor_shape(*args, **kwargs) -> tuple:
 
 def engine_spies(core, prompt):
     """For the patch nodes in `prompt`: node type -> a spy on the engine code that node installs."""
-    targets = {"LinFusionTiledUNet": (core.tiled_unet.TiledUNetRunner, "forward"),
-               "LinFusionDemoFusion": (core.demofusion.DemoFusionWrapper, "__call__")}
+    targets = {"LinFusionTiledUNet": (core.tiling.tiled_unet.TiledUNetRunner, "forward"),
+               "LinFusionDemoFusion": (core.highres.demofusion.DemoFusionWrapper, "__call__")}
     kinds = {n["class_type"] for n in prompt.values()}
     return {kind: PackCalls(*target, first_tensor_shape) for kind, target in targets.items() if kind in kinds}
 

@@ -71,7 +71,7 @@ def small_unets(core):
     """The direct-call UNets by family: SD1.5 (its middle block left on softmax), SDXL, and SD1.5 built with
     comfy.ops.manual_cast (layers ComfyUI casts on every call: the convs run through their own forward)."""
     import comfy.ops
-    lin = core.module.LinFusionAttention
+    lin = core.attention.module.LinFusionAttention
     return {"sd15": build_unet(SD15_SMALL, lin, 0, skip_middle=True), "sdxl": build_unet(SDXL_SMALL, lin, 1),
             "sd15_cast": build_unet(SD15_SMALL, lin, 2, skip_middle=True, operations=comfy.ops.manual_cast)}
 
@@ -89,7 +89,7 @@ def model_patcher(core, family, seed, min_tokens=0):
     fill_random(model.diffusion_model, seed)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
                                                offload_device=torch.device("cpu"))
-    patched, _ = core.patch.apply_linfusion(patcher, linfusion_for(core, model, seed=seed + 1), min_tokens=min_tokens)
+    patched, _ = core.patching.patch.apply_linfusion(patcher, linfusion_for(core, model, seed=seed + 1), min_tokens=min_tokens)
     return patched
 
 

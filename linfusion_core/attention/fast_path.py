@@ -1,6 +1,6 @@
 """LinFusion's self-attention module in the fewest launches: weights folded and packed once, one pass.
 
-The reference path (module.py over attention.py's block loop) projects with the module's own layers and works
+The reference path (module.py over attention/reference.py's block loop) projects with the module's own layers and works
 image block by image block; it stays for what needs it: tiles and HyperTile (keys other than the queries),
 Low-Memory Mode's token chunks, autograd, and layers that ComfyUI casts per call. This file is the path a
 plain self-attention call takes, the same function in fewer, bigger ops (fla's habit: naive.py beside each
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .attention import DEFAULT_CHUNK_SIZE, EPS, is_compiling
+from .reference import DEFAULT_CHUNK_SIZE, EPS, is_compiling
 
 # The fast path runs the whole batch in one pass while a C-wide temporary holds at most this many values (two
 # of the reference path's chunks at 1280 channels: cond + uncond of a 16K-token level at C <= 1280 in one

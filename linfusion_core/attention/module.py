@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import attention_fast
-from .attention import (DEFAULT_CHUNK_SIZE, LinearAttentionState, attend_rows, normalized_state, rows_by_blocks,
+from . import fast_path
+from .reference import (DEFAULT_CHUNK_SIZE, LinearAttentionState, attend_rows, normalized_state, rows_by_blocks,
                         state_by_blocks)
 
 
@@ -41,7 +41,7 @@ class LinFusionAttention(nn.Module):
 
     Two paths, one function. A plain self-attention call without autograd whose layers hold plain weights on
     its device and dtype runs `attention_fast` (packed, folded weights, a handful of ops for the whole
-    batch). Everything else runs the reference path below (the module's own layers over attention.py's
+    batch). Everything else runs the reference path below (the module's own layers over attention/reference.py's
     block loop): keys/values other than the queries (HyperTile, tiles), an explicit chunk size (Low-Memory
     Mode) or a call too large for one pass, autograd, layers ComfyUI casts per call. `compute_state` and
     `attend` (tiled UNet) are always the reference path. `fast_path = False` turns the fast one off.
@@ -59,7 +59,7 @@ class LinFusionAttention(nn.Module):
         # own bound. Set (or passed as chunk_size), it bounds both paths' temporaries.
         self.chunk_size: int | None = None
         self.fast_path = True
-        self._linfusion_packed = None   # attention_fast.PackedWeights, built on first use
+        self._linfusion_packed = None   # fast_path.PackedWeights, built on first use
         self.to_q = operations.Linear(dim, dim, bias=False, dtype=dtype, device=device)
         self.to_k = operations.Linear(dim, dim, bias=False, dtype=dtype, device=device)
         self.to_v = operations.Linear(dim, dim, bias=False, dtype=dtype, device=device)
@@ -83,10 +83,10 @@ class LinFusionAttention(nn.Module):
             return None
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return None
-        if not attention_fast.fast_path_fits(x, chunk_size or self.chunk_size):
+        if not fast_path.fast_path_fits(x, chunk_size or self.chunk_size):
             return None
-        packed = attention_fast.packed_weights(self, x.device, x.dtype)
-        return None if packed is None else attention_fast.fast_forward(packed, x)
+        packed = fast_path.packed_weights(self, x.device, x.dtype)
+        return None if packed is None else fast_path.fast_forward(packed, x)
 
     @staticmethod
     def _plus_mlp(t: torch.Tensor, mlp: nn.Module) -> torch.Tensor:

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import METADATA_KEY, LinFusionLoadError, LinFusionWeights, ModuleSpec, load_linfusion
+from ..weights.checkpoint import METADATA_KEY, LinFusionLoadError, LinFusionWeights, ModuleSpec, load_linfusion
 from .controlnet_patch import SOURCE_DISTILLED, apply_linfusion_controlnet, control_family, place_control_modules
-from .module import LinFusionAttention
+from ..attention.module import LinFusionAttention
 
 log = logging.getLogger("LinFusion")
 

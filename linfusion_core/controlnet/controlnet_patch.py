@@ -24,10 +24,10 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from .block_map import attn1_sites
-from .checkpoint import LinFusionLoadError, LinFusionWeights, families_compatible
-from .patch import LinFusionForward, build_modules, modules_patcher
-from .placement import FAMILY_BY_CONTEXT_DIM, Placement, check_pairs
+from ..patching.block_map import attn1_sites
+from ..weights.checkpoint import LinFusionLoadError, LinFusionWeights, families_compatible
+from ..patching.patch import LinFusionForward, build_modules, modules_patcher
+from ..patching.placement import FAMILY_BY_CONTEXT_DIM, Placement, check_pairs
 
 log = logging.getLogger("LinFusion")
 

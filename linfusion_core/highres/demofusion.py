@@ -11,7 +11,7 @@ denoised outputs is exactly the paper's mix of their scheduler steps (a DDIM/Eul
 prediction for a fixed x).
 
 The skip residual has two forms. The paper applies it to the sampler's state x before each step; that needs
-the sampler loop (linfusion_core.skip_residual_sampler, used by the Progressive Upscale node). A model wrapper
+the sampler loop (linfusion_core.highres.skip_residual_sampler, used by the Progressive Upscale node). A model wrapper
 alone, as in a hand-built KSampler graph, can only apply it to the denoiser's view of x, as ComfyUI's own
 inpainting (KSamplerX0Inpaint) blends its reference: the prediction is the paper's, but the sampler's x keeps
 (x - x') * sigma_next / sigma of the difference, carried into later steps by (1 - c^3) each. Negligible at the

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import progress
+from .. import progress
 
 
 def resize_image(images: torch.Tensor, width: int, height: int, method: str = "bicubic") -> torch.Tensor:

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import progress
+from .. import progress
 from .demofusion import DemoFusionWrapper, native_long_side
 from . import deis_sampler
 from .highres_schedule import (ANCHOR_AUTO, ANCHOR_BASE, ANCHOR_INPUT, ANCHOR_OFF, ANCHORINGS,  # noqa: F401

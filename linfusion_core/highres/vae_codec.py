@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from . import progress, tiled_vae
+from .. import progress
+from ..tiling import tiled_vae
 from .pixel_upscale import upscale_image
 
 log = logging.getLogger("LinFusion")

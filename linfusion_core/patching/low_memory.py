@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .dynamic_vram import is_dynamic
+from ..dynamic_vram import is_dynamic
 from .patch import LINEAR_ATTENTION_CHUNK_KEY
 
 log = logging.getLogger("LinFusion")

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .checkpoint import LinFusionWeights
-from .dynamic_vram import patcher_class
-from .module import LinFusionAttention
+from ..weights.checkpoint import LinFusionWeights
+from ..dynamic_vram import patcher_class
+from ..attention.module import LinFusionAttention
 from .placement import Placement, assumed_family_note, model_label, place_modules
 
 log = logging.getLogger("LinFusion")
@@ -106,7 +106,7 @@ class LinFusionInstall:
         """ON_PRE_RUN (the models are loaded, nothing has run yet): the modules' fast-path weights are packed
         here, eagerly, so a torch.compile'd model (TorchCompileModel) finds them cached instead of tracing the
         packing into its first graph and compiling again once they are stored."""
-        from .attention_fast import prepare
+        from ..attention.fast_path import prepare
 
         for module in self.modules_of(patcher).blocks:
             prepare(module)
@@ -201,7 +201,7 @@ def modules_patcher(weights: LinFusionWeights, placements: list[Placement], dtyp
 def auto_min_tokens(model, weights: LinFusionWeights, placements: list[Placement]) -> tuple[list[int], str]:
     """min_tokens = auto: each placement's threshold is the measured crossover of its width on the model's
     load device and compute dtype, with the softmax the model would run; and a summary naming them."""
-    from .auto_min_tokens import crossover_tokens
+    from ..attention.auto_min_tokens import crossover_tokens
 
     base_model = model.model
     dtype = base_model.manual_cast_dtype or base_model.get_dtype()

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 
 from .block_map import Attn1Site, attn1_sites
-from .checkpoint import LinFusionLoadError, LinFusionWeights, ModuleSpec, families_compatible
+from ..weights.checkpoint import LinFusionLoadError, LinFusionWeights, ModuleSpec, families_compatible
 
 log = logging.getLogger("LinFusion")
 

@@ -5,7 +5,7 @@ reads tiles of it (with the halo a convolution needs, zero-filled outside the ma
 convolution would zero-pad), computes on the compute device and writes the tile's core back. Where a layer
 needs a global reduction, a first pass over all tiles accumulates it:
 - GroupNorm: per-group count / mean / M2, merged exactly (group_norm_stats.py);
-- LinFusion self-attention: the additive state (sum K^T V, sum K, N) (attention.py, module.py).
+- LinFusion self-attention: the additive state (sum K^T V, sum K, N) (attention/reference.py, module.py).
 Cross-attention, feed-forward, LayerNorm, linear and 1x1 layers are per token and tile freely. Anything
 that cannot be tiled exactly (softmax self-attention, attn1 patches, unknown layers, block patches, layers a
 forward_timestep_embed_patch handler claims) runs untiled on the full activation: still exact, only not
@@ -27,8 +27,8 @@ from comfy.ldm.modules.attention import BasicTransformerBlock, SpatialTransforme
 from comfy.ldm.modules.diffusionmodules.openaimodel import (Downsample, ResBlock, UNetModel, Upsample,
                                                              forward_timestep_embed, timestep_embedding)
 
-from . import progress
-from .attention import LinearAttentionState
+from .. import progress
+from ..attention.reference import LinearAttentionState
 from .group_norm_stats import group_norm_with_stats, group_part, merge_parts, stats_mean_rstd
 from .tiled_unet_distributed import LOCAL
 

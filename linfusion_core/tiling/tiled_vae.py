@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .dynamic_vram import is_dynamic
+from ..dynamic_vram import is_dynamic
 from .tiled_vae_passes import Parked, TiledPasses, downsample_conv_problem, same_conv_problem
 
 log = logging.getLogger("LinFusion")

@@ -32,7 +32,6 @@ CONTROLNET_CANNY = "control_v11p_sd15_canny_fp16.safetensors"
 # A public SD 1.5 style LoRA (27 MB; pixel art, trigger word "PixArFK"), so workflow 6 runs as shipped.
 LORA_SD15 = "PixelArtRedmond15V-PixelArt-PIXARFK.safetensors"
 INPUT_IMAGE = "example.png"
-IPADAPTER_PRESET = "PLUS (high strength)"
 IPADAPTER_PLUS = "ip-adapter-plus_sd15.safetensors"                  # what the PLUS preset loads
 CLIP_VISION_H = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"        # ComfyUI_IPAdapter_plus's name for it
 
@@ -51,9 +50,10 @@ MODELS = {   # the frontend offers these downloads when the file is missing
     CLIP_VISION_H: ("clip_vision", "https://huggingface.co/h94/IP-Adapter/resolve/main/models/image_encoder/"
                                    "model.safetensors?download=true"),
 }
-# Files a node needs that are not among its widget values: the frontend reads a node's `properties.models`
-# only for names its widgets show, so these go into the workflow's own top-level `models` list.
-WORKFLOW_MODELS = {"5_ipadapter.json": [IPADAPTER_PLUS, CLIP_VISION_H]}
+# Files a node needs that are not among its widget values go into the workflow's own top-level `models` list
+# (the frontend reads a node's `properties.models` only for names its widgets show). None today: workflow 5
+# names its IP-Adapter files in loaders, because no frontend (1.49, 1.58) lists a top-level entry.
+WORKFLOW_MODELS: dict[str, list[str]] = {}
 
 # The paper's sampling defaults (LINFUSION_FACTS.md section 4).
 STEPS, CFG, SEED = 50, 7.5, 42
@@ -83,13 +83,8 @@ PAPER_NEGATIVE_NOTE = {
 }
 REGISTRY_IDS = {"ours": "comfyui-linfusion", "core": "comfy-core", "ipadapter": "comfyui_ipadapter_plus"}
 LINFUSION_FOLDER_NOTE = (
-    "**LinFusion weights** download by themselves on the first run, into `ComfyUI/models/linfusion/` (progress "
-    "on Load LinFusion; the missing-models dialog handles single files only, so it does not list them). By "
-    "hand (offline): one folder per model as on the hub:\n\n"
-    "```\nmodels/linfusion/LinFusion-1-5/config.json\n"
-    "models/linfusion/LinFusion-1-5/diffusion_pytorch_model.safetensors\n```\n"
-    "Hub repos: `Yuanshi/LinFusion-1-5` (SD 1.x), `Yuanshi/LinFusion-2-1` (SD 2.x), `Yuanshi/LinFusion-XL` "
-    "(SDXL); finetunes use their base's set.")
+    "**LinFusion weights** download by themselves on the first run into `models/linfusion/` (progress on Load "
+    "LinFusion). Offline: see the README's weights table.")
 
 
 def node_properties(version: str):
@@ -175,7 +170,7 @@ def wf_sd15_txt2img_2048(g: UIGraph):
         g.note("## SD 1.5 + LinFusion, 2048 x 2048\n\nLinFusion replaces every self-attention of the UNet by "
                "a linear attention, so memory and time grow linearly with the pixels and SD 1.5 draws "
                "2048 x 2048 in one pass.\n\n" + LINFUSION_FOLDER_NOTE, title="About this workflow",
-               width=420)
+               width=NODE_WIDTH)
         model, clip, vae = checkpoint_and_linfusion(g, SD15_CKPT, LINFUSION_SD15)
     with g.group("2. Prompt", 1):
         pos, neg = prompts(g, clip)
@@ -196,7 +191,7 @@ def wf_sd15_16k_ladder(g: UIGraph):
                "the ladder's `" + SD15_PAPER_GRID["sampler_name"] + "`. The VAE works in tiles from the "
                "start (exact, seamless). The ladder's UNet runs in tiles (LinFusion Tiled UNet, exact). Lower "
                "`stages` for 4K or 8K.\n\n" + PAPER_NEGATIVE_NOTE["sd15"] + "\n\n" + LINFUSION_FOLDER_NOTE,
-               title="About this workflow", width=420)
+               title="About this workflow", width=NODE_WIDTH)
         model, clip, vae = checkpoint_and_linfusion(g, SD15_CKPT, LINFUSION_SD15)
         model = g.node("LinFusionLowMemory", model=model)[0]
     with g.group("2. Prompt", 1):
@@ -228,7 +223,7 @@ def wf_sdxl_demofusion(g: UIGraph):
                "the prompts here say 8192 x 8192 (change them with `stages`), the ladder sets it per stage. "
                "Linear attention sees the whole canvas, so no patches are needed. Set `stages` to 4 for 16K "
                "(16384 x 16384).\n\n" + PAPER_NEGATIVE_NOTE["sdxl"] + "\n\n" + LINFUSION_FOLDER_NOTE,
-               title="About this workflow", width=420)
+               title="About this workflow", width=NODE_WIDTH)
         model, clip, vae = checkpoint_and_linfusion(g, SDXL_CKPT, LINFUSION_SDXL)
         model = g.node("LinFusionLowMemory", model=model)[0]
     with g.group("2. Prompt (final size)", 1):
@@ -251,7 +246,7 @@ def wf_controlnet(g: UIGraph):
                "the edge map the canny ControlNet expects. **LinFusion ControlNet** gives the ControlNet's own "
                "self-attention LinFusion too, so the ControlNet does not bring back the quadratic cost LinFusion "
                "removed from the UNet.\n\n" + LINFUSION_FOLDER_NOTE,
-               title="About this workflow", width=420)
+               title="About this workflow", width=NODE_WIDTH)
         loader = g.node("CheckpointLoaderSimple", ckpt_name=SD15_CKPT, models=model_entry(SD15_CKPT))
         lin = g.node("LinFusionLoader", linfusion_name=LINFUSION_SD15)
         model = g.node("ApplyLinFusion", model=loader["MODEL"], linfusion=lin[0])[0]
@@ -284,19 +279,23 @@ def wf_controlnet(g: UIGraph):
 
 def wf_ipadapter(g: UIGraph):
     with g.group("1. Models", 0):
-        g.note("## IP-Adapter + LinFusion\n\nNeeds the custom nodes **ComfyUI_IPAdapter_plus** (by cubiq; "
-               "install it with ComfyUI-Manager) and its models: for the `PLUS` preset "
-               f"`models/ipadapter/{IPADAPTER_PLUS}` and `models/clip_vision/{CLIP_VISION_H}` (both from "
-               "`h94/IP-Adapter` on Hugging Face; the vision model is `models/image_encoder/model.safetensors` "
-               "there, renamed). The missing-models dialog offers both.\n\nIP-Adapter patches the "
-               "cross-attention, LinFusion the self-attention: they stack in either order.\n\n"
-               + LINFUSION_FOLDER_NOTE, title="About this workflow", width=420)
+        g.note("## IP-Adapter + LinFusion, 1536 x 1536\n\nNeeds the custom nodes **ComfyUI_IPAdapter_plus** (by "
+               "cubiq; ComfyUI-Manager installs it) and two files, from `h94/IP-Adapter` on Hugging Face:\n\n"
+               f"- `models/ipadapter/{IPADAPTER_PLUS}`: {MODELS[IPADAPTER_PLUS][1].split('?')[0]}\n"
+               f"- `models/clip_vision/{CLIP_VISION_H}`: {MODELS[CLIP_VISION_H][1].split('?')[0]} "
+               "(save it under this name)\n\n"
+               "Both loaders name their file, so the missing-models list offers them once the pack is installed. "
+               "IP-Adapter patches the cross-attention, LinFusion the self-attention: they stack in either "
+               "order.\n\n" + LINFUSION_FOLDER_NOTE, title="About this workflow", width=NODE_WIDTH)
         model, clip, vae = checkpoint_and_linfusion(g, SD15_CKPT, LINFUSION_SD15)
-        ipa = g.node("IPAdapterUnifiedLoader", model=model, preset=IPADAPTER_PRESET)
+        ipadapter = g.node("IPAdapterModelLoader", ipadapter_file=IPADAPTER_PLUS, models=model_entry(IPADAPTER_PLUS))
+        vision = g.node("CLIPVisionLoader", clip_name=CLIP_VISION_H, models=model_entry(CLIP_VISION_H))
     with g.group("2. Reference image", 1):
         ref = g.node("LoadImage", image=INPUT_IMAGE)[0]
-        model = g.node("IPAdapter", model=ipa["model"], ipadapter=ipa["ipadapter"], image=ref, weight=0.8,
-                       start_at=0.0, end_at=1.0, weight_type="standard")[0]
+        # The PLUS preset of IPAdapterUnifiedLoader + IPAdapter, with the two files named by their loaders.
+        model = g.node("IPAdapterAdvanced", model=model, ipadapter=ipadapter[0], image=ref, clip_vision=vision[0],
+                       weight=0.8, weight_type="linear", combine_embeds="concat", start_at=0.0, end_at=1.0,
+                       embeds_scaling="V only")[0]
     with g.group("3. Prompt", 2):
         pos, neg = prompts(g, clip, text="a cozy reading nook in the style of the reference, soft light, "
                                           "highly detailed")
@@ -316,7 +315,7 @@ def wf_lora(g: UIGraph):
                "then apply LinFusion: the LoRA's changes to the text "
                "encoder and to every UNet layer apply, except the self-attention, which LinFusion replaces by "
                "its own distilled weights.\n\n" + LINFUSION_FOLDER_NOTE, title="About this workflow",
-               width=420)
+               width=NODE_WIDTH)
         model, clip, vae = checkpoint_and_linfusion(g, SD15_CKPT, LINFUSION_SD15, lora=True)
     with g.group("2. Prompt", 1):
         pos, neg = prompts(g, clip, text="pixel art, PixArFK, " + PROMPT)
@@ -334,7 +333,7 @@ def wf_super_resolution(g: UIGraph):
                "DemoFusion-style to 4x its size, with the settings of the paper's super-resolution pipeline: "
                "each stage's colours anchored to its own upscaled input, SDXL conditioned on each stage's size, "
                "euler + ddim_uniform (the official timestep grid).\n\n" + PAPER_NEGATIVE_NOTE["sdxl"] + "\n\n"
-               + LINFUSION_FOLDER_NOTE, title="About this workflow", width=420)
+               + LINFUSION_FOLDER_NOTE, title="About this workflow", width=NODE_WIDTH)
         model, clip, vae = checkpoint_and_linfusion(g, SDXL_CKPT, LINFUSION_SDXL)
     with g.group("2. Your image", 1):
         image = g.node("LoadImage", image=INPUT_IMAGE)[0]
@@ -364,7 +363,7 @@ def wf_demofusion_ksampler(g: UIGraph):
                "the Progressive Upscale node (workflow 7) has the exact form. Keep DemoFusion's `reference` on "
                "the latent the KSampler starts from; chain more x2 stages by copying group 4 (strengths 0.24, "
                "0.16, ...).\n\n" + PAPER_NEGATIVE_NOTE["sdxl"] + "\n\n" + LINFUSION_FOLDER_NOTE,
-               title="About this workflow", width=420)
+               title="About this workflow", width=NODE_WIDTH)
         model, clip, vae = checkpoint_and_linfusion(g, SDXL_CKPT, LINFUSION_SDXL)
     with g.group("2. Your image, x2 bicubic", 1):
         image = g.node("LoadImage", image=INPUT_IMAGE)[0]

@@ -59,13 +59,13 @@ def runner(host, fixtures, ipadapter, input_image):
 
 
 def ipadapter_first(p, ids):
-    p[ids["IPAdapterUnifiedLoader"]]["inputs"]["model"] = [ids["CheckpointLoaderSimple"], 0]
-    p[ids["ApplyLinFusion"]]["inputs"]["model"] = [ids["IPAdapter"], 0]
+    p[ids["IPAdapterAdvanced"]]["inputs"]["model"] = [ids["CheckpointLoaderSimple"], 0]
+    p[ids["ApplyLinFusion"]]["inputs"]["model"] = [ids["IPAdapterAdvanced"], 0]
     p[ids["KSampler"]]["inputs"]["model"] = [ids["ApplyLinFusion"], 0]
 
 
 def without_linfusion(p, ids):
-    p[ids["IPAdapterUnifiedLoader"]]["inputs"]["model"] = [ids["CheckpointLoaderSimple"], 0]
+    p[ids["IPAdapterAdvanced"]]["inputs"]["model"] = [ids["CheckpointLoaderSimple"], 0]
 
 
 def without_ipadapter(p, ids):
@@ -92,7 +92,7 @@ def test_ipadapter_and_linfusion_both_act_in_either_order(runner):
 
 def test_ipadapter_weight_zero_is_exactly_linfusion_alone(runner):
     def weight_zero(p, ids):
-        p[ids["IPAdapter"]]["inputs"]["weight"] = 0.0
+        p[ids["IPAdapterAdvanced"]]["inputs"]["weight"] = 0.0
 
     zero, calls = runner(weight_zero)
     alone, _ = runner(without_ipadapter)

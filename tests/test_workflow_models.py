@@ -20,6 +20,8 @@ FILE_WIDGETS = {
     ("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
     ("ControlNetLoader", "control_net_name"): "controlnet",
     ("LoraLoader", "lora_name"): "loras",
+    ("CLIPVisionLoader", "clip_name"): "clip_vision",
+    ("IPAdapterModelLoader", "ipadapter_file"): "ipadapter",     # ComfyUI_IPAdapter_plus
 }
 # ComfyUI_IPAdapter_plus's unified loader finds its files by name (its README's list).
 IPADAPTER_PRESET_FILES = {
@@ -39,7 +41,7 @@ def needed_files(wf: dict, object_info: dict, core) -> list[tuple[str, str]]:
         if kind == "LinFusionLoader":
             name = inputs["linfusion_name"]
             assert core.weights.hub_download.release_name(name), f"{name} is not a released set Load LinFusion downloads"
-        elif kind == "IPAdapterUnifiedLoader":
+        elif kind == "IPAdapterUnifiedLoader":   # names no file: finds them by name (the pack's README)
             needs += IPADAPTER_PRESET_FILES[inputs["preset"]]
         elif "Loader" in kind:
             widgets = [key for key in FILE_WIDGETS if key[0] == kind]

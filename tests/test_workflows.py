@@ -29,7 +29,7 @@ from workflow_shrink import NEEDS_THIRD_PARTY, WORKFLOW_DIR, WORKFLOWS, expected
 REPO = Path(__file__).resolve().parent.parent
 OUR_MODULE = "ComfyUI-LinFusion"
 # Inputs whose values name files a user downloads; validation may only miss these on the test host.
-FILE_INPUTS = {"ckpt_name", "linfusion_name", "control_net_name", "lora_name", "image"}
+FILE_INPUTS = {"ckpt_name", "linfusion_name", "control_net_name", "lora_name", "image", "clip_name", "ipadapter_file"}
 
 
 def _load_example_workflows_script():

@@ -188,7 +188,7 @@ def python_module(name: str) -> str:
 
 
 # The ComfyUI_IPAdapter_plus node types example workflow 5 uses.
-WORKFLOW_5_PACK_NODES = ("IPAdapterUnifiedLoader", "IPAdapter")
+WORKFLOW_5_PACK_NODES = ("IPAdapterModelLoader", "IPAdapterAdvanced")
 
 
 # Packs known not to load on a host version, with what ComfyUI's loader reports and why. Their feature tests

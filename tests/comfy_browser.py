@@ -31,6 +31,17 @@ FREE_CANVAS = {"x": 60, "y": 105, "width": 1540, "height": 895}
 DISMISS_BANNER_JS = "localStorage.setItem('vueNodesBannerDismissed', 'true')"
 
 
+def frontends() -> list[tuple[str, Path | None]]:
+    """(label, --front-end-root) of the frontends the browser tests run on: the host's pinned one, and on ComfyUI
+    0.33 the newest on the registry, which scripts/comfy_host.py unpacks and names in LINFUSION_NEWEST_FRONTEND.
+    Under CI=true a 0.33 run without it fails (tests/test_browser.py), so the second frontend cannot drop out."""
+    found = [("pinned", None)]
+    newest = os.environ.get("LINFUSION_NEWEST_FRONTEND")
+    if os.environ.get("LINFUSION_HOST") == "0.33" and newest:
+        found.append(("newest", Path(newest)))
+    return found
+
+
 def chromium_missing_reason() -> str | None:
     """Why the browser tests cannot run here, or None when they can."""
     if not Path(CHROMIUM).is_file():
@@ -45,9 +56,10 @@ def chromium_missing_reason() -> str | None:
 
 @contextlib.contextmanager
 def comfy_ui_server(comfy_path: Path, model_root: Path, log_dir: Path, *, settings: dict | None = None,
-                    custom_nodes: tuple[Path, ...] = ()):
+                    custom_nodes: tuple[Path, ...] = (), front_end_root: Path | None = None):
     """A ComfyUI server process with this extension (and the packs in `custom_nodes`, linked in) and the fixture
-    models; `settings` are added to the user's. Yields (base URL, server base folder)."""
+    models; `settings` are added to the user's; `front_end_root` serves that frontend instead of the host's
+    pinned one. Yields (base URL, server base folder)."""
     base = Path(tempfile.mkdtemp(prefix="linfusion-browser-"))
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "ComfyUI-LinFusion").symlink_to(REPO, target_is_directory=True)
@@ -61,7 +73,7 @@ def comfy_ui_server(comfy_path: Path, model_root: Path, log_dir: Path, *, settin
     port = free_port()
     cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
            "--base-directory", str(base), "--extra-model-paths-config", str(base / "extra_model_paths.yaml"),
-           "--disable-auto-launch"]
+           "--disable-auto-launch"] + (["--front-end-root", str(front_end_root)] if front_end_root else [])
     try:
         with comfy_server(cmd, port, cwd=comfy_path, log_path=log_dir / "comfyui-browser-server.log") as url:
             yield url, base
@@ -166,3 +178,35 @@ def close_dialogs(page) -> None:
 def frontend_prompt(page) -> dict:
     """The API prompt the frontend itself builds from the loaded graph (what Queue would send)."""
     return page.evaluate(GRAPH_TO_PROMPT_JS)
+
+
+TEMPLATES_COMMAND = "Comfy.BrowseTemplates"
+OPENED_JS = """(name) => {
+    const active = window.app.extensionManager?.workflow?.activeWorkflow;
+    return !!active && active.filename === name && window.app.graph.nodes.length > 0;
+}"""
+
+
+CLOSE_ACTIVE_JS = """async () => {
+    const store = window.app.extensionManager.workflow;
+    await store.closeWorkflow(store.activeWorkflow);
+}"""
+
+
+def close_active_workflow(page) -> None:
+    """Close the active workflow's tab without the unsaved-changes question (the store's own close), so the next
+    open of the same template opens afresh instead of switching to this tab with its view."""
+    page.evaluate(CLOSE_ACTIVE_JS)
+
+
+def open_template(page, module: str, name: str) -> None:
+    """Open example workflow `name` (no .json) of extension `module` as a user does: the Templates panel (its
+    command, the toolbar's Templates button), the extension's entry under Extensions, then the card titled `name`.
+    Returns once the workflow is the active one and the frontend has placed it (it fits the graph to the window
+    itself and ignores the saved zoom)."""
+    page.evaluate("(id) => window.app.extensionManager.command.execute(id)", TEMPLATES_COMMAND)
+    dialog = page.locator("[role=dialog]").last       # the workflow tabs carry the same names
+    dialog.get_by_text(module, exact=True).first.click()
+    dialog.get_by_text(name, exact=True).first.click()
+    page.wait_for_function(OPENED_JS, arg=name, timeout=60_000)
+    page.wait_for_timeout(800)      # the fit runs after the load; let it and a redraw settle

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ci_rules import skip_for_host_difference
-from comfy_browser import chromium_missing_reason, chromium_page, close_dialogs, comfy_ui_server, load_workflow
+from comfy_browser import chromium_missing_reason, chromium_page, close_dialogs, comfy_ui_server, frontends, load_workflow
 from third_party_packs import IPADAPTER, unpack
 from workflow_shrink import load
 
@@ -44,8 +43,9 @@ if _reason:
     pytest.skip(f"browser tests skipped: {_reason}", allow_module_level=True)
 
 
-@pytest.fixture(scope="module")
-def page(fixtures):
+@pytest.fixture(scope="module", params=frontends(), ids=lambda f: f[0])
+def page(request, fixtures):
+    """The page of a server without the workflows' model files, per frontend (the host's, and on 0.33 the newest)."""
     from conftest import MODEL_ROOT
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -56,7 +56,8 @@ def page(fixtures):
             (models / sub.name).symlink_to(sub, target_is_directory=sub.is_dir())
     # With the real IP-Adapter pack: 1.49 lists the model files of installed nodes only.
     packs = (unpack(IPADAPTER, models / "packs"),)
-    with comfy_ui_server(Path(os.environ["COMFYUI_PATH"]), models, ARTIFACTS, custom_nodes=packs) as (url, _base):
+    with comfy_ui_server(Path(os.environ["COMFYUI_PATH"]), models, ARTIFACTS, custom_nodes=packs,
+                         front_end_root=request.param[1]) as (url, _base):
         with chromium_page(url) as page:
             page.route(lambda u: not u.startswith(url), lambda route: route.abort())
             assert page.evaluate(SHOW_DIALOG_JS) is True
@@ -68,9 +69,6 @@ def page(fixtures):
 # (ComfyUI 0.33) shows a toast whose "View details" opens an error panel with one row per file, its folder
 # under the name and the URL behind a "Copy URL" button. Detected by what the page shows, not by version.
 OLD_DIALOG, NEW_PANEL = ".comfy-missing-models", "[data-testid=error-group-missing-model]"
-PANEL_WITHOUT_PACK_MODELS = ("ComfyUI 0.33's frontend (1.49) does not list workflow 5's IP-Adapter model files in "
-                             "its missing-models panel")
-
 
 
 def new_panel_downloads(page) -> tuple[str, dict[tuple[str, str], str]]:
@@ -102,9 +100,7 @@ def test_missing_models_dialog_lists_the_downloads(page, name):
             assert any(link.startswith(url) for link in links), (url, links)
     else:
         text, listed = new_panel_downloads(page)
-        page.screenshot(path=str(ARTIFACTS / f"missing_models_{Path(name).stem}.png"))
-        if name == "5_ipadapter.json":   # seen with the pack installed and its files absent: checkpoint only
-            skip_for_host_difference(PANEL_WITHOUT_PACK_MODELS)
+        page.screenshot(path=str(ARTIFACTS / f"missing_models_{Path(name).stem}_{page.url.split(':')[-1].strip('/')}.png"))
         for key, url in EXPECTED[name].items():
             assert key in listed, (key, text)
             # 1.49 copies the hub's page-with-download form of the same file (/blob/...?download=true).

@@ -176,3 +176,46 @@ def test_host_venvs_share_one_torch(comfy_host):
     own = comfy_host.venv_site_packages(Path(sys.executable))
     assert not (own / "torch").exists() and not (own / "nvidia").exists(), f"{own} holds a torch of its own"
     assert (own / "linfusion_torch_layer.pth").read_text().strip() == str(site)
+
+
+def test_serve_manager_adds_enable_manager_once(comfy_host):
+    args = comfy_host.serve_args(["--port", "9000"], "cuda H100", "--enable-manager")
+    assert args == comfy_host.SERVE_DEFAULTS + ["--enable-manager", "--port", "9000"]
+    assert comfy_host.serve_args(["--enable-manager"], None, "--enable-manager").count("--enable-manager") == 1
+    assert "--enable-manager" not in comfy_host.serve_args([], None)
+
+
+def test_manager_comes_from_comfyuis_own_pin_where_it_has_the_flag(comfy_host):
+    """0.33 pins comfyui_manager in manager_requirements.txt and has --enable-manager; 0.3.75 has neither, and
+    serve --manager refuses it (checked on the host this test runs on)."""
+    comfy = Path(os.environ["COMFYUI_PATH"])
+    flag = comfy_host.manager_flag(comfy)
+    if (comfy / "manager_requirements.txt").is_file():
+        assert flag == "--enable-manager"
+        assert comfy_host.manager_requirement(comfy) == ["-r", str(comfy / "manager_requirements.txt")]
+        assert "comfyui_manager" in (comfy / "manager_requirements.txt").read_text()
+    else:
+        assert flag is None
+
+
+@pytest.mark.slow
+def test_serve_manager_installs_comfyui_manager_into_the_venv(comfy_host, tmp_path, monkeypatch):
+    """install_manager puts the registry's comfyui-manager (ComfyUI's own pin) into a venv, where main.py's
+    --enable-manager finds it (importlib.util.find_spec), and a second call installs nothing (its stamp)."""
+    comfy = Path(os.environ["COMFYUI_PATH"])
+    if comfy_host.manager_flag(comfy) is None:
+        from ci_rules import skip_for_host_difference
+        skip_for_host_difference("0.3.75 has no such option")
+    monkeypatch.delenv("COMFYUI_PATH")          # install_manager treats COMFYUI_PATH as the user's own ComfyUI
+    monkeypatch.setenv("LINFUSION_TEST_MANAGER_HOST", str(tmp_path))
+    host = comfy_host.Host("test", "0.33.0", "LINFUSION_TEST_MANAGER_HOST", "unused")
+    subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "venv")], check=True)
+    py = tmp_path / "venv" / "bin" / "python"
+    comfy_host.install_manager(host, py, comfy)
+    found = subprocess.run([str(py), "-c", "import importlib.util as u; print(u.find_spec('comfyui_manager').origin)"],
+                           capture_output=True, text=True, check=True).stdout
+    assert found.strip().endswith("comfyui_manager/__init__.py"), found
+    calls = []
+    monkeypatch.setattr(comfy_host, "run", lambda cmd, **kw: calls.append(cmd))
+    comfy_host.install_manager(host, py, comfy)
+    assert calls == [], "installed again although its stamp matched"

@@ -176,8 +176,14 @@ def close_dialogs(page) -> None:
 
 
 def frontend_prompt(page) -> dict:
-    """The API prompt the frontend itself builds from the loaded graph (what Queue would send)."""
-    return page.evaluate(GRAPH_TO_PROMPT_JS)
+    """The API prompt the frontend itself builds from the loaded graph (what Queue would send). Of `_meta` only
+    the title is kept: frontend 1.58 adds the node's registry id and version there (cnr_id, ver), which the
+    server does not read."""
+    prompt = page.evaluate(GRAPH_TO_PROMPT_JS)
+    for node in prompt.values():
+        if "_meta" in node:
+            node["_meta"] = {k: v for k, v in node["_meta"].items() if k == "title"}
+    return prompt
 
 
 TEMPLATES_COMMAND = "Comfy.BrowseTemplates"
@@ -187,23 +193,24 @@ OPENED_JS = """(name) => {
 }"""
 
 
-CLOSE_ACTIVE_JS = """async () => {
+CLOSE_NAMED_JS = """async (name) => {
     const store = window.app.extensionManager.workflow;
-    await store.closeWorkflow(store.activeWorkflow);
+    for (const wf of [...store.openWorkflows].filter(w => w.filename === name)) await store.closeWorkflow(wf);
 }"""
 
 
-def close_active_workflow(page) -> None:
-    """Close the active workflow's tab without the unsaved-changes question (the store's own close), so the next
-    open of the same template opens afresh instead of switching to this tab with its view."""
-    page.evaluate(CLOSE_ACTIVE_JS)
+def close_workflow(page, name: str) -> None:
+    """Close the open workflow tabs named `name` without the unsaved-changes question (the store's own close):
+    opening a template whose tab is open only switches to that tab, with its view, instead of opening afresh."""
+    page.evaluate(CLOSE_NAMED_JS, name)
 
 
 def open_template(page, module: str, name: str) -> None:
     """Open example workflow `name` (no .json) of extension `module` as a user does: the Templates panel (its
     command, the toolbar's Templates button), the extension's entry under Extensions, then the card titled `name`.
-    Returns once the workflow is the active one and the frontend has placed it (it fits the graph to the window
-    itself and ignores the saved zoom)."""
+    A tab of that name already open is closed first. Returns once the workflow is the active one and the frontend
+    has placed it (it fits the graph to the window itself and ignores the saved zoom)."""
+    close_workflow(page, name)
     page.evaluate("(id) => window.app.extensionManager.command.execute(id)", TEMPLATES_COMMAND)
     dialog = page.locator("[role=dialog]").last       # the workflow tabs carry the same names
     dialog.get_by_text(module, exact=True).first.click()

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from ci_rules import skip_or_fail, under_ci
-from comfy_browser import (canvas_view, chromium_missing_reason, chromium_page, close_active_workflow, close_dialogs,
+from comfy_browser import (canvas_view, chromium_missing_reason, chromium_page, close_dialogs,
                            comfy_ui_server, frontend_prompt, frontends, load_workflow, open_template)
 from comfy_server import get_json
 from workflow_shrink import NEEDS_THIRD_PARTY, WORKFLOWS, expected_size, load, shrink
@@ -162,8 +162,6 @@ def test_workflow_opens_legible_from_templates(name, ui):
             view = canvas_view(page)
             ZOOMS.setdefault(version, {}).setdefault(f"{window[0]}x{window[1]}", {})[stem] = round(view["scale"], 3)
             page.screenshot(path=str(ARTIFACTS / f"{stem}_template_{page.frontend}_{window[0]}.png"))
-            if window[0] != 1600:
-                close_active_workflow(page)
     finally:
         page.set_viewport_size({"width": 1600, "height": 1000})
     threshold = view["threshold"] if view["threshold"] is not None else DEFAULT_LOW_QUALITY_ZOOM

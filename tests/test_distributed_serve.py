@@ -162,3 +162,33 @@ def test_distributed_serve_cancel_stops_every_rank_and_the_next_prompt_runs(laun
         assert d[k]["status"]["status_str"] == "success", d[k]["status"]
     assert torch.equal(d["l0"], d["l1"])
     assert "DistributedFault" not in launch["log0"] + launch["log1"]
+
+
+def test_distributed_switch_missing_from_an_older_workflow_keeps_it_off(host):
+    """Workflow 2 as saved before the switch existed (3 widget values): as the frontend loads it the switch takes
+    its default, ComfyUI's validation accepts the prompt (the input is optional), and the node runs one process."""
+    import asyncio
+
+    import execution
+    from workflow_convert import live_object_info, workflow_to_api
+    from workflow_shrink import load
+
+    defs = live_object_info()
+    wf = load("2_sd15_16k_ladder.json")
+    node = next(n for n in wf["nodes"] if n["type"] == "LinFusionTiledUNet")
+    assert node["widgets_values"][-1] is False
+    node["widgets_values"] = node["widgets_values"][:-1]
+    prompt = workflow_to_api(wf, defs, strict=False)
+    inputs = prompt[str(node["id"])]["inputs"]
+    assert inputs["distributed"] is False
+    del inputs["distributed"]          # an API-format prompt written before the switch
+    _, _, _, node_errors = asyncio.run(execution.validate_prompt("old-workflow", prompt, None))
+    assert str(node["id"]) not in node_errors, node_errors[str(node["id"])]
+
+
+def test_distributed_switch_without_the_launcher_is_a_clear_error(host, core):
+    import importlib
+    nodes = importlib.import_module(host.extension_module.__name__ + ".nodes.tiled_unet")
+    model = type("M", (), {"clone": lambda self: self})()
+    with pytest.raises(RuntimeError, match=r"not started by the launcher.*serve --gpus N"):
+        nodes.LinFusionTiledUNet().patch(model, 64, "cpu", "exact", distributed=True)

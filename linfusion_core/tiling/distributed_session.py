@@ -1,5 +1,6 @@
 """One distributed session: N ComfyUIs started by the launcher (`scripts/comfy_host.py serve --gpus N`) that run
-the same prompts, so the Tiled UNet's `Strips` partition can split every UNet call over them.
+the same prompts, so the Tiled UNet's `Strips` partition can split every UNet call over them (and the tiled VAE
+nodes' `VAEStrips` every decode and encode).
 
 Inside each ComfyUI of a launch (the launcher sets LINFUSION_DISTRIBUTED=1 beside torchrun's variables):
 - the process group is formed at load time (tiled_unet_distributed.init_from_env: NCCL on GPUs, gloo on CPUs);
@@ -11,7 +12,7 @@ Inside each ComfyUI of a launch (the launcher sets LINFUSION_DISTRIBUTED=1 besid
   prompt id; followers interrupt that prompt through their own POST /interrupt (targeted by prompt id, so a
   late cancel cannot hit the next prompt). Inside the UNet, ranks stop together (see `enter` and Strips).
 - every rank publishes the highest sequence number it has left (finished, failed, cancelled or rejected), so a
-  rank waiting for the others at a UNet call learns that one of them will not come.
+  rank waiting for the others at a UNet or VAE call learns that one of them will not come.
 
 The rendezvous store here is a second client of the TCPStore torch.distributed already runs on rank 0
 (MASTER_ADDR:MASTER_PORT): no port or transport of our own.
@@ -66,7 +67,7 @@ class Session:
         self.rank, self.world, self.server, self.timeout_s = rank, world, server, timeout_s
         self._store, self._lock = store, threading.Lock()
         self.seq_of = {}          # prompt id -> its place in rank 0's order (1, 2, ...)
-        self.calls = {}           # prompt id -> distributed UNet calls entered in it
+        self.calls = {}           # prompt id -> distributed calls (tiled UNet, tiled VAE) entered in it
         self.cancelled_at = None  # (prompt id, call, checkpoint) of the last coordinated cancel, for logs/tests
 
     # ---------------------------------------------------------------- the store (one client, several threads)
@@ -169,9 +170,11 @@ class Session:
         raise RuntimeError(f"[LinFusion] distributed rank {self.rank}: its own ComfyUI never answered on "
                            f"{host}:{args.port}")
 
-    # ---------------------------------------------------------------- the prompt worker: one UNet call
-    def enter(self, prompt_id) -> int:
-        """Wait until every rank is at this UNet call of `prompt_id`; its number in the prompt (1, 2, ...).
+    # ---------------------------------------------------------------- the prompt worker: one distributed call
+    def enter(self, prompt_id, what: str = "tiled UNet") -> int:
+        """Wait until every rank is at this distributed call (a tiled UNet call, a tiled VAE decode or encode of
+        one image: `what`) of `prompt_id`; its number in the prompt (1, 2, ...: UNet and VAE calls counted
+        together, in the order every rank runs them).
 
         A decision per call, written once in the store (compare-and-set) and read by all: rank 0 writes "go"
         when all ranks have arrived; any rank writes "cancel" when it was interrupted or another rank has left
@@ -179,7 +182,7 @@ class Session:
         collective of the call, so the process group stays in step for the next prompt."""
         seq = self.seq_of.get(prompt_id)
         if seq is None:
-            raise RuntimeError(f"[LinFusion] distributed tiled UNet: prompt {prompt_id} did not come through rank "
+            raise RuntimeError(f"[LinFusion] distributed {what}: prompt {prompt_id} did not come through rank "
                                f"0's queue (POST /prompt on rank 0), so the other ranks do not run it")
         call = self.calls[prompt_id] = self.calls.get(prompt_id, 0) + 1
         key = f"call/{seq}/{call}"
@@ -200,7 +203,7 @@ class Session:
                     continue
             if decision == "go":
                 return call
-            self.cancel(prompt_id, call, f"before the call ({decision[len('cancel: '):]})")
+            self.cancel(prompt_id, call, f"before the call ({decision[len('cancel: '):]})", what)
 
     def _why_cancel(self, seq):
         if interrupted():
@@ -210,12 +213,25 @@ class Session:
                 return f"rank {k} left the prompt"
         return None
 
-    def cancel(self, prompt_id, call, where):
+    def cancel(self, prompt_id, call, where, what: str = "tiled UNet"):
         """Every rank at the same checkpoint: stop this prompt as ComfyUI's cancel does."""
         self.cancelled_at = (prompt_id, call, where)
-        log.warning("[LinFusion] distributed rank %d: cancelled at UNet call %d of prompt %s, %s", self.rank, call,
-                    prompt_id, where)
+        log.warning("[LinFusion] distributed rank %d: cancelled at distributed call %d of prompt %s (%s), %s",
+                    self.rank, call, prompt_id, what, where)
         raise_interrupt()
+
+
+def require(node: str, work: str) -> Session:
+    """The launcher's session for a node whose 'distributed' switch is on; without the launcher an error, not a
+    quiet single-process run: the switch asks for several processes, and a user who sees the result come out of
+    one would believe the others worked."""
+    if _session is None:
+        raise RuntimeError(
+            f"[LinFusion] {node}: 'distributed' is on, but this ComfyUI was not started by the launcher, so there "
+            f"are no other ranks to split {work} over. Start ComfyUI with `python3 scripts/comfy_host.py serve "
+            f"--gpus N` (one process per GPU; --ranks/--rank/--master across machines), or switch 'distributed' "
+            f"off.")
+    return _session
 
 
 def join_launcher():

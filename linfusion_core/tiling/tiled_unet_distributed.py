@@ -213,6 +213,7 @@ def _unpack(header, payload, ctor, device):
 class Strips(Local):
     """The tiles of every layer split by rows over the ranks of a torch.distributed process group."""
     distributed = True
+    what = "tiled UNet"      # the seam's name in its errors and logs (VAEStrips: "tiled VAE")
 
     def __init__(self, group=None, weights=None, aligned: bool = False):
         """weights: relative strip heights per rank (equal by default). aligned: cut every tile grid at the
@@ -222,7 +223,7 @@ class Strips(Local):
         layers' grids differ."""
         import torch.distributed as dist
         if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("[LinFusion] distributed tiled UNet: no torch.distributed process group; start "
+            raise RuntimeError(f"[LinFusion] distributed {self.what}: no torch.distributed process group; start "
                                "the ranks with torchrun (or set MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE) and "
                                "call tiled_unet_distributed.init_from_env()")
         self.dist, self.group, self.aligned = dist, group, bool(aligned)
@@ -311,15 +312,15 @@ class Strips(Local):
         where = f"after reduction {self.reductions}"
         session = distributed_session.active()
         if session is not None:
-            session.cancel(distributed_session.current_prompt_id(), self.call_in_prompt, where)
-        distributed_session.log.warning("[LinFusion] distributed rank %d: cancelled at UNet call %d, %s",
-                                        self.rank, self.calls, where)
+            session.cancel(distributed_session.current_prompt_id(), self.call_in_prompt, where, self.what)
+        distributed_session.log.warning("[LinFusion] distributed rank %d: %s cancelled at its call %d, %s",
+                                        self.rank, self.what, self.calls, where)
         distributed_session.raise_interrupt()
 
     def _rows(self, t) -> Rows:
         rows = getattr(t, ROWS_ATTR, None)
         if rows is None or len(rows.owner) != self.world:
-            raise RuntimeError("[LinFusion] distributed tiled UNet: an activation without a row map (an internal "
+            raise RuntimeError(f"[LinFusion] distributed {self.what}: an activation without a row map (an internal "
                                "error: a layer's output was not registered with the partition)")
         return rows
 
@@ -502,16 +503,17 @@ class Strips(Local):
             except concurrent.futures.TimeoutError:
                 why = self._aborted()
                 if why is not None:
-                    raise DistributedFault(f"[LinFusion] distributed tiled UNet: {why}") from None
+                    raise DistributedFault(f"[LinFusion] distributed {self.what}: {why}") from None
             except RuntimeError as e:   # a peer closed its connection (it died) or the timeout passed
-                raise DistributedFault(f"[LinFusion] distributed tiled UNet: rank {self.rank} lost another rank "
+                raise DistributedFault(f"[LinFusion] distributed {self.what}: rank {self.rank} lost another rank "
                                        f"({str(e).splitlines()[0][:300]})") from e
 
-    def begin(self, x, timesteps, context, transformer_options):
-        """Check that every rank is on the same call; raise DistributedMismatch on all of them if not."""
+    def start_call(self) -> None:
+        """A new call: its counters reset; in a launched session, every rank at this call of the prompt or all of
+        them cancel here, before any collective (Session.enter). DistributedFault if the session ended."""
         why = self._aborted()
         if why is not None:
-            raise DistributedFault(f"[LinFusion] distributed tiled UNet: the session ended earlier ({why})")
+            raise DistributedFault(f"[LinFusion] distributed {self.what}: the session ended earlier ({why})")
         self.last_sent, self.sent, self.waits = self.sent, {}, {}
         self.calls += 1
         self.reductions, self.cancelled = 0, False
@@ -524,10 +526,14 @@ class Strips(Local):
             # Prompts end differently on ranks only by a cancel, so the call's number in its prompt is the
             # number every rank agrees on (a cached Tiled UNet node keeps this partition across prompts).
             try:
-                self.call_in_prompt = session.enter(prompt_id)
+                self.call_in_prompt = session.enter(prompt_id, self.what)
             except BaseException:
                 self.cancelled = True
                 raise
+
+    def begin(self, x, timesteps, context, transformer_options):
+        """Check that every rank is on the same call; raise DistributedMismatch on all of them if not."""
+        self.start_call()
         self.latent_rows = x.shape[2]
         fp = fingerprint(self.call_in_prompt, x, timesteps, context, transformer_options).to(self.comm)
         every = [torch.empty_like(fp) for _ in range(self.world)]
@@ -544,7 +550,7 @@ class Strips(Local):
 
     @contextlib.contextmanager
     def call(self):
-        """Around one UNet call: an error here is published, so the other ranks stop waiting for this one."""
+        """Around one call: an error here is published, so the other ranks stop waiting for this one."""
         try:
             yield
             if self.pending:   # the call ended before a checkpoint took the cancel: ComfyUI's sampler will

@@ -74,20 +74,11 @@ class TiledUNetWrapper:
 
 
 def launcher_partition():
-    """The partition over the ranks of the launcher's session (scripts/comfy_host.py serve --gpus N).
-
-    Without the launcher this is an error, not a quiet single-process run: the switch asks for several
-    processes, and a user who sees the image come out of one would believe the others worked."""
-    from .distributed_session import active
+    """The partition over the ranks of the launcher's session (scripts/comfy_host.py serve --gpus N); an error
+    naming the launcher without it (distributed_session.require)."""
+    from .distributed_session import require
     from .tiled_unet_distributed import Strips
-    session = active()
-    if session is None:
-        raise RuntimeError(
-            "[LinFusion] Tiled UNet: 'distributed' is on, but this ComfyUI was not started by the launcher, so "
-            "there are no other ranks to split the UNet over. Start ComfyUI with `python3 scripts/comfy_host.py "
-            "serve --gpus N` (one process per GPU; --ranks/--rank/--master across machines), or switch "
-            "'distributed' off.")
-    return Strips() if session.world > 1 else None
+    return Strips() if require("Tiled UNet", "the UNet").world > 1 else None
 
 
 def apply_tiled_unet(model, tile: int, park: str = "cpu", fast_stale_state: bool = False, progress: bool = True,

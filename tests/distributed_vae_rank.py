@@ -11,6 +11,11 @@ Steps, run in order on every rank (SPMD):
   distributed decode (encode) of a seeded latent (pixels, h x w); rank 0 also runs the single-process tiled one
   and ComfyUI's untiled first_stage_model.decode (encode), and with "image" VAE.decode's IMAGE beside ours.
 - {"kind": "mismatch", "name"}: rank 1 decodes another latent; every rank must raise DistributedMismatch.
+- {"kind": "cancel", "name", "config", "h", "w", "tile", "cancel_at"}: three decodes in a distributed session (a
+  distributed_session.Session on the process group's store, prompt ids set as ComfyUI's executor sets them):
+  "inside": rank 0's interrupt flag is set at its tile `cancel_at` (ComfyUI's per-op check then raises inside its
+  next convolution); "before": rank 0 is interrupted before its next call of the prompt; "next": a decode in the
+  next prompt. Each rank records what it raised, where the session says it stopped, and what it decoded.
 - {"kind": "fault", "name", "rank"}: that rank raises inside a decoder convolution; the others record what they
   raised and when.
 - {"kind": "bench", "name", "config", "h", "w", "tile", "n", "modes"}: n interleaved rounds ("local": the
@@ -62,6 +67,7 @@ def launch(world: int, plan: dict, out_dir: Path, timeout_s: float = 240, thread
 def main(plan_path, out_dir):
     from distributed_rank import boot
     core = boot()
+    import linfusion_core.tiling.distributed_session  # noqa: F401
     import linfusion_core.tiling.tiled_vae_distributed  # noqa: F401
     import torch
     import torch.distributed as dist
@@ -125,6 +131,44 @@ def main(plan_path, out_dir):
                 save(name, raised=None)
             except Exception as e:
                 save(name, raised=type(e).__name__, message=str(e))
+        elif kind == "cancel":
+            import comfy.model_management as mm
+            from comfy_execution.utils import CurrentNodeContext
+            ds = core.tiling.distributed_session
+            vae, tile, x = vae_for(step["config"]), step["tile"], latent(step)
+            ds._session = session = ds.Session(rank, world, dist.distributed_c10d._get_default_store(), None,
+                                               plan.get("timeout_s", 60))
+            session.seq_of.update({"p1": 1, "p2": 2})     # as rank 0's queue numbers the prompts
+            rec = {}
+
+            def attempt(label, cancel_at=None):
+                part, fired = tvd.VAEStrips(), []
+
+                def progress(done, total):
+                    if rank == 0 and done == cancel_at and not fired:
+                        fired.append(part.reductions)
+                        mm.interrupt_current_processing(True)   # the UI's cancel, between two of rank 0's tiles:
+                        return                                  # the next convolution's per-op check raises
+                    mm.throw_exception_if_processing_interrupted()   # as the node's progress bar checks
+                try:
+                    got = tvd.decode_raw(vae, x, tile, partition=part, on_progress=progress)
+                    rec[label] = dict(raised=None, out=got)
+                except mm.InterruptProcessingException:
+                    rec[label] = dict(raised="InterruptProcessingException")
+                rec[label].update(at=session.cancelled_at, reductions=part.reductions, fired=fired,
+                                  flag_after=mm.processing_interrupted())
+            with CurrentNodeContext("p1", "10"):
+                attempt("inside", step["cancel_at"])
+                if rank == 0:
+                    mm.interrupt_current_processing(True)
+                attempt("before")
+            with CurrentNodeContext("p2", "10"):
+                attempt("next")
+            ds._session = None
+            if rank == 0:
+                with torch.no_grad():
+                    rec["tiled"] = tv.decode_raw(vae, x, tile)
+            save(name, **rec)
         elif kind == "fault":
             bad, vae = step["rank"], vae_for(step["config"])
             conv = vae.first_stage_model.decoder.up[1].block[0].conv1    # the full-resolution end of the decode

@@ -1,10 +1,12 @@
 """The launcher, end to end on the CPU: `scripts/comfy_host.py serve --gpus 2 --cpu` starts two real ComfyUI
 servers (gloo ranks); prompts go to rank 0's HTTP API only, as from its UI.
 
-One launch runs, in order: the graph with the Tiled UNet's `distributed` switch on (A), the same graph with it
-off (B, the single-process reference, in the same rank-0 process), a long prompt cancelled through rank 0's
-POST /interrupt while it samples (C), then another distributed prompt (D). The tests read what it recorded.
-SD 1.5 fixture checkpoint (random weights, real architecture) with LinFusion, 128 x 96 px, tile 8, fp32.
+One launch runs, in order: the graph with the `distributed` switches of the Tiled UNet and of the tiled VAE
+decode and encode on (A), the same graph with them off (B, the single-process reference, in the same rank-0
+process), a long prompt cancelled through rank 0's POST /interrupt while it samples (C), then another distributed
+prompt (D). The tests read what it recorded. SD 1.5 fixture checkpoint (random weights, real architecture) with
+LinFusion, 128 x 96 px, UNet tile 8, VAE tile 64 px, fp32; the sampled latent is saved, and the image the tiled
+VAE decodes from it is saved encoded again by the tiled VAE (SaveLatent keeps every bit; an image file would not).
 """
 from __future__ import annotations
 
@@ -42,6 +44,11 @@ def graph(fixtures, *, distributed, seed, steps, prefix):
                                                    "latent_image": ["7", 0], "seed": seed, "steps": steps, "cfg": 5.0,
                                                    "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
         "9": {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0], "filename_prefix": prefix}},
+        "10": {"class_type": "LinFusionVAEDecodeTiled", "inputs": {"samples": ["8", 0], "vae": ["1", 2], "tile_size": 64,
+                                                                   "park_device": "cpu", "distributed": distributed}},
+        "11": {"class_type": "LinFusionVAEEncodeTiled", "inputs": {"pixels": ["10", 0], "vae": ["1", 2], "tile_size": 64,
+                                                                   "park_device": "cpu", "distributed": distributed}},
+        "12": {"class_type": "SaveLatent", "inputs": {"samples": ["11", 0], "filename_prefix": prefix + "_vae"}},
     }
 
 
@@ -72,9 +79,9 @@ def wait_for(path, pattern, timeout=600):
     raise AssertionError(f"{pattern!r} never appeared in {path}")
 
 
-def latent(output_dir, entry):
+def latent(output_dir, entry, node="9"):
     from safetensors.torch import load_file
-    item = entry["outputs"]["9"]["latents"][0]
+    item = entry["outputs"][node]["latents"][0]
     return load_file(str(Path(output_dir) / item["subfolder"] / item["filename"]))["latent_tensor"]
 
 
@@ -112,7 +119,8 @@ def launch(fixtures, tmp_path_factory):
         for name, kw in (("A", dict(distributed=True, seed=1, steps=2)),
                          ("B", dict(distributed=False, seed=1, steps=2))):
             pid, e0, e1 = run(name, **kw)
-            out[name] = dict(pid=pid, e0=e0, e1=e1, l0=latent(base_dir / "output", e0), l1=latent(out1, e1))
+            out[name] = dict(pid=pid, e0=e0, e1=e1, l0=latent(base_dir / "output", e0), l1=latent(out1, e1),
+                             v0=latent(base_dir / "output", e0, "12"), v1=latent(out1, e1, "12"))
 
         # C: long sampling, cancelled from rank 0 once both ranks are inside it (its first UNet call is done)
         split = r"rank 1 of 2 computed \d+ tile steps"
@@ -126,7 +134,8 @@ def launch(fixtures, tmp_path_factory):
         out["C"] = dict(pid=pid, e0=wait_history(base, pid, 300), e1=wait_history(base1, pid, 300))
 
         pid, e0, e1 = run("D", distributed=True, seed=2, steps=2)
-        out["D"] = dict(pid=pid, e0=e0, e1=e1, l0=latent(base_dir / "output", e0), l1=latent(out1, e1))
+        out["D"] = dict(pid=pid, e0=e0, e1=e1, l0=latent(base_dir / "output", e0), l1=latent(out1, e1),
+                        v0=latent(base_dir / "output", e0, "12"), v1=latent(out1, e1, "12"))
         out["log0"], out["log1"] = log0.read_text(errors="replace"), log1.read_text(errors="replace")
     return out
 
@@ -147,20 +156,38 @@ def test_distributed_serve_image_equals_single_process(launch):
     assert torch.equal(a["l1"], a["l0"]), "the follower's latent differs from rank 0's"
 
 
+def test_distributed_serve_tiled_vae_equals_single_process(launch):
+    """The tiled VAE nodes' `distributed` switch: both ranks split the decode and the encode, and the image they
+    decode, encoded again, is bitwise the single-process nodes' on both ranks."""
+    a, b = launch["A"], launch["B"]
+    for op in ("decode", "encode"):
+        for log, rank in ((launch["log0"], 0), (launch["log1"], 1)):
+            tiles = [int(n) for n in re.findall(rf"distributed tiled VAE {op}: rank {rank} of 2 computed (\d+) tiles",
+                                                log)]
+            assert tiles and all(n > 0 for n in tiles), f"rank {rank} did not split a VAE {op}"
+    ref = b["v0"]
+    assert ref.abs().max() > 0
+    err = ((a["v0"] - ref).abs().max() / ref.abs().max()).item()
+    print(f"distributed tiled VAE decode + encode vs single process: max rel err {err:.2e}")
+    assert torch.equal(a["v0"], ref), f"not bitwise the single-process tiled VAE (max rel err {err:.2e})"
+    assert torch.equal(a["v1"], a["v0"]), "the follower's decoded image differs from rank 0's"
+
+
 def test_distributed_serve_cancel_stops_every_rank_and_the_next_prompt_runs(launch):
     c, d = launch["C"], launch["D"]
     for k in ("e0", "e1"):
         assert "execution_interrupted" in events(c[k]), f"{k}: {events(c[k])}"
         stopped = next(m[1] for m in c[k]["status"]["messages"] if m[0] == "execution_interrupted")
         assert stopped["node_type"] == "KSampler", stopped
-    where = {r: re.findall(rf"rank {r}: cancelled at UNet call (\d+) of prompt {c['pid']}, (.*)", launch[f"log{r}"])
+    where = {r: re.findall(rf"rank {r}: cancelled at distributed call (\d+) of prompt {c['pid']} \(tiled UNet\), (.*)",
+                           launch[f"log{r}"])
              for r in (0, 1)}
     print(f"cancel checkpoints: {where}")
     if where[0] and where[1]:     # both stopped inside the UNet: at the same checkpoint
         assert where[0] == where[1]
     for k in ("e0", "e1"):
         assert d[k]["status"]["status_str"] == "success", d[k]["status"]
-    assert torch.equal(d["l0"], d["l1"])
+    assert torch.equal(d["l0"], d["l1"]) and torch.equal(d["v0"], d["v1"])
     assert "DistributedFault" not in launch["log0"] + launch["log1"]
 
 
@@ -192,3 +219,15 @@ def test_distributed_switch_without_the_launcher_is_a_clear_error(host, core):
     model = type("M", (), {"clone": lambda self: self})()
     with pytest.raises(RuntimeError, match=r"not started by the launcher.*serve --gpus N"):
         nodes.LinFusionTiledUNet().patch(model, 64, "cpu", "exact", distributed=True)
+
+
+def test_distributed_vae_switch_without_the_launcher_is_a_clear_error(host, core):
+    """The tiled VAE nodes: an error naming the launcher, before any VAE work (no image from one process)."""
+    import importlib
+    nodes = importlib.import_module(host.extension_module.__name__ + ".nodes.tiled_vae")
+    latent_in = {"samples": torch.zeros(1, 4, 8, 8)}
+    with pytest.raises(RuntimeError, match=r"tiled VAE: 'distributed' is on.*not started by the launcher.*"
+                                           r"comfy_host\.py serve --gpus N"):
+        nodes.LinFusionVAEDecodeTiled().decode(latent_in, None, 64, "cpu", distributed=True)
+    with pytest.raises(RuntimeError, match=r"tiled VAE: 'distributed' is on.*serve --gpus N"):
+        nodes.LinFusionVAEEncodeTiled().encode(torch.zeros(1, 64, 64, 3), None, 64, "cpu", distributed=True)

@@ -25,6 +25,7 @@ TWO = [
     dict(kind="decode", name="aligned", config="tiny", h=11, w=10, tile=24, aligned=True),
     dict(kind="encode", name="encode", config="tiny", h=72, w=56, tile=24),
     dict(kind="mismatch", name="mismatch"),
+    dict(kind="cancel", name="cancel", config="tiny", h=12, w=10, tile=24, cancel_at=2),
     dict(kind="fault", name="raise", config="tiny", h=8, w=8, tile=24, rank=1),
 ]
 THREE = [
@@ -113,6 +114,30 @@ def test_distributed_vae_mismatch_raises_on_every_rank(ranks):
     for k, r in enumerate(ranks(2)["mismatch"]):
         assert r["raised"] == "DistributedMismatch", f"rank {k}: {r}"
         assert "tiled VAE" in r["message"] and "x sum" in r["message"]
+
+
+def test_distributed_vae_cancel_stops_every_rank_together_and_the_next_prompt_runs(ranks):
+    """Under a launched session (distributed_session.Session on the group's store): rank 0 cancelled between two
+    of its tiles stops every rank after the same reduction (ComfyUI's per-op cancel inside rank 0's next
+    convolution is held until then, not raised there); rank 0 interrupted before a call stops every rank at that
+    call's go/cancel decision; the process group is still in step, and the next prompt's decode is bitwise the
+    single-process tiled VAE on both ranks. No cancel leaks into the next prompt."""
+    rows = ranks(2)["cancel"]
+    for k, r in enumerate(rows):
+        inside, before, after = r["inside"], r["before"], r["next"]
+        assert inside["raised"] == "InterruptProcessingException", f"rank {k}: {inside}"
+        assert inside["at"] == rows[0]["inside"]["at"], f"rank {k} stopped at {inside['at']}, rank 0 at " \
+                                                        f"{rows[0]['inside']['at']}"
+        assert before["raised"] == "InterruptProcessingException", f"rank {k}: {before}"
+        assert before["at"] == ("p1", 2, "before the call (rank 0 was interrupted)"), f"rank {k}: {before['at']}"
+        assert before["reductions"] == 0                     # nothing exchanged in the cancelled call
+        assert after["raised"] is None, f"rank {k}: {after}"
+        assert torch.equal(after["out"], rows[0]["tiled"]), f"rank {k}: the next prompt's decode differs"
+        assert not (inside["flag_after"] or before["flag_after"] or after["flag_after"])
+    prompt, call, where = rows[0]["inside"]["at"]
+    fired = rows[0]["inside"]["fired"][0]
+    print(f"cancel set after reduction {fired}, every rank stopped {where}")
+    assert (prompt, call) == ("p1", 1) and where == f"after reduction {fired + 1}"
 
 
 @pytest.mark.parametrize("world,name", [(2, "raise"), (3, "raise_rank0")])

@@ -26,15 +26,19 @@ here: `TiledPasses(partition=None)` is the tiled VAE it always was.
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, Optional
 
 import torch
 
 from .group_norm_stats import ChannelStats, channel_part, merge_parts
-from .tiled_unet_distributed import DistributedFault, DistributedMismatch, Strips
+from . import tiled_vae
+from .tiled_unet_distributed import DistributedMismatch, Strips
 from .tiled_vae import _decoder_input, _encoder_output, _load, _passes, _tile_working_bytes, _walk_decoder, \
     _walk_encoder, unsupported_reason
 from .tiled_vae_passes import Parked
+
+log = logging.getLogger("LinFusion")
 
 OPS = ("decode", "encode")
 FINGERPRINT = ["call number", "decode or encode", "tile size", "aligned", "x shape[0]", "x shape[1]", "x shape[2]",
@@ -43,6 +47,7 @@ FINGERPRINT = ["call number", "decode or encode", "tile size", "aligned", "x sha
 
 class VAEStrips(Strips):
     """The tiled VAE's tiles split by rows over the ranks of a process group (see the module's docstring)."""
+    what = "tiled VAE"
 
     def __init__(self, group=None, weights=None, aligned: bool = False):
         super().__init__(group, weights, aligned)
@@ -77,9 +82,10 @@ class VAEStrips(Strips):
         parts = {}
         for core in mine:
             y0, y1, x0, x1 = core
-            if passes.check_interrupt is not None:
-                passes.check_interrupt()
-            tile = make_tile(y0, y1, x0, x1).to(passes.dtype)
+            # A cancel is taken only at the reductions, by every rank together (Strips): ComfyUI's per-op check
+            # inside make_tile is held and the tile (which exchanges nothing) computed again.
+            self.check_interrupt()
+            tile = self.compute(lambda: make_tile(y0, y1, x0, x1).to(passes.dtype))
             if with_stats:
                 parts[core] = channel_part(tile)
             out[:, :, y0:y1, x0:x1] = tile.to(out.device)
@@ -108,16 +114,13 @@ class VAEStrips(Strips):
         return self.release(t)
 
     # ---------------------------------------------------------------- calls
+    # A call is one image of a decode (encode): start_call() (Strips': counters, and in a launched session the
+    # per-call go/cancel decision every rank reads), then the latent-sized input, then begin().
     def begin(self, op: str, x: torch.Tensor, tile_size: int, base_rows: int) -> None:
         """Check that every rank is on the same decode/encode (same latent, tile size and mode); raise
-        DistributedMismatch on every rank if not, DistributedFault if the session already ended."""
-        why = self._aborted()
-        if why is not None:
-            raise DistributedFault(f"[LinFusion] distributed tiled VAE: the session ended earlier ({why})")
-        self.last_sent, self.sent, self.waits = self.sent, {}, {}
-        self.calls += 1
+        DistributedMismatch on every rank if not."""
         self.base_rows = self.latent_rows = int(base_rows)
-        fp = vae_fingerprint(self.calls, op, tile_size, self.aligned, x).to(self.comm)
+        fp = vae_fingerprint(self.call_in_prompt, op, tile_size, self.aligned, x).to(self.comm)
         every = [torch.empty_like(fp) for _ in range(self.world)]
         self._wait([self.dist.all_gather(every, fp, self.group, async_op=True)])
         self._count("check", fp)
@@ -128,12 +131,6 @@ class VAEStrips(Strips):
             raise DistributedMismatch(
                 f"[LinFusion] distributed tiled VAE: rank(s) {bad} are not on rank 0's VAE {op} (differing: "
                 f"{', '.join(fields)}); every rank must decode the same latent with the same tile size")
-
-    def _wait(self, works):
-        try:
-            super()._wait(works)
-        except DistributedFault as e:   # the shared wait names the tiled UNet: say which seam waited
-            raise DistributedFault(str(e).replace("distributed tiled UNet", "distributed tiled VAE", 1)) from e
 
 
 def vae_fingerprint(call: int, op: str, tile_size: int, aligned: bool, x: torch.Tensor) -> torch.Tensor:
@@ -168,7 +165,8 @@ def decode_raw(vae, samples: torch.Tensor, tile_size: int = 512, park: str = "cp
     outputs, done, total = [], [0], None
     for i in range(samples.shape[0]):
         with part.call():   # an error here is published, so the other ranks stop waiting for this one
-            z = _decoder_input(model, samples[i:i + 1].to(vae.device, vae.vae_dtype))
+            part.start_call()
+            z = part.compute(lambda i=i: _decoder_input(model, samples[i:i + 1].to(vae.device, vae.vae_dtype)))
             part.begin("decode", z, tile_size, z.shape[2])
             walk = lambda p, z=z: _walk_decoder(p, model.decoder, p.park(z, with_stats=False) if not p.dry  # noqa: E731
                                                 else Parked(tuple(z.shape[1:])), out_device)
@@ -179,12 +177,13 @@ def decode_raw(vae, samples: torch.Tensor, tile_size: int = 512, park: str = "cp
 
             def tick():
                 done[0] += 1
-                if on_progress is not None:
-                    on_progress(done[0], total)
+                if on_progress is not None:   # a progress bar raises on cancel: held for the next reduction
+                    part.report(lambda n=done[0]: on_progress(n, total))
             out = part.gather_output(walk(_passes(vae, tile_size, park, tick, dry=False, partition=part)).tensor)
         if model.decoder.tanh_out:
             out = torch.tanh(out)
         outputs.append(out.float())
+    _log_split(part, "decode", total, samples.shape)
     return torch.cat(outputs, dim=0)
 
 
@@ -203,6 +202,7 @@ def encode_raw(vae, pixels: torch.Tensor, tile_size: int = 512, park: str = "cpu
     outputs, done, total = [], [0], None
     for i in range(pixels.shape[0]):
         with part.call():
+            part.start_call()
             x = pixels[i:i + 1].to(vae.vae_dtype)
             part.begin("encode", x, tile_size, x.shape[2])
 
@@ -218,10 +218,11 @@ def encode_raw(vae, pixels: torch.Tensor, tile_size: int = 512, park: str = "cpu
 
             def tick():
                 done[0] += 1
-                if on_progress is not None:
-                    on_progress(done[0], total)
+                if on_progress is not None:   # a progress bar raises on cancel: held for the next reduction
+                    part.report(lambda n=done[0]: on_progress(n, total))
             z = part.gather_output(walk(_passes(vae, tile_size, park, tick, dry=False, partition=part)).tensor)
         outputs.append(_encoder_output(model, z).to(vae.output_device).float())
+    _log_split(part, "encode", total, pixels.shape)
     return torch.cat(outputs, dim=0)
 
 
@@ -239,3 +240,51 @@ def encode(vae, pixels: torch.Tensor, tile_size: int = 512, park: str = "cpu", o
     vae.throw_exception_if_invalid()
     pixels = vae.vae_encode_crop_pixels(pixels)[..., :3].movedim(-1, 1)
     return encode_raw(vae, vae.process_input(pixels), tile_size, park, on_progress, partition)
+
+
+def _log_split(part: VAEStrips, op: str, tiles: int, shape) -> None:
+    log.info("[LinFusion] distributed tiled VAE %s: rank %d of %d computed %d tiles (input %s)", op, part.rank,
+             part.world, tiles, "x".join(map(str, shape)))
+
+
+# ---------------------------------------------------------------- what the nodes call
+def launcher_partition() -> Optional[VAEStrips]:
+    """VAEStrips over the launcher's ranks (None with one rank); an error naming the launcher without it."""
+    from .distributed_session import require
+    return VAEStrips() if require("tiled VAE", "the VAE").world > 1 else None
+
+
+def _fallback_note(note: str, part: VAEStrips) -> str:
+    return (f"{note} 'distributed' is on: each of the {part.world} ranks ran it itself, not split (the same "
+            f"result on every rank).")
+
+
+def decode_or_fallback(vae, samples: torch.Tensor, tile_size: int, park: str = "cpu", on_progress=None,
+                       distributed: bool = False):
+    """(IMAGE, note) as tiled_vae.decode_or_fallback; distributed=True splits the exact tiled decode over the
+    launcher's ranks (one rank: the single-process path). A VAE the exact path does not handle is decoded by
+    every rank itself, untiled (exact, no exchange, so nothing to hang on); never ComfyUI's inexact tiles there,
+    which a rank would choose by its own free memory: the ranks could then hold different images."""
+    part = launcher_partition() if distributed else None
+    if part is None:
+        return tiled_vae.decode_or_fallback(vae, samples, tile_size, park, on_progress)
+    if tiled_vae.unsupported_reason(vae) is None and samples.ndim == 4:
+        return decode(vae, samples, tile_size, park, on_progress, part), None
+    images, note = tiled_vae.decode_or_fallback(vae, samples, tile_size, park, on_progress, inexact_ok=False)
+    note = _fallback_note(note, part)
+    log.warning(note)
+    return images, note
+
+
+def encode_or_fallback(vae, pixels: torch.Tensor, tile_size: int, park: str = "cpu", on_progress=None,
+                       distributed: bool = False):
+    """(latent, note) as tiled_vae.encode_or_fallback, split over the launcher's ranks as decode_or_fallback."""
+    part = launcher_partition() if distributed else None
+    if part is None:
+        return tiled_vae.encode_or_fallback(vae, pixels, tile_size, park, on_progress)
+    if tiled_vae.unsupported_reason(vae) is None:
+        return encode(vae, pixels, tile_size, park, on_progress, part), None
+    latent, note = tiled_vae.encode_or_fallback(vae, pixels, tile_size, park, on_progress, inexact_ok=False)
+    note = _fallback_note(note, part)
+    log.warning(note)
+    return latent, note

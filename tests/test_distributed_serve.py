@@ -192,8 +192,9 @@ def test_distributed_serve_cancel_stops_every_rank_and_the_next_prompt_runs(laun
 
 
 def test_distributed_switch_missing_from_an_older_workflow_keeps_it_off(host):
-    """Workflow 2 as saved before the switch existed (3 widget values): as the frontend loads it the switch takes
-    its default, ComfyUI's validation accepts the prompt (the input is optional), and the node runs one process."""
+    """Workflow 2 as saved before the switches existed (the Tiled UNet's 3 widget values, the tiled VAE decode's
+    2): as the frontend loads it each switch takes its default, ComfyUI's validation accepts the prompt (the
+    inputs are optional), and the nodes run one process."""
     import asyncio
 
     import execution
@@ -202,15 +203,19 @@ def test_distributed_switch_missing_from_an_older_workflow_keeps_it_off(host):
 
     defs = live_object_info()
     wf = load("2_sd15_16k_ladder.json")
-    node = next(n for n in wf["nodes"] if n["type"] == "LinFusionTiledUNet")
-    assert node["widgets_values"][-1] is False
-    node["widgets_values"] = node["widgets_values"][:-1]
+    nodes = [n for n in wf["nodes"] if n["type"] in ("LinFusionTiledUNet", "LinFusionVAEDecodeTiled")]
+    assert sorted(n["type"] for n in nodes) == ["LinFusionTiledUNet", "LinFusionVAEDecodeTiled"]
+    for node in nodes:
+        assert node["widgets_values"][-1] is False
+        node["widgets_values"] = node["widgets_values"][:-1]
     prompt = workflow_to_api(wf, defs, strict=False)
-    inputs = prompt[str(node["id"])]["inputs"]
-    assert inputs["distributed"] is False
-    del inputs["distributed"]          # an API-format prompt written before the switch
+    for node in nodes:
+        inputs = prompt[str(node["id"])]["inputs"]
+        assert inputs["distributed"] is False, node["type"]
+        del inputs["distributed"]          # an API-format prompt written before the switch
     _, _, _, node_errors = asyncio.run(execution.validate_prompt("old-workflow", prompt, None))
-    assert str(node["id"]) not in node_errors, node_errors[str(node["id"])]
+    for node in nodes:
+        assert str(node["id"]) not in node_errors, node_errors[str(node["id"])]
 
 
 def test_distributed_switch_without_the_launcher_is_a_clear_error(host, core):

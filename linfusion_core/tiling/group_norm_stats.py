@@ -21,6 +21,17 @@ def chan_merge(count: int, mean, m2, n: int, tile_mean, tile_m2):
     return total, mean + delta * (n / total), m2 + tile_m2 + delta.square() * (count * n / total)
 
 
+def channel_part(tile: torch.Tensor):
+    """One tile's (count, mean, M2) per channel, fp32 (1 x C x h x w, any dtype). ChannelStats.update folds it
+    in; the distributed tiled VAE folds the parts of every rank's tiles in the same order (merge_parts)."""
+    x = tile.detach().flatten(2)[0].float()          # C x n
+    n = x.shape[1]
+    if n == 0:
+        return 0, None, None
+    mean = x.mean(dim=1)
+    return n, mean, (x - mean[:, None]).square().sum(dim=1)
+
+
 class ChannelStats:
     """Running count / mean / M2 per channel of a 1 x C x H x W activation, accumulated tile by tile."""
 
@@ -31,12 +42,9 @@ class ChannelStats:
 
     def update(self, tile: torch.Tensor) -> None:
         """Add a tile (1 x C x h x w, any dtype) whose pixels no other tile covers."""
-        x = tile.detach().flatten(2)[0].float()          # C x n
-        n = x.shape[1]
+        n, mean, m2 = channel_part(tile)
         if n == 0:
             return
-        mean = x.mean(dim=1)
-        m2 = (x - mean[:, None]).square().sum(dim=1)
         self.count, self.mean, self.m2 = chan_merge(self.count, self.mean, self.m2, n,
                                                     mean.to(self.mean.device), m2.to(self.m2.device))
 

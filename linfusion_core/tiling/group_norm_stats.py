@@ -5,7 +5,8 @@ map into tiles gives the same numbers as one pass over the full tensor (up to fp
 uses the biased variance M2 / count. Two granularities share that merge:
 - `ChannelStats` (tiled VAE, batch 1): per channel, so the producer of an activation need not know the
   group count of the norm that reads it (channels of equal counts merge into groups exactly);
-- `GroupStats` (tiled UNet): per (batch, group), for batched UNet calls.
+- per (batch, group) parts (tiled UNet: `group_part`, `merge_parts`), for batched UNet calls, folded by the
+  runner's partition in tile order (tiling/tiled_unet_distributed.py across ranks).
 """
 from __future__ import annotations
 
@@ -108,26 +109,6 @@ def stats_mean_rstd(stats, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (batch, group) mean and 1/sqrt(biased var + eps), fp32, of merged (count, mean, M2)."""
     count, mean, m2 = stats
     return mean, torch.rsqrt(m2 / count + eps)
-
-
-class GroupStats:
-    """Running per-(batch, group) count / mean / M2, merged exactly across tiles."""
-
-    def __init__(self, num_groups: int):
-        self.num_groups = num_groups
-        self.count = 0
-        self.mean = None
-        self.m2 = None
-
-    def add(self, tile: torch.Tensor) -> None:
-        """Fold one tile (B x C x h x w, any dtype) into the statistics."""
-        merged = merge_parts((self.count, self.mean, self.m2), group_part(tile, self.num_groups))
-        if merged is not None:
-            self.count, self.mean, self.m2 = merged
-
-    def mean_rstd(self, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per (batch, group) mean and 1/sqrt(biased var + eps), fp32."""
-        return stats_mean_rstd((self.count, self.mean, self.m2), eps)
 
 
 def group_norm_with_stats(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, num_groups: int,

@@ -47,7 +47,7 @@ PLANS = {
                   peers=[64], controlnet=[64], breakdown_max_s=60, ladder=[], budget_min=2),
     "cuda": dict(attn1="GPU_SIDES", dtypes=["float16", "bfloat16"], attn1_n=5, max_call_s=5, steps_n=3,
                  max_step_s=60, sd15=[512, 1024, 2048, 4096], sdxl=[512, 1024, 2048, 4096], low_memory=[], tiled_unet=[],
-                 tiled_vae=[], peers=[], controlnet=[], ladder=[8192, 16384], tile=256, vae_tile=1024, budget_min=6),
+                 tiled_vae=[], peers=[], controlnet=[], ladder=[], tile=256, vae_tile=1024, budget_min=1.8),
     "smoke": dict(attn1="SMOKE_SIDES", dtypes=["float16", "bfloat16"], attn1_n=1, max_call_s=20, steps_n=1,
                   max_step_s=60, sd15=[64], sdxl=[64], low_memory=[], tiled_unet=[], tiled_vae=[], peers=[],
                   controlnet=[], ladder=[128], tile=4, vae_tile=32, budget_min=2),

@@ -226,8 +226,9 @@ def load_average() -> float:
 
 class OtherWork:
     """How many cores other processes kept busy while this one ran, on average: all CPU time the machine
-    spent (/proc/stat) minus this process's own. Unlike the load average it does not count this run, nor
-    the tail of the run just before it."""
+    spent (/proc/stat) minus this process's own and its finished children's (a benchmark's own rank processes
+    are its work, not other work; read it after they were waited for). Unlike the load average it does not
+    count this run, nor the tail of the run just before it."""
 
     def __init__(self):
         self.start = self._now()
@@ -240,7 +241,7 @@ class OtherWork:
             return None
         busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")   # all but idle, iowait
         own = os.times()
-        return time.time(), busy, own.user + own.system
+        return time.time(), busy, own.user + own.system + own.children_user + own.children_system
 
     def cores(self) -> float | None:
         end = self._now()

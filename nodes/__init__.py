@@ -7,11 +7,15 @@ import importlib
 import logging
 import pkgutil
 
+from ..linfusion_core.tiling.distributed_session import join_launcher
 from .model_folder import register_model_folder
 
 log = logging.getLogger("LinFusion")
 
 register_model_folder()
+# Only in a ComfyUI the launcher started (scripts/comfy_host.py serve --gpus N): join its process group and
+# share rank 0's queue, before the server takes its first prompt. Elsewhere nothing happens.
+join_launcher()
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

@@ -19,6 +19,11 @@ class LinFusionTiledUNet:
                 "the global state of the previous sampling step (as DistriFusion does), saving one pass over "
                 "each attention layer; the output is no longer exactly the untiled one (the first step of "
                 "each run is exact)."}),
+        }, "optional": {
+            "distributed": ("BOOLEAN", {"default": False, "tooltip":
+                "Split every UNet call over the GPUs (ranks) of a launcher session: start ComfyUI with "
+                "`python3 scripts/comfy_host.py serve --gpus N`. Each rank computes a strip of rows; the result "
+                "is the single-process image, bitwise. Exact mode only. Without the launcher: an error."}),
         }}
 
     RETURN_TYPES = ("MODEL",)
@@ -30,8 +35,9 @@ class LinFusionTiledUNet:
                    "the full previous activation. Softmax self-attention (blocks without LinFusion) cannot be "
                    "tiled exactly and runs untiled.")
 
-    def patch(self, model, tile_size, park_device, mode):
-        return (apply_tiled_unet(model, tile_size, park_device, fast_stale_state=mode.startswith("fast")),)
+    def patch(self, model, tile_size, park_device, mode, distributed=False):
+        return (apply_tiled_unet(model, tile_size, park_device, fast_stale_state=mode.startswith("fast"),
+                                 distributed=distributed),)
 
 
 NODE_CLASS_MAPPINGS = {"LinFusionTiledUNet": LinFusionTiledUNet}

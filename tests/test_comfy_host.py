@@ -87,12 +87,13 @@ def test_cpu_flag_only_without_an_accelerator(comfy_host):
         assert found.startswith("cuda")
 
 
-def comfyui_parses(args: list[str]) -> dict:
+def comfyui_parses(args: list[str], keys=("cpu", "listen", "port", "front_end_root")) -> dict:
     """What this host's own ComfyUI parser (comfy/cli_args.py) makes of `args`, as main.py would."""
-    code = ("import json, sys; sys.argv = ['main.py'] + json.loads(sys.argv[1]); import comfy.options; "
-            "comfy.options.enable_args_parsing(); from comfy.cli_args import args; "
-            "print(json.dumps({k: v for k, v in vars(args).items() if k in ('cpu', 'listen', 'port', 'front_end_root')}))")
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(args)], cwd=os.environ["COMFYUI_PATH"],
+    code = ("import json, sys; keys = json.loads(sys.argv[2]); sys.argv = ['main.py'] + json.loads(sys.argv[1]); "
+            "import comfy.options; comfy.options.enable_args_parsing(); from comfy.cli_args import args; "
+            "print(json.dumps({k: v for k, v in vars(args).items() if k in keys}))")
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(args), json.dumps(list(keys))],
+                          cwd=os.environ["COMFYUI_PATH"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -219,3 +220,29 @@ def test_serve_manager_installs_comfyui_manager_into_the_venv(comfy_host, tmp_pa
     monkeypatch.setattr(comfy_host, "run", lambda cmd, **kw: calls.append(cmd))
     comfy_host.install_manager(host, py, comfy)
     assert calls == [], "installed again although its stamp matched"
+
+
+def test_distributed_serve_plans_ranks_as_torchrun(comfy_host, tmp_path):
+    """serve --gpus 2 / --ranks --rank --master: torchrun's variables per rank, rank 0 with the user's arguments,
+    the others on 127.0.0.1 at the next ports with an output folder of their own, as ComfyUI parses them."""
+    _, rest = comfy_host.take_options(["--gpus", "2", "--port", "9000"], comfy_host.DIST_OPTIONS)
+    args = comfy_host.serve_args(rest, None)
+    r0, r1 = comfy_host.plan_ranks({"--gpus": "2"}, args, None, tmp_path)
+    for k, r in enumerate((r0, r1)):
+        assert {v: r.env[v] for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LINFUSION_DISTRIBUTED")} == \
+               {"RANK": str(k), "WORLD_SIZE": "2", "LOCAL_RANK": str(k), "LINFUSION_DISTRIBUTED": "1"}
+        assert r.env["MASTER_ADDR"] == "127.0.0.1" and r.env["MASTER_PORT"] == r0.env["MASTER_PORT"]
+    assert comfyui_parses(r0.args)["port"] == 9000
+    follower = comfyui_parses(r1.args, ("cpu", "listen", "port", "output_directory"))
+    assert follower["port"] == 9001 and follower["listen"] == "127.0.0.1" and follower["cpu"] is True
+    assert follower["output_directory"] == str(tmp_path / "rank1" / "output")
+    # machine 2 of 4: ranks 2 and 3, rendezvous at rank 0's machine
+    gpu = "cuda NVIDIA H100"   # one GPU per local rank (ComfyUI's --cuda-device), none with --cpu
+    ranks = comfy_host.plan_ranks({"--ranks": "4", "--rank": "2", "--gpus": "2", "--master": "10.0.0.1:29500"},
+                                  comfy_host.serve_args(rest, gpu), gpu, tmp_path)
+    assert [(r.rank, r.env["MASTER_ADDR"], r.env["MASTER_PORT"], r.env["LOCAL_RANK"]) for r in ranks] == \
+           [(2, "10.0.0.1", "29500", "0"), (3, "10.0.0.1", "29500", "1")]
+    assert [str(comfyui_parses(r.args, ("cuda_device",))["cuda_device"]) for r in ranks] == ["0", "1"]   # an int on 0.3.75
+    assert "--cuda-device" not in r1.args
+    with pytest.raises(SystemExit, match="--master"):
+        comfy_host.plan_ranks({"--ranks": "2", "--rank": "1"}, args, None, tmp_path)

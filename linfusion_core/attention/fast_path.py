@@ -25,12 +25,17 @@ input dtype with the GEMMs' own fp32 accumulation. The split N^-1/2 keeps the ha
 
 Weights: packed from the module's layers once per (device, dtype) and cached on the module, rebuilt when a
 layer's tensor is replaced, moved, cast, or (outside torch.compile, and for tensors made outside
-torch.inference_mode, which alone have version counters) changed in place. Only for layers that
-hold plain weights on the input's device and dtype: a layer ComfyUI casts per call (low-VRAM partial
-loading, fp8 or manual-cast storage, 0.33's DynamicVRAM, LoRA weight functions) takes the reference path, so
-what ComfyUI does to those weights is applied as before. The cache costs device memory next to the layers
-(the packed q/k/v and MLP weights: 3/4 of the module's size for LinFusion-XL, 7/8 for LinFusion-1-5),
-dropped when the module is moved.
+torch.inference_mode, which alone have version counters) changed in place. A layer ComfyUI casts per call
+(comfy.ops with comfy_cast_weights: 0.33's DynamicVRAM, which is its default on NVIDIA, low-VRAM partial loading,
+fp8 or manual-cast storage; or with LoRA weight functions) is asked for its weights the way its own forward asks
+(comfy.ops.cast_bias_weight, given back with uncast_bias_weight), so what ComfyUI does to them applies as before.
+Where the cast hands back the same tensors call after call (DynamicVRAM's resident weights, a cast that needs
+no copy) the packed weights are cached as for plain layers. Where it hands back new ones at STREAMED_AFTER calls
+in a row (weights streamed in per call, a per-call weight function or dtype cast), folding per call would cost
+more than it saves: the module runs the reference path until the next sampler run (`prepare`). Under
+torch.compile cast layers always take the reference path (the cast is host code). The cache costs device memory
+next to the layers (the packed q/k/v and MLP weights: 3/4 of the module's size for LinFusion-XL, 7/8 for
+LinFusion-1-5), dropped when the module is moved and after each sampler run.
 """
 from __future__ import annotations
 
@@ -47,6 +52,8 @@ from .reference import DEFAULT_CHUNK_SIZE, EPS, is_compiling
 FAST_MAX_ELEMENTS = 2 * DEFAULT_CHUNK_SIZE * 1280
 # A CUDA GEMM of fp16/bf16 inputs with an fp32 result (torch >= 2.8); elsewhere half inputs are upcast.
 _BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, "dtype")
+# Calls in a row at which a module's cast layers handed back new tensors before it counts as streamed.
+STREAMED_AFTER = 3
 
 
 @dataclass(eq=False)
@@ -95,17 +102,20 @@ def _layers(module):
     return named
 
 
+def _casts(layer) -> bool:
+    """Whether the layer's forward asks ComfyUI for its weights (comfy.ops: per-call cast or weight functions)."""
+    return bool(getattr(layer, "comfy_cast_weights", False) or getattr(layer, "weight_function", None)
+                or getattr(layer, "bias_function", None))
+
+
+def _usable(t, device, dtype) -> bool:
+    return t is None or (type(t) in (torch.Tensor, torch.nn.Parameter) and t.device == device and t.dtype == dtype)
+
+
 def _plain(layer, device, dtype) -> bool:
     """A layer whose forward would use its stored tensors as they are: no per-call cast or weight function
     (comfy.ops), and weights already on `device` in `dtype` as plain tensors."""
-    if getattr(layer, "comfy_cast_weights", False) or getattr(layer, "weight_function", None) \
-            or getattr(layer, "bias_function", None):
-        return False
-    for t in (layer.weight, layer.bias):
-        if t is not None and (type(t) not in (torch.Tensor, torch.nn.Parameter) or t.device != device
-                              or t.dtype != dtype):
-            return False
-    return True
+    return not _casts(layer) and _usable(layer.weight, device, dtype) and _usable(layer.bias, device, dtype)
 
 
 def _stamps(sources) -> tuple:
@@ -116,11 +126,12 @@ def _stamps(sources) -> tuple:
 
 
 @torch.no_grad()
-def pack(module, device: torch.device, dtype: torch.dtype) -> PackedWeights:
-    """Fold and pack the module's weights: fp64 math on CUDA (TF32 cannot round the folds there), fp32 elsewhere
-    (MPS has no fp64)."""
-    layers = dict(_layers(module))
-    sources = tuple(t for _, layer in _layers(module) for t in (layer.weight, layer.bias) if t is not None)
+def pack(module, device: torch.device, dtype: torch.dtype, tensors: dict | None = None) -> PackedWeights:
+    """Fold and pack the module's weights (or `tensors`: layer name -> (weight, bias), as ComfyUI cast them):
+    fp64 math on CUDA (TF32 cannot round the folds there), fp32 elsewhere (MPS has no fp64)."""
+    tensors = tensors or _own_tensors(module)
+    layers = {name: _Layer(*tensors[name], getattr(layer, "eps", None)) for name, layer in _layers(module)}
+    sources = _sources(module, tensors)
     work = torch.float64 if device.type == "cuda" else torch.float32
     f = lambda t: t.detach().to(device=device, dtype=work)  # noqa: E731
     out = lambda t: t.to(dtype).contiguous()                 # noqa: E731
@@ -164,33 +175,109 @@ def pack(module, device: torch.device, dtype: torch.dtype) -> PackedWeights:
         b_o=to_out.bias.detach() if to_out.bias is not None else None, eps_row=out(eps_row))
 
 
+@dataclass
+class _Layer:
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    eps: float | None
+
+
+def _own_tensors(module) -> dict:
+    return {name: (layer.weight, layer.bias) for name, layer in _layers(module)}
+
+
+def _sources(module, tensors: dict) -> tuple:
+    return tuple(t for name, _ in _layers(module) for t in tensors[name] if t is not None)
+
+
+def _cached(module, tensors: dict, device, dtype) -> PackedWeights | None:
+    """The cached packed weights if they were made from exactly these tensors, unchanged since."""
+    cached = module._linfusion_packed
+    if cached is None or cached.device != device or cached.dtype != dtype:
+        return None
+    sources = _sources(module, tensors)
+    if len(sources) != len(cached.sources) or not all(a is b for a, b in zip(sources, cached.sources)):
+        return None
+    # Under torch.compile Dynamo guards on the tensors' identity, device and dtype; version counters cannot be
+    # traced, so an in-place change of a weight between compiled calls is seen at the next eager call.
+    return cached if is_compiling() or _stamps(sources) == cached.stamps else None
+
+
 def packed_weights(module, device: torch.device, dtype: torch.dtype) -> PackedWeights | None:
     """The module's packed weights for this device and dtype (cached on the module), or None when a layer is not
-    plain (the caller then takes the reference path, and a stale cache is dropped)."""
-    layers = _layers(module)
-    if not all(_plain(layer, device, dtype) for _, layer in layers):
+    plain (see `forward` for cast layers; a stale cache is dropped)."""
+    if not all(_plain(layer, device, dtype) for _, layer in _layers(module)):
         module._linfusion_packed = None
         return None
-    cached = module._linfusion_packed
-    if cached is not None and cached.device == device and cached.dtype == dtype:
-        sources = tuple(t for _, layer in layers for t in (layer.weight, layer.bias) if t is not None)
-        same = len(sources) == len(cached.sources) and all(a is b for a, b in zip(sources, cached.sources))
-        if same and is_compiling():
-            # Dynamo guards on the tensors' identity, device and dtype; version counters cannot be traced, so
-            # an in-place change of a weight between compiled calls is seen at the next eager call.
-            return cached
-        if same and _stamps(sources) == cached.stamps:
-            return cached
-    cached = pack(module, device, dtype)
-    module._linfusion_packed = cached
+    cached = _cached(module, _own_tensors(module), device, dtype)
+    if cached is None:
+        cached = module._linfusion_packed = pack(module, device, dtype)
     return cached
 
 
+def _cast_packed(module, x: torch.Tensor, casts: list) -> PackedWeights | None:
+    """Packed weights from the layers' weights as ComfyUI casts them for x (each cast appended to `casts`, for
+    the caller to give back), or None where the reference path must run."""
+    import comfy.ops
+
+    tensors = {}
+    for name, layer in _layers(module):
+        if _plain(layer, x.device, x.dtype):
+            tensors[name] = (layer.weight, layer.bias)
+            continue
+        weight, bias, handle = comfy.ops.cast_bias_weight(layer, x, offloadable=True)
+        casts.append((layer, weight, bias, handle))
+        if not (_usable(weight, x.device, x.dtype) and _usable(bias, x.device, x.dtype)):
+            return None
+        tensors[name] = (weight, bias)
+    cached = _cached(module, tensors, x.device, x.dtype)
+    if cached is not None:
+        module._linfusion_misses = 0
+        return cached
+    module._linfusion_misses = getattr(module, "_linfusion_misses", 0) + 1
+    if module._linfusion_misses >= STREAMED_AFTER:
+        module._linfusion_streamed = True          # this call still runs fast, from the weights it already has
+    module._linfusion_packed = pack(module, x.device, x.dtype, tensors)
+    return module._linfusion_packed
+
+
+def forward(module, x: torch.Tensor) -> torch.Tensor | None:
+    """The module's output for a plain self-attention call (B x N x C, no autograd) on the fast path, or None
+    where the reference path must run: a layer that is neither plain nor a comfy.ops layer, cast layers under
+    torch.compile, a module found streamed in this sampler run (see the module docstring)."""
+    layers = _layers(module)
+    if all(_plain(layer, x.device, x.dtype) for _, layer in layers):
+        return fast_forward(packed_weights(module, x.device, x.dtype), x)
+    if getattr(module, "_linfusion_streamed", False) or is_compiling() \
+            or not all(hasattr(layer, "comfy_cast_weights") for _, layer in layers if _casts(layer)) \
+            or not all(_casts(layer) or _plain(layer, x.device, x.dtype) for _, layer in layers):
+        module._linfusion_packed = None
+        return None
+    import comfy.ops
+
+    casts = []
+    try:
+        packed = _cast_packed(module, x, casts)
+        if packed is None:
+            module._linfusion_packed = None
+            module._linfusion_streamed = True
+            return None
+        return fast_forward(packed, x)
+    finally:
+        for layer, weight, bias, handle in casts:
+            comfy.ops.uncast_bias_weight(layer, weight, bias, handle)
+
+
 def prepare(module) -> bool:
-    """Pack now, outside any compiled region, for the device and dtype the module's weights are in (the input's,
-    wherever the fast path can run): a torch.compile'd model then finds the cache instead of tracing the
-    packing into its first graph and recompiling once it is stored. False where the layers are not plain."""
+    """At the start of a sampler run (ON_PRE_RUN): a new run re-tests whether cast layers stream, and plain
+    layers are packed now, outside any compiled region, for the device and dtype their weights are in (the
+    input's, wherever the fast path can run): a torch.compile'd model then finds the cache instead of tracing
+    the packing into its first graph and recompiling once it is stored. False where the layers are not plain."""
+    module._linfusion_streamed = False
+    module._linfusion_misses = 0
     weight = module.to_out[0].weight
+    if weight is None:                             # DynamicVRAM before its first load: nothing to pack yet
+        return False
     return packed_weights(module, weight.device, weight.dtype) is not None
 
 

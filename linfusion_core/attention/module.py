@@ -39,11 +39,12 @@ class LinFusionAttention(nn.Module):
     dim: channels C; heads: number of heads (d = C / heads);
     projection_mid_dim: hidden width of the q/k MLPs (None means C, -1 means no MLP).
 
-    Two paths, one function. A plain self-attention call without autograd whose layers hold plain weights on
-    its device and dtype runs `attention_fast` (packed, folded weights, a handful of ops for the whole
-    batch). Everything else runs the reference path below (the module's own layers over attention/reference.py's
+    Two paths, one function. A plain self-attention call without autograd runs `fast_path` (packed, folded
+    weights, a handful of ops for the whole batch), from the layers' own weights or, for layers ComfyUI casts
+    per call (DynamicVRAM, low VRAM, LoRA), from the weights the cast gives while it gives the same ones each
+    call. Everything else runs the reference path below (the module's own layers over attention/reference.py's
     block loop): keys/values other than the queries (HyperTile, tiles), an explicit chunk size (Low-Memory
-    Mode) or a call too large for one pass, autograd, layers ComfyUI casts per call. `compute_state` and
+    Mode) or a call too large for one pass, autograd, layers whose casts are new tensors every call. `compute_state` and
     `attend` (tiled UNet) are always the reference path. `fast_path = False` turns the fast one off.
     """
 
@@ -60,6 +61,8 @@ class LinFusionAttention(nn.Module):
         self.chunk_size: int | None = None
         self.fast_path = True
         self._linfusion_packed = None   # fast_path.PackedWeights, built on first use
+        self._linfusion_misses = 0      # calls in a row whose cast layers gave new tensors (fast_path.forward)
+        self._linfusion_streamed = False
         self.to_q = operations.Linear(dim, dim, bias=False, dtype=dtype, device=device)
         self.to_k = operations.Linear(dim, dim, bias=False, dtype=dtype, device=device)
         self.to_v = operations.Linear(dim, dim, bias=False, dtype=dtype, device=device)
@@ -85,8 +88,7 @@ class LinFusionAttention(nn.Module):
             return None
         if not fast_path.fast_path_fits(x, chunk_size or self.chunk_size):
             return None
-        packed = fast_path.packed_weights(self, x.device, x.dtype)
-        return None if packed is None else fast_path.fast_forward(packed, x)
+        return fast_path.forward(self, x)
 
     @staticmethod
     def _plus_mlp(t: torch.Tensor, mlp: nn.Module) -> torch.Tensor:

@@ -5,7 +5,8 @@ map into tiles gives the same numbers as one pass over the full tensor (up to fp
 uses the biased variance M2 / count. Two granularities share that merge:
 - `ChannelStats` (tiled VAE, batch 1): per channel, so the producer of an activation need not know the
   group count of the norm that reads it (channels of equal counts merge into groups exactly);
-- `GroupStats` (tiled UNet): per (batch, group), for batched UNet calls.
+- per (batch, group) parts (tiled UNet: `group_part`, `merge_parts`), for batched UNet calls, folded by the
+  runner's partition in tile order (tiling/tiled_unet_distributed.py across ranks).
 """
 from __future__ import annotations
 
@@ -21,6 +22,17 @@ def chan_merge(count: int, mean, m2, n: int, tile_mean, tile_m2):
     return total, mean + delta * (n / total), m2 + tile_m2 + delta.square() * (count * n / total)
 
 
+def channel_part(tile: torch.Tensor):
+    """One tile's (count, mean, M2) per channel, fp32 (1 x C x h x w, any dtype). ChannelStats.update folds it
+    in; the distributed tiled VAE folds the parts of every rank's tiles in the same order (merge_parts)."""
+    x = tile.detach().flatten(2)[0].float()          # C x n
+    n = x.shape[1]
+    if n == 0:
+        return 0, None, None
+    mean = x.mean(dim=1)
+    return n, mean, (x - mean[:, None]).square().sum(dim=1)
+
+
 class ChannelStats:
     """Running count / mean / M2 per channel of a 1 x C x H x W activation, accumulated tile by tile."""
 
@@ -31,12 +43,9 @@ class ChannelStats:
 
     def update(self, tile: torch.Tensor) -> None:
         """Add a tile (1 x C x h x w, any dtype) whose pixels no other tile covers."""
-        x = tile.detach().flatten(2)[0].float()          # C x n
-        n = x.shape[1]
+        n, mean, m2 = channel_part(tile)
         if n == 0:
             return
-        mean = x.mean(dim=1)
-        m2 = (x - mean[:, None]).square().sum(dim=1)
         self.count, self.mean, self.m2 = chan_merge(self.count, self.mean, self.m2, n,
                                                     mean.to(self.mean.device), m2.to(self.m2.device))
 
@@ -100,26 +109,6 @@ def stats_mean_rstd(stats, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (batch, group) mean and 1/sqrt(biased var + eps), fp32, of merged (count, mean, M2)."""
     count, mean, m2 = stats
     return mean, torch.rsqrt(m2 / count + eps)
-
-
-class GroupStats:
-    """Running per-(batch, group) count / mean / M2, merged exactly across tiles."""
-
-    def __init__(self, num_groups: int):
-        self.num_groups = num_groups
-        self.count = 0
-        self.mean = None
-        self.m2 = None
-
-    def add(self, tile: torch.Tensor) -> None:
-        """Fold one tile (B x C x h x w, any dtype) into the statistics."""
-        merged = merge_parts((self.count, self.mean, self.m2), group_part(tile, self.num_groups))
-        if merged is not None:
-            self.count, self.mean, self.m2 = merged
-
-    def mean_rstd(self, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per (batch, group) mean and 1/sqrt(biased var + eps), fp32."""
-        return stats_mean_rstd((self.count, self.mean, self.m2), eps)
 
 
 def group_norm_with_stats(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, num_groups: int,

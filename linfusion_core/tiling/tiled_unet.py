@@ -21,7 +21,6 @@ import math
 
 import torch
 
-import comfy.model_management
 import comfy.ops
 from comfy.ldm.modules.attention import BasicTransformerBlock, SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import (Downsample, ResBlock, UNetModel, Upsample,
@@ -154,10 +153,10 @@ class TiledUNetRunner:
         return [(r0, r1, c0, c1) for r0, r1 in tile_ranges(h, t) for c0, c1 in tile_ranges(w, t)]
 
     def _tick(self):
-        comfy.model_management.throw_exception_if_processing_interrupted()
+        self.part.check_interrupt()   # distributed: cancels are taken at the reductions, by every rank together
         self.ticks += 1
         if self.pbar is not None:
-            self.pbar.update_absolute(self.ticks)
+            self.part.report(lambda: self.pbar.update_absolute(self.ticks))
 
     def _window(self, full, r0, r1, c0, c1, pre=None, rows=None, cols=None):
         """Rows [r0, r1) x cols [c0, c1) of pre(full) (optionally nearest-upsampled through index maps),
@@ -189,7 +188,7 @@ class TiledUNetRunner:
 
         def part_of(r):
             p = group_part(full[:, :, r[0]:r[1], r[2]:r[3]].to(self.dev), norm.num_groups)
-            comfy.model_management.throw_exception_if_processing_interrupted()
+            self.part.check_interrupt()
             return p
         mean, rstd = stats_mean_rstd(self.part.reduce(tiles, part_of, merge_parts, tuple, self.dev), norm.eps)
 
@@ -235,16 +234,16 @@ class TiledUNetRunner:
         for o0, o1, q0, q1 in self.part.mine(tiles):
             r1 = (o1 - 1) * sh - ph + dh * (kh - 1) + 1
             c1 = (q1 - 1) * sw - pw + dw * (kw - 1) + 1
-            if functional:
-                win = self._window(full, o0 * sh - ph, r1, q0 * sw - pw, c1, pre, rows, cols)
-                y = torch.nn.functional.conv2d(win, conv.weight, conv.bias, conv.stride, 0, conv.dilation,
-                                               conv.groups)
-            else:
-                win = self._window(full, (o0 - mh) * sh, r1, (q0 - mw) * sw, c1, pre, rows, cols)
-                y = conv(win)[:, :, mh:mh + o1 - o0, mw:mw + q1 - q0]
-            if post is not None:
-                y = post(y, (o0, o1, q0, q1))
-            out[:, :, o0:o1, q0:q1] = y.to(self.park)
+            def tile(o0=o0, o1=o1, q0=q0, q1=q1, r1=r1, c1=c1):
+                if functional:
+                    win = self._window(full, o0 * sh - ph, r1, q0 * sw - pw, c1, pre, rows, cols)
+                    y = torch.nn.functional.conv2d(win, conv.weight, conv.bias, conv.stride, 0, conv.dilation,
+                                                   conv.groups)
+                else:
+                    win = self._window(full, (o0 - mh) * sh, r1, (q0 - mw) * sw, c1, pre, rows, cols)
+                    y = conv(win)[:, :, mh:mh + o1 - o0, mw:mw + q1 - q0]
+                return y if post is None else post(y, (o0, o1, q0, q1))
+            out[:, :, o0:o1, q0:q1] = self.part.compute(tile).to(self.park)
             self._tick()
         return self.part.produced(out, tiles)
 
@@ -257,7 +256,7 @@ class TiledUNetRunner:
         out = self._empty(full, channels or full.shape[1], *full.shape[2:])
         for r in self.part.mine(tiles):
             r0, r1, c0, c1 = r
-            y = fn(full[:, :, r0:r1, c0:c1].to(self.dev), r)
+            y = self.part.compute(lambda: fn(full[:, :, r0:r1, c0:c1].to(self.dev), r))
             out[:, :, r0:r1, c0:c1] = y.to(self.park)
             self._tick()
         return self.part.produced(out, tiles)
@@ -270,7 +269,8 @@ class TiledUNetRunner:
         warn_once(name, "tiled UNet: %s runs untiled on the full activation (exact, not memory-bounded%s)", name,
                   self._gathered())
         full = self.part.gather(full)
-        y = forward_timestep_embed([layer], full.to(self.dev), emb, context, to, output_shape, **extra)
+        y = self.part.compute(lambda: forward_timestep_embed([layer], full.to(self.dev), emb, context, to,
+                                                             output_shape, **extra))
         self.ticks += len(self._tiles(*full.shape[2:], full.shape[1]))
         return self.part.everywhere(y.to(self.park))
 
@@ -291,7 +291,7 @@ class TiledUNetRunner:
             return None  # a variant this executor does not tile: exact untiled fallback
         emb_out = None
         if not getattr(blk, "skip_t_emb", False):
-            emb_out = blk.emb_layers(emb).type(x.dtype)[:, :, None, None]
+            emb_out = self.part.compute(lambda: blk.emb_layers(emb)).type(x.dtype)[:, :, None, None]
         post_in = (lambda y, r: y + emb_out) if emb_out is not None else None
         h = self.conv(x, il[2], pre=self.group_norm_pre(x, il[0], il[1]), post=post_in)
         if h is None:
@@ -346,7 +346,8 @@ class TiledUNetRunner:
             warn_once(("attn1", why), "tiled UNet: a transformer block with %s runs untiled on the full "
                       "activation (exact, not memory-bounded%s)", why, self._gathered())
             h, w = t.shape[2:]
-            y = block(_to_tokens(self._whole(t)), context=context, transformer_options=to)
+            whole = _to_tokens(self._whole(t))
+            y = self.part.compute(lambda: block(whole, context=context, transformer_options=to))
             self.ticks += len(self._tiles(h, w, t.shape[1]))
             return self.part.everywhere(_to_image(y, h, w).to(self.park))
 
@@ -361,7 +362,7 @@ class TiledUNetRunner:
 
             def part_of(r):
                 part = lin.compute_state(block.norm1(_to_tokens(t[:, :, r[0]:r[1], r[2]:r[3]].to(self.dev))))
-                comfy.model_management.throw_exception_if_processing_interrupted()
+                self.part.check_interrupt()
                 return part
             state = self.part.reduce(tiles, part_of, lambda acc, part: part if acc is None else acc + part,
                                      LinearAttentionState, self.dev)
@@ -481,7 +482,7 @@ class TiledUNetRunner:
             # Inside a job (the ladder) the ticks move its one bar; alone, a bar of this call's own.
             self.pbar = progress.NestedBar(self.expected_ticks)
         t_emb = timestep_embedding(timesteps, unet.model_channels, repeat_only=False).to(x.dtype)
-        emb = unet.time_embed(t_emb)
+        emb = self.part.compute(lambda: unet.time_embed(t_emb))
         for p in tp.get("emb_patch", []):
             emb = p(emb, unet.model_channels, to)
         if unet.num_classes is not None:

@@ -41,7 +41,7 @@ import torch
 ROWS_ATTR = "_linfusion_rows"   # the row map of a parked activation (tensor attribute)
 ABORT_KEY = "linfusion/tiled_unet/abort"
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-HEADER = 32     # int64 slots describing one reduction message
+HEADER = 33     # int64 slots describing one reduction message; the last one carries rank 0's cancel
 
 
 class DistributedMismatch(RuntimeError):
@@ -104,6 +104,19 @@ class Local:
     def mine(self, tiles):
         return tiles
 
+    def check_interrupt(self) -> None:
+        """A cancel check of the runner's (per tile): one process stops where it is."""
+        import comfy.model_management
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    def report(self, update) -> None:
+        """update(): a progress report (ComfyUI's progress hook raises there on cancel)."""
+        update()
+
+    def compute(self, fn):
+        """fn(): one tile's (or an untiled layer's) computation, which has no exchange in it."""
+        return fn()
+
     def fetch(self, t, tiles, rows_of) -> None:
         """Make the rows rows_of(tile) of t, for every tile this rank computes, valid here."""
 
@@ -144,13 +157,14 @@ LOCAL = Local()
 
 
 # ---------------------------------------------------------------- a process group
-def _pack(obj, device):
+def _pack(obj, device, cancel=0):
     """(header, payload) for None, a tuple or a dataclass of ints and same-dtype tensors."""
     header = torch.zeros(HEADER, dtype=torch.int64)
+    header[HEADER - 1] = cancel
     if obj is None:
         return header.to(device), None
     leaves = list(obj) if isinstance(obj, tuple) else [getattr(obj, f) for f in obj.__dataclass_fields__]
-    if 2 + 6 * len(leaves) > HEADER:
+    if 2 + 6 * len(leaves) > HEADER - 1:
         raise ValueError(f"[LinFusion] distributed: cannot send a reduction of {len(leaves)} values")
     header[0], header[1] = 1, len(leaves)
     tensors = [v for v in leaves if isinstance(v, torch.Tensor)]
@@ -199,6 +213,7 @@ def _unpack(header, payload, ctor, device):
 class Strips(Local):
     """The tiles of every layer split by rows over the ranks of a torch.distributed process group."""
     distributed = True
+    what = "tiled UNet"      # the seam's name in its errors and logs (VAEStrips: "tiled VAE")
 
     def __init__(self, group=None, weights=None, aligned: bool = False):
         """weights: relative strip heights per rank (equal by default). aligned: cut every tile grid at the
@@ -208,7 +223,7 @@ class Strips(Local):
         layers' grids differ."""
         import torch.distributed as dist
         if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("[LinFusion] distributed tiled UNet: no torch.distributed process group; start "
+            raise RuntimeError(f"[LinFusion] distributed {self.what}: no torch.distributed process group; start "
                                "the ranks with torchrun (or set MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE) and "
                                "call tiled_unet_distributed.init_from_env()")
         self.dist, self.group, self.aligned = dist, group, bool(aligned)
@@ -224,6 +239,10 @@ class Strips(Local):
         except Exception:   # no store to publish faults in: the process group's timeout still ends the wait
             self.store = None
         self.calls = 0
+        self.call_in_prompt = 0   # this call's number in its prompt (a launched session), else self.calls
+        self.reductions = 0       # in the current call: the cancel checkpoints passed
+        self.cancelled = False    # the current call stopped on a cancel every rank took together
+        self.pending = False      # a cancel ComfyUI raised inside this call, held for the next checkpoint
         self.waiter = None       # the gloo waits' helper thread
         self.latent_rows = None
         self.sent = {}           # bytes this rank sent in the current call, by kind
@@ -254,10 +273,54 @@ class Strips(Local):
     def mine(self, tiles):
         return self.assign(tiles, self.rank)
 
+    # ---------------------------------------------------------------- cancel: every rank at the same checkpoint
+    # A rank that stopped alone, at its own tile, would leave the others waiting in a collective it never
+    # joins (and the process group out of step). So inside a call a cancel is only read at the reductions,
+    # where every rank is anyway: rank 0's interrupt flag rides the reduction's header along the chain and
+    # back in the broadcast, and every rank raises ComfyUI's cancel after the same reduction. Before a call,
+    # the session's per-call decision does the same (distributed_session.Session.enter).
+    # ComfyUI itself raises its cancel inside layers (comfy.ops checks the flag before every op), so a
+    # tile's computation (which exchanges nothing) that a cancel cuts short is computed again and the cancel is
+    # held (`pending`) for the next checkpoint; what a call ends with still pending goes back to ComfyUI's flag.
+    def check_interrupt(self) -> None:
+        """Per-tile checks are not checkpoints here (the cancel waits for the next reduction)."""
+
+    def _held(self, fn):
+        import comfy.model_management
+        while True:
+            try:
+                return fn()
+            except comfy.model_management.InterruptProcessingException:
+                self.pending = True
+
+    def report(self, update) -> None:
+        """ComfyUI's progress hook raises on cancel: the cancel waits for the next checkpoint instead."""
+        self._held(update)
+
+    def compute(self, fn):
+        return self._held(fn)
+
+    def _cancel_bit(self) -> int:
+        if self.rank != 0:
+            return 0
+        import comfy.model_management
+        return int(self.pending or comfy.model_management.processing_interrupted())
+
+    def _cancel_together(self):
+        from . import distributed_session
+        self.cancelled, self.pending = True, False
+        where = f"after reduction {self.reductions}"
+        session = distributed_session.active()
+        if session is not None:
+            session.cancel(distributed_session.current_prompt_id(), self.call_in_prompt, where, self.what)
+        distributed_session.log.warning("[LinFusion] distributed rank %d: %s cancelled at its call %d, %s",
+                                        self.rank, self.what, self.calls, where)
+        distributed_session.raise_interrupt()
+
     def _rows(self, t) -> Rows:
         rows = getattr(t, ROWS_ATTR, None)
         if rows is None or len(rows.owner) != self.world:
-            raise RuntimeError("[LinFusion] distributed tiled UNet: an activation without a row map (an internal "
+            raise RuntimeError(f"[LinFusion] distributed {self.what}: an activation without a row map (an internal "
                                "error: a layer's output was not registered with the partition)")
         return rows
 
@@ -352,13 +415,14 @@ class Strips(Local):
         return out
 
     # ---------------------------------------------------------------- reductions in tile order
-    def _send_obj(self, obj, dst):
-        header, payload = _pack(obj, self.comm)
+    def _send_obj(self, obj, dst, cancel=0):
+        header, payload = _pack(obj, self.comm, cancel)
         self._wait([self.dist.isend(header, self._global(dst), self.group)]
                    + ([self.dist.isend(payload, self._global(dst), self.group)] if payload is not None else []))
         self._count("reduce", header, payload)
 
     def _recv_obj(self, src, ctor, device):
+        """(the object, the cancel slot)."""
         header = torch.empty(HEADER, dtype=torch.int64, device=self.comm)
         self._wait([self.dist.irecv(header, self._global(src), self.group)])
         size, dtype = _payload_size(header.cpu())
@@ -366,10 +430,11 @@ class Strips(Local):
         if size:
             payload = torch.empty(size, dtype=dtype, device=self.comm)
             self._wait([self.dist.irecv(payload, self._global(src), self.group)])
-        return _unpack(header.cpu(), payload, ctor, device)
+        return _unpack(header.cpu(), payload, ctor, device), int(header[HEADER - 1])
 
-    def _bcast_obj(self, obj, root, ctor, device):
-        header, payload = _pack(obj, self.comm) if self.rank == root else (
+    def _bcast_obj(self, obj, root, ctor, device, cancel=0):
+        """(the object, the root's cancel slot) on every rank."""
+        header, payload = _pack(obj, self.comm, cancel) if self.rank == root else (
             torch.empty(HEADER, dtype=torch.int64, device=self.comm), None)
         self._wait([self.dist.broadcast(header, self._global(root), self.group, async_op=True)])
         size, dtype = _payload_size(header.cpu())
@@ -377,20 +442,25 @@ class Strips(Local):
             if payload is None:
                 payload = torch.empty(size, dtype=dtype, device=self.comm)
             self._wait([self.dist.broadcast(payload, self._global(root), self.group, async_op=True)])
+        cancel = int(header[HEADER - 1])
         if self.rank == root:
             self._count("reduce", header, payload)
-            return obj
-        return _unpack(header.cpu(), payload, ctor, device)
+            return obj, cancel
+        return _unpack(header.cpu(), payload, ctor, device), cancel
 
     def reduce(self, tiles, compute, fold, ctor=None, device=None):
-        parts = [compute(tile) for tile in self.mine(tiles)]   # while the ranks before this one fold theirs
+        parts = [self.compute(lambda tile=tile: compute(tile)) for tile in self.mine(tiles)]   # while the ranks before this one fold theirs
         device = device or self.comm
-        acc = self._recv_obj(self.rank - 1, ctor, device) if self.rank > 0 else None
+        acc, cancel = self._recv_obj(self.rank - 1, ctor, device) if self.rank > 0 else (None, self._cancel_bit())
         for p in parts:
             acc = fold(acc, p)
         if self.rank < self.world - 1:
-            self._send_obj(acc, self.rank + 1)
-        return self._bcast_obj(acc, self.world - 1, ctor, device)
+            self._send_obj(acc, self.rank + 1, cancel)
+        acc, cancel = self._bcast_obj(acc, self.world - 1, ctor, device, cancel)
+        self.reductions += 1
+        if cancel:   # every rank got the same bit in the same broadcast: all stop here, nothing left in flight
+            self._cancel_together()
+        return acc
 
     # ---------------------------------------------------------------- calls, checks, faults
     def _count(self, kind, *tensors):
@@ -433,20 +503,39 @@ class Strips(Local):
             except concurrent.futures.TimeoutError:
                 why = self._aborted()
                 if why is not None:
-                    raise DistributedFault(f"[LinFusion] distributed tiled UNet: {why}") from None
+                    raise DistributedFault(f"[LinFusion] distributed {self.what}: {why}") from None
             except RuntimeError as e:   # a peer closed its connection (it died) or the timeout passed
-                raise DistributedFault(f"[LinFusion] distributed tiled UNet: rank {self.rank} lost another rank "
+                raise DistributedFault(f"[LinFusion] distributed {self.what}: rank {self.rank} lost another rank "
                                        f"({str(e).splitlines()[0][:300]})") from e
+
+    def start_call(self) -> None:
+        """A new call: its counters reset; in a launched session, every rank at this call of the prompt or all of
+        them cancel here, before any collective (Session.enter). DistributedFault if the session ended."""
+        why = self._aborted()
+        if why is not None:
+            raise DistributedFault(f"[LinFusion] distributed {self.what}: the session ended earlier ({why})")
+        self.last_sent, self.sent, self.waits = self.sent, {}, {}
+        self.calls += 1
+        self.reductions, self.cancelled = 0, False
+        self.call_in_prompt = self.calls
+        from . import distributed_session
+        session = distributed_session.active()
+        prompt_id = distributed_session.current_prompt_id() if session is not None else None
+        if prompt_id is not None:
+            # All ranks at this call of this prompt, or all cancel here (interrupted, or a rank left the prompt).
+            # Prompts end differently on ranks only by a cancel, so the call's number in its prompt is the
+            # number every rank agrees on (a cached Tiled UNet node keeps this partition across prompts).
+            try:
+                self.call_in_prompt = session.enter(prompt_id, self.what)
+            except BaseException:
+                self.cancelled = True
+                raise
 
     def begin(self, x, timesteps, context, transformer_options):
         """Check that every rank is on the same call; raise DistributedMismatch on all of them if not."""
-        why = self._aborted()
-        if why is not None:
-            raise DistributedFault(f"[LinFusion] distributed tiled UNet: the session ended earlier ({why})")
-        self.last_sent, self.sent, self.waits = self.sent, {}, {}
-        self.calls += 1
+        self.start_call()
         self.latent_rows = x.shape[2]
-        fp = fingerprint(self.calls, x, timesteps, context, transformer_options).to(self.comm)
+        fp = fingerprint(self.call_in_prompt, x, timesteps, context, transformer_options).to(self.comm)
         every = [torch.empty_like(fp) for _ in range(self.world)]
         self._wait([self.dist.all_gather(every, fp, self.group, async_op=True)])
         self._count("check", fp)
@@ -461,12 +550,18 @@ class Strips(Local):
 
     @contextlib.contextmanager
     def call(self):
-        """Around one UNet call: an error here is published, so the other ranks stop waiting for this one."""
+        """Around one call: an error here is published, so the other ranks stop waiting for this one."""
         try:
             yield
+            if self.pending:   # the call ended before a checkpoint took the cancel: ComfyUI's sampler will
+                import comfy.model_management
+                comfy.model_management.interrupt_current_processing(True)
+                self.pending = False
         except DistributedMismatch:   # every rank raised it at the same point: the session can go on
             raise
         except BaseException as e:
+            if self.cancelled:        # a cancel every rank took at the same checkpoint: the session goes on
+                raise
             if self.store is not None and self._aborted() is None:   # the first fault's message stays
                 with contextlib.suppress(Exception):
                     self.store.set(ABORT_KEY, f"rank {self.rank} failed: {type(e).__name__}: {e}"[:2000])

@@ -56,6 +56,10 @@ class TiledUNetWrapper:
         rest = WrapperExecutor.new_class_executor(runner.forward, unet, executor.wrappers, executor.idx + 1)
         out = rest.execute(x, timesteps, context, y, control, transformer_options, **kwargs)
         self.ticks_by_shape[tuple(x.shape)] = runner.ticks
+        part = self.partition
+        if part is not None and part.distributed and part.call_in_prompt == 1:   # once per prompt: the split
+            log.info("[LinFusion] distributed tiled UNet: rank %d of %d computed %d tile steps of UNet call 1 "
+                     "(latent %s)", part.rank, part.world, runner.ticks, "x".join(map(str, x.shape)))
         return out
 
     def expected_ticks(self, shape):
@@ -69,10 +73,20 @@ class TiledUNetWrapper:
         return None
 
 
+def launcher_partition():
+    """The partition over the ranks of the launcher's session (scripts/comfy_host.py serve --gpus N); an error
+    naming the launcher without it (distributed_session.require)."""
+    from .distributed_session import require
+    from .tiled_unet_distributed import Strips
+    return Strips() if require("Tiled UNet", "the UNet").world > 1 else None
+
+
 def apply_tiled_unet(model, tile: int, park: str = "cpu", fast_stale_state: bool = False, progress: bool = True,
-                     partition=None):
+                     partition=None, distributed: bool = False):
     """A clone of `model` (ModelPatcher) whose UNet evaluations run tile by tile (split over the ranks of a
-    process group with a tiled_unet_distributed.Strips partition)."""
+    process group with a tiled_unet_distributed.Strips partition; distributed=True: the launcher's ranks)."""
+    if distributed and partition is None:
+        partition = launcher_partition()
     m = model.clone()
     m.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)  # re-applying replaces our own only
     m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,

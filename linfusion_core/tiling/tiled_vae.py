@@ -75,7 +75,7 @@ def _unsupported_layer(net, prefix: str) -> Optional[str]:
     return None
 
 
-def _passes(vae, tile_size: int, park: str, on_tile, dry: bool) -> TiledPasses:
+def _passes(vae, tile_size: int, park: str, on_tile, dry: bool, partition=None) -> TiledPasses:
     import comfy.model_management as mm
 
     if park not in PARK_DEVICES:
@@ -84,7 +84,8 @@ def _passes(vae, tile_size: int, park: str, on_tile, dry: bool) -> TiledPasses:
     decoder = vae.first_stage_model.decoder
     return TiledPasses(device=vae.device, park_device=park_device, dtype=vae.vae_dtype, tile_size=int(tile_size),
                        ref_channels=decoder.ch, on_tile=on_tile,
-                       check_interrupt=None if dry else mm.throw_exception_if_processing_interrupted, dry=dry)
+                       check_interrupt=None if dry else mm.throw_exception_if_processing_interrupted, dry=dry,
+                       partition=partition)
 
 
 # -- walks of ComfyUI's Decoder / Encoder (mirror their forward(), module by module) -----------------

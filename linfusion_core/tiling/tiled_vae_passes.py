@@ -34,7 +34,7 @@ class TiledPasses:
 
     def __init__(self, *, device, park_device, dtype, tile_size: int, ref_channels: int,
                  on_tile: Optional[Callable[[], None]] = None, check_interrupt: Optional[Callable[[], None]] = None,
-                 dry: bool = False):
+                 dry: bool = False, partition=None):
         self.device = device
         self.park_device = park_device
         self.dtype = dtype
@@ -44,6 +44,9 @@ class TiledPasses:
         self.check_interrupt = check_interrupt
         self.dry = dry
         self.tile_count = 0
+        # Several processes (tiled_vae_distributed.py): which tiles this one computes and what crosses between
+        # them. None: one process computes every tile, and nothing below changes.
+        self.partition = partition
         # Largest attention score block (query chunk x key chunk): the element count of one tile.
         self.attention_chunk = max(64, math.isqrt(tile_size * tile_size * ref_channels))
 
@@ -58,12 +61,20 @@ class TiledPasses:
         if with_stats:
             stats = ChannelStats(tensor.shape[1], self.device)
             stats.update(tensor)
-        return Parked(tuple(tensor.shape[1:]), tensor.to(self.park_device), stats)
+        parked = Parked(tuple(tensor.shape[1:]), tensor.to(self.park_device), stats)
+        if self.partition is not None:          # computed identically by every rank: all rows valid everywhere
+            self.partition.everywhere(parked.tensor)
+        return parked
 
     # -- the loop shared by every layer ------------------------------------------------------------
-    def _run(self, shape, channels_for_tile: int, make_tile, with_stats=True, park_device=None, side=None) -> Parked:
+    def _run(self, shape, channels_for_tile: int, make_tile, with_stats=True, park_device=None, side=None,
+             reads=()) -> Parked:
+        """reads: (Parked input, rows_of(core) -> (first, end) rows make_tile reads of it, or None for all rows);
+        only a partition uses them (to fetch rows other processes computed)."""
         channels, height, width = shape
         cores = tile_cores(height, width, side or self.tile_side(channels_for_tile))
+        if self.partition is not None:
+            return self.partition.run_layer(self, shape, cores, make_tile, reads, with_stats, park_device)
         self.tile_count += len(cores)
         if self.dry:
             return Parked(shape)
@@ -93,17 +104,19 @@ class TiledPasses:
         return out[:, :, halo:out.shape[2] - halo, halo:out.shape[3] - halo] if halo else out
 
     def conv(self, src: Parked, conv, norm=None, silu=False, residual=None, with_stats=True,
-             park_device=None) -> Parked:
+             park_device=None, residual_reads=()) -> Parked:
         """One stride-1 'same' conv layer, optionally after GroupNorm(+SiLU) and before a residual add."""
         _check_same_conv(conv)
         shape = (conv.out_channels,) + tuple(src.shape[1:])
+        reads = ((src, _halo_rows(conv.padding[0])),) + tuple(residual_reads)
 
         def make_tile(y0, y1, x0, x1):
             out = self._conv_tile(src, conv, y0, y1, x0, x1, norm, silu)
             if residual is not None:
                 out = residual(y0, y1, x0, x1) + out       # x + h, in the model dtype, as ResnetBlock
             return out
-        return self._run(shape, max(conv.in_channels, conv.out_channels), make_tile, with_stats, park_device)
+        return self._run(shape, max(conv.in_channels, conv.out_channels), make_tile, with_stats, park_device,
+                         reads=reads)
 
     # -- ComfyUI's layer types -----------------------------------------------------------------------
     def resnet_block(self, x: Parked, block) -> Parked:
@@ -113,13 +126,16 @@ class TiledPasses:
         if block.in_channels == block.out_channels:
             def residual(y0, y1, x0, x1):
                 return x.tensor[:, :, y0:y1, x0:x1].to(self.device)
+            residual_rows = _halo_rows(0)
         else:
             shortcut = block.conv_shortcut if block.use_conv_shortcut else block.nin_shortcut
             _check_same_conv(shortcut)
 
             def residual(y0, y1, x0, x1):
                 return self._conv_tile(x, shortcut, y0, y1, x0, x1)
-        out = self.conv(h, block.conv2, norm=block.norm2, silu=True, residual=residual)
+            residual_rows = _halo_rows(shortcut.padding[0])
+        out = self.conv(h, block.conv2, norm=block.norm2, silu=True, residual=residual,
+                        residual_reads=((x, residual_rows),))
         del h
         return out
 
@@ -140,7 +156,10 @@ class TiledPasses:
             src = F.pad(src, (ax0 - (x0 - halo), (x1 + halo) - ax1, ay0 - (y0 - halo), (y1 + halo) - ay1))
             out = up.conv(src)
             return out[:, :, halo:out.shape[2] - halo, halo:out.shape[3] - halo]
-        return self._run((up.conv.out_channels, big_h, big_w), channels, make_tile)
+
+        def source_rows(core):
+            return max(core[0] - halo, 0) // 2, (min(core[1] + halo, big_h) - 1) // 2 + 1
+        return self._run((up.conv.out_channels, big_h, big_w), channels, make_tile, reads=((x, source_rows),))
 
     def downsample(self, x: Parked, down) -> Parked:
         """Downsample: zero pad right/bottom by one, then a 3x3 stride-2 conv without padding."""
@@ -151,7 +170,8 @@ class TiledPasses:
         def make_tile(y0, y1, x0, x1):
             window, pad = read_window(x.tensor, 2 * y0, 2 * y1 + 1, 2 * x0, 2 * x1 + 1, self.device)
             return conv(F.pad(window, pad))
-        return self._run((conv.out_channels, out_h, out_w), channels, make_tile)
+        return self._run((conv.out_channels, out_h, out_w), channels, make_tile,
+                         reads=((x, lambda core: (2 * core[0], 2 * core[1] + 1)),))
 
     def attention_block(self, x: Parked, attn) -> Parked:
         """AttnBlock: x + proj_out(softmax(q k^T / sqrt(C)) v) over ALL pixels of the image.
@@ -164,7 +184,8 @@ class TiledPasses:
             h = apply_group_norm(x.tensor[:, :, y0:y1, x0:x1].to(self.device), x.stats, attn.norm, silu=False)
             h = h.to(self.dtype)
             return torch.cat([attn.k(h), attn.v(h)], dim=1)
-        kv = self._run((2 * channels,) + tuple(x.shape[1:]), 2 * channels, make_kv, with_stats=False)
+        kv = self._run((2 * channels,) + tuple(x.shape[1:]), 2 * channels, make_kv, with_stats=False,
+                       reads=((x, _halo_rows(0)),))
         scale = channels ** -0.5
         chunk = self.attention_chunk
 
@@ -181,9 +202,14 @@ class TiledPasses:
             o = online_softmax_attention(q, key_value_chunks(), scale, query_chunk=chunk)
             o = o.T.reshape(1, channels, y1 - y0, x1 - x0).to(self.dtype)
             return core + attn.proj_out(o)
-        out = self._run(x.shape, channels, make_out)
+        out = self._run(x.shape, channels, make_out, reads=((x, _halo_rows(0)), (kv, None)))   # every key
         del kv
         return out
+
+
+def _halo_rows(halo: int):
+    """rows_of for a pass that reads its input's core rows and `halo` rows each side."""
+    return lambda core: (core[0] - halo, core[1] + halo)
 
 
 def same_conv_problem(conv) -> Optional[str]:

@@ -5,7 +5,7 @@
                                           # (--cpu only where the venv's torch sees no accelerator)
     python3 scripts/comfy_host.py test    # the test suite on every host in turn, each in its own venv
     python3 scripts/comfy_host.py test --host 0.3.75 -x tests/test_patch.py   # one host; the rest goes to pytest
-    python3 scripts/comfy_host.py models 1_sd15_txt2img_2048   # the model files an example workflow names
+    python3 scripts/comfy_host.py models linfusion_1_sd15_txt2img_2048   # the model files an example workflow names
     python3 scripts/comfy_host.py serve --help                 # serve's options, then ComfyUI's
     python3 scripts/comfy_host.py serve --gpus 2   # one ComfyUI per GPU, the Tiled UNet split over them
 

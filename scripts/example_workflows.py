@@ -384,14 +384,14 @@ def wf_demofusion_ksampler(g: UIGraph):
 
 # File name -> recipe. The numbers order them in the template browser.
 RECIPES = {
-    "1_sd15_txt2img_2048.json": wf_sd15_txt2img_2048,
-    "2_sd15_16k_ladder.json": wf_sd15_16k_ladder,
-    "3_sdxl_demofusion_8k.json": wf_sdxl_demofusion,
-    "4_controlnet_2048.json": wf_controlnet,
-    "5_ipadapter.json": wf_ipadapter,
-    "6_lora_2048.json": wf_lora,
-    "7_super_resolution.json": wf_super_resolution,
-    "8_demofusion_ksampler.json": wf_demofusion_ksampler,
+    "linfusion_1_sd15_txt2img_2048.json": wf_sd15_txt2img_2048,
+    "linfusion_2_sd15_16k_ladder.json": wf_sd15_16k_ladder,
+    "linfusion_3_sdxl_demofusion_8k.json": wf_sdxl_demofusion,
+    "linfusion_4_controlnet_2048.json": wf_controlnet,
+    "linfusion_5_ipadapter.json": wf_ipadapter,
+    "linfusion_6_lora_2048.json": wf_lora,
+    "linfusion_7_super_resolution.json": wf_super_resolution,
+    "linfusion_8_demofusion_ksampler.json": wf_demofusion_ksampler,
 }
 
 

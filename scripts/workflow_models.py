@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Fetch the model files a workflow names into ComfyUI's models folders.
 
-    python3 scripts/comfy_host.py models 1_sd15_txt2img_2048      # into the host's ComfyUI/models/
-    python3 scripts/comfy_host.py models 4_controlnet_2048 6_lora_2048 --dry-run
+    python3 scripts/comfy_host.py models linfusion_1_sd15_txt2img_2048      # into the host's ComfyUI/models/
+    python3 scripts/comfy_host.py models linfusion_4_controlnet_2048 linfusion_6_lora_2048 --dry-run
     python scripts/workflow_models.py my_graph.json --models-dir /path/to/ComfyUI/models   # any Python with huggingface_hub
 
 A workflow names its files the way ComfyUI's frontend reads them for its missing-models panel: entries
@@ -53,8 +53,9 @@ def workflow_path(arg: str) -> Path:
     if path.is_file():
         return path
     name = arg if arg.endswith(".json") else arg + ".json"
-    if (WORKFLOW_DIR / name).is_file():
-        return WORKFLOW_DIR / name
+    for candidate in (name, "linfusion_" + name):   # the examples' names before they carried "linfusion_"
+        if (WORKFLOW_DIR / candidate).is_file():
+            return WORKFLOW_DIR / candidate
     examples = ", ".join(sorted(p.stem for p in WORKFLOW_DIR.glob("*.json")))
     raise ModelError(f"no workflow {arg!r}: give a .json file or one of the examples: {examples}")
 
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                     "models folders. huggingface.co files come through huggingface_hub (HF_ENDPOINT, HF_TOKEN); each "
                     "file is written under a hidden name and renamed when complete, under a lock beside it.")
     parser.add_argument("workflows", nargs="+", metavar="WORKFLOW",
-                        help="an example workflow's name (1_sd15_txt2img_2048) or a workflow .json file")
+                        help="an example workflow's name (linfusion_1_sd15_txt2img_2048) or a workflow .json file")
     parser.add_argument("--models-dir", type=Path, required=True,
                         help="ComfyUI's models folder (comfy_host.py passes its host's ComfyUI/models)")
     parser.add_argument("--dry-run", action="store_true", help="list the files and whether they are there; fetch none")

@@ -23,7 +23,7 @@ from comfy_browser import (FREE_CANVAS, chromium_missing_reason, chromium_page, 
                            comfy_ui_server, load_workflow)
 from scratch import scratch_dir  # noqa: E402
 
-README_PICTURE = ("1_sd15_txt2img_2048.json", REPO / "docs" / "workflow_sd15_txt2img_2048.png")
+README_PICTURE = ("linfusion_1_sd15_txt2img_2048.json", REPO / "docs" / "workflow_sd15_txt2img_2048.png")
 # Chrome the canvas draws over the graph: the info text (bottom left) and the zoom menu (bottom right).
 NO_CHROME = {"Comfy.Graph.CanvasInfo": False, "Comfy.Graph.CanvasMenu": False}
 

@@ -41,15 +41,15 @@ def test_linfusion_flops_follow_the_facts_sheet():
 
 def test_workflow_steps_are_read_from_the_shipped_graphs():
     found = {w["workflow"]: w for w in workflows()}
-    assert found["1_sd15_txt2img_2048"].items() >= {"family": "sd15", "width": 2048, "height": 2048, "steps": 50,
+    assert found["linfusion_1_sd15_txt2img_2048"].items() >= {"family": "sd15", "width": 2048, "height": 2048, "steps": 50,
                                                     "variant": "linfusion", "controlnet": False}.items()
-    ladder = found["2_sd15_16k_ladder"]
+    ladder = found["linfusion_2_sd15_16k_ladder"]
     assert (ladder["width"], ladder["height"], ladder["variant"]) == (16384, 8192, "linfusion+low-memory+tiled")
-    assert found["3_sdxl_demofusion_8k"]["family"] == "sdxl" and found["3_sdxl_demofusion_8k"]["width"] == 8192
-    assert found["4_controlnet_2048"]["controlnet"] is True
-    assert found["4_controlnet_2048"]["controlnet_attention"] == "linfusion"      # measured as shipped
-    assert found["1_sd15_txt2img_2048"]["controlnet_attention"] is None
-    assert "skipped" in found["8_demofusion_ksampler"]
+    assert found["linfusion_3_sdxl_demofusion_8k"]["family"] == "sdxl" and found["linfusion_3_sdxl_demofusion_8k"]["width"] == 8192
+    assert found["linfusion_4_controlnet_2048"]["controlnet"] is True
+    assert found["linfusion_4_controlnet_2048"]["controlnet_attention"] == "linfusion"      # measured as shipped
+    assert found["linfusion_1_sd15_txt2img_2048"]["controlnet_attention"] is None
+    assert "skipped" in found["linfusion_8_demofusion_ksampler"]
 
 
 def test_measure_runs_exactly_n_times_and_part_clock_sees_only_its_modules():

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "tests" / "artifacts"
 OUR_MODULE = "ComfyUI-LinFusion"
-QUEUED = "1_sd15_txt2img_2048.json"
+QUEUED = "linfusion_1_sd15_txt2img_2048.json"
 # The low-quality zoom threshold's documented default (setting LiteGraph.Canvas.LowQualityRenderingZoomThreshold):
 # the floor when the frontend exposes none, and the bar even where a frontend computes a lower one.
 DEFAULT_LOW_QUALITY_ZOOM = 0.6

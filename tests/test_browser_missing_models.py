@@ -22,11 +22,11 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "tests" / "artifacts"
 EXPECTED = {
-    "1_sd15_txt2img_2048.json": {
+    "linfusion_1_sd15_txt2img_2048.json": {
         ("checkpoints", "v1-5-pruned-emaonly.safetensors"):
             "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly.safetensors",
     },
-    "5_ipadapter.json": {
+    "linfusion_5_ipadapter.json": {
         ("ipadapter", "ip-adapter-plus_sd15.safetensors"):
             "https://huggingface.co/h94/IP-Adapter/resolve/main/models/ip-adapter-plus_sd15.safetensors",
         ("clip_vision", "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"):

@@ -202,7 +202,7 @@ def test_distributed_switch_missing_from_an_older_workflow_keeps_it_off(host):
     from workflow_shrink import load
 
     defs = live_object_info()
-    wf = load("2_sd15_16k_ladder.json")
+    wf = load("linfusion_2_sd15_16k_ladder.json")
     nodes = [n for n in wf["nodes"] if n["type"] in ("LinFusionTiledUNet", "LinFusionVAEDecodeTiled")]
     assert sorted(n["type"] for n in nodes) == ["LinFusionTiledUNet", "LinFusionVAEDecodeTiled"]
     for node in nodes:

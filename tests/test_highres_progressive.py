@@ -412,7 +412,7 @@ def test_saved_workflow_with_the_former_anchor_stats_boolean_validates(host):
     from workflow_shrink import load
 
     defs = live_object_info()
-    wf = load("7_super_resolution.json")
+    wf = load("linfusion_7_super_resolution.json")
     node = next(n for n in wf["nodes"] if n["type"] == "LinFusionProgressiveUpscale")
     slot = [s.name for s in widget_slots(defs["LinFusionProgressiveUpscale"])].index("anchoring")
     for old in (True, False):

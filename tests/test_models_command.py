@@ -67,7 +67,7 @@ def test_entries_are_what_the_frontend_offers(wm, tmp_path):
         assert [(e["directory"], e["name"]) for e in entries] == expected, name
         for entry in entries:
             assert wm.target_path(tmp_path, entry) == tmp_path / entry["directory"] / entry["name"]
-    assert wm.model_entries(load("6_lora_2048.json"))    # the shipped ones name files at all
+    assert wm.model_entries(load("linfusion_6_lora_2048.json"))    # the shipped ones name files at all
 
 
 def test_entries_that_would_leave_the_models_folder_are_refused(wm, tmp_path):
@@ -81,7 +81,7 @@ def test_entries_that_would_leave_the_models_folder_are_refused(wm, tmp_path):
 
 
 def test_hub_urls_are_read_as_repo_revision_and_file(wm):
-    entry = load("4_controlnet_2048.json")
+    entry = load("linfusion_4_controlnet_2048.json")
     urls = {m["name"]: m["url"] for n in entry["nodes"] for m in n.get("properties", {}).get("models", [])}
     assert wm.hub_file(urls["control_v11p_sd15_canny_fp16.safetensors"]) == (
         None, "comfyanonymous/ControlNet-v1-1_fp16_safetensors", "main", "control_v11p_sd15_canny_fp16.safetensors")
@@ -93,7 +93,7 @@ def test_hub_urls_are_read_as_repo_revision_and_file(wm):
 def test_models_command_fetches_a_workflows_files_once(hub, payload, tmp_path):
     """The README's command, through comfy_host.py (here with the test host's ComfyUI, COMFYUI_PATH)."""
     models = tmp_path / "models"
-    cmd = [sys.executable, str(REPO / "scripts" / "comfy_host.py"), "models", "1_sd15_txt2img_2048",
+    cmd = [sys.executable, str(REPO / "scripts" / "comfy_host.py"), "models", "linfusion_1_sd15_txt2img_2048",
            "--models-dir", str(models)]
     done = subprocess.run(cmd, env=hub_env(hub, tmp_path), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -110,7 +110,7 @@ def test_models_command_fetches_a_workflows_files_once(hub, payload, tmp_path):
 def test_a_cut_transfer_leaves_no_file_and_the_next_run_completes(hub, payload, tmp_path):
     models = tmp_path / "models"
     target = models / "checkpoints" / SD15[1]
-    cmd = [sys.executable, str(SCRIPT), "1_sd15_txt2img_2048", "--models-dir", str(models)]
+    cmd = [sys.executable, str(SCRIPT), "linfusion_1_sd15_txt2img_2048", "--models-dir", str(models)]
     hub.faults[SD15[1]] = ("cut", 2 * MB)        # the connection drops after 2 MB, every time
     done = subprocess.run(cmd, env=hub_env(hub, tmp_path), capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "FAILED" in done.stdout, done.stdout + done.stderr
@@ -128,7 +128,7 @@ def test_two_processes_fetching_one_file_fetch_it_once(hub, payload, tmp_path):
     """A second process started while the first is mid-transfer waits on the lock beside the file, then finds
     the file whole and fetches nothing (the first is held at 1 MB until the second says it waits)."""
     models = tmp_path / "models"
-    cmd = [sys.executable, str(SCRIPT), "1_sd15_txt2img_2048", "--models-dir", str(models)]
+    cmd = [sys.executable, str(SCRIPT), "linfusion_1_sd15_txt2img_2048", "--models-dir", str(models)]
     env = hub_env(hub, tmp_path)
     second: dict = {}
 
@@ -179,3 +179,13 @@ def test_the_lock_file_goes_with_the_lock(wm, tmp_path):
     with wm.file_lock(target):
         assert (tmp_path / ".x.safetensors.lock").exists()
     assert not list(tmp_path.iterdir())
+
+
+def test_example_names_are_found_with_or_without_their_linfusion_prefix(wm):
+    """The examples' file names start with `linfusion_` (so the Templates panel's search finds them); the names
+    they had before, which older instructions give, still name the same file; an unknown name lists the examples."""
+    new = wm.workflow_path("linfusion_1_sd15_txt2img_2048")
+    assert new.name == "linfusion_1_sd15_txt2img_2048.json" and new.is_file()
+    assert wm.workflow_path("1_sd15_txt2img_2048") == new == wm.workflow_path("1_sd15_txt2img_2048.json")
+    with pytest.raises(wm.ModelError, match="linfusion_5_ipadapter"):
+        wm.workflow_path("9_no_such_example")

@@ -18,7 +18,7 @@ from workflow_convert import live_object_info, workflow_to_api
 from workflow_shrink import load, shrink
 
 pytestmark = pytest.mark.slow
-WORKFLOW = "5_ipadapter.json"
+WORKFLOW = "linfusion_5_ipadapter.json"
 
 
 @pytest.fixture(scope="module")

@@ -82,7 +82,7 @@ def test_every_needed_model_has_a_download_entry(host, core, name):
 
 def test_workflow_5_names_the_ipadapter_files():
     """The PLUS preset's two files (ComfyUI_IPAdapter_plus README: h94/IP-Adapter)."""
-    entries = {m["name"]: m for m in offered_entries(load("5_ipadapter.json"))}
+    entries = {m["name"]: m for m in offered_entries(load("linfusion_5_ipadapter.json"))}
     assert entries["ip-adapter-plus_sd15.safetensors"]["url"].startswith(
         "https://huggingface.co/h94/IP-Adapter/resolve/main/models/ip-adapter-plus_sd15.safetensors")
     assert entries["CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"]["url"].startswith(

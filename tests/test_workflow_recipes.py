@@ -12,8 +12,8 @@ import pytest
 from workflow_convert import live_object_info, workflow_to_api
 from workflow_shrink import load
 
-RECIPE_WORKFLOWS = {"2_sd15_16k_ladder.json": "sd15", "3_sdxl_demofusion_8k.json": "sdxl",
-                    "7_super_resolution.json": "sdxl_superres"}
+RECIPE_WORKFLOWS = {"linfusion_2_sd15_16k_ladder.json": "sd15", "linfusion_3_sdxl_demofusion_8k.json": "sdxl",
+                    "linfusion_7_super_resolution.json": "sdxl_superres"}
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 WORKFLOW_DIR = Path(__file__).resolve().parent.parent / "example_workflows"
 WORKFLOWS = sorted(p.name for p in WORKFLOW_DIR.glob("*.json"))
-NEEDS_THIRD_PARTY = {"5_ipadapter.json"}   # ComfyUI_IPAdapter_plus nodes
+NEEDS_THIRD_PARTY = {"linfusion_5_ipadapter.json"}   # ComfyUI_IPAdapter_plus nodes
 TEST_LONG_SIDE = 64        # px of the shrunk base image
 TEST_STEPS = 2
 TEST_BASE_STEPS = 4        # a stage of strength s runs int (sd15) or ceil (sdxl) of 4 * s steps, at least 1

@@ -46,6 +46,7 @@ EXTENSION_LINK_NAME = "ComfyUI-LinFusion"
 # with this one (main.py --front-end-root), so a frontend change reaches us before our users.
 NEWEST_FRONTEND = "comfyui-frontend-package==1.58.1"
 NEWEST_FRONTEND_ENV = "LINFUSION_NEWEST_FRONTEND"     # the tests read its static folder from here
+MANAGER_WHEELS_ENV = "LINFUSION_MANAGER_WHEELS"       # ComfyUI-Manager's wheels, fetched at set-up for the tests
 
 
 @dataclass(frozen=True)
@@ -440,16 +441,38 @@ def manager_flag(comfy: Path) -> str | None:
     return "--enable-manager" if cli.is_file() and '"--enable-manager"' in cli.read_text() else None
 
 
-def install_manager(host: Host, py: Path, comfy: Path) -> None:
+def _manager_key(comfy: Path) -> str:
+    req = manager_requirement(comfy)
+    return digest(" ".join(req), (comfy / "manager_requirements.txt").read_text() if req[0] == "-r" else "")
+
+
+def install_manager(host: Host, py: Path, comfy: Path, wheels: Path | None = None) -> None:
     """ComfyUI-Manager (the registry's comfyui-manager) into the host's venv, once (its stamp names the
-    requirement)."""
+    requirement); from `wheels` alone (no index) where given."""
     req = manager_requirement(comfy)
     stamp = host.dir / "venv-manager.stamp"
-    key = digest(" ".join(req), (comfy / "manager_requirements.txt").read_text() if req[0] == "-r" else "")
+    key = _manager_key(comfy)
     if custom_comfyui() or not stamped(stamp, key):
-        run([py, "-m", "pip", "install", "--disable-pip-version-check", "-q", *req])
+        offline = ["--no-index", "--find-links", str(wheels)] if wheels else []
+        run([py, "-m", "pip", "install", "--disable-pip-version-check", "-q", *offline, *req])
         if not custom_comfyui():
             stamp.write_text(key)
+
+
+def manager_wheels(host: Host, py: Path, comfy: Path) -> Path:
+    """ComfyUI-Manager's wheels and their dependencies for this venv's Python, downloaded once into the host's
+    downloads/ at set-up, so the test of `serve --manager` installs them with no index (tests reach nothing
+    beyond 127.0.0.1)."""
+    target = host.dir / "downloads" / "manager-wheels"
+    stamp = host.dir / "manager-wheels.stamp"
+    key = _manager_key(comfy)
+    if not stamped(stamp, key):
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        run([py, "-m", "pip", "download", "--disable-pip-version-check", "-q", "-d", target,
+             *manager_requirement(comfy)])
+        stamp.write_text(key)
+    return target
 
 
 def ensure_system_chromium() -> None:
@@ -819,6 +842,9 @@ def run_tests(hosts: list[Host], pytest_args: list[str]) -> int:
     prepared = [(host, *prepare(host, ("tests", "bench"))) for host in hosts]
     if any(host.name == NEWEST for host in hosts) and not custom_comfyui():
         os.environ[NEWEST_FRONTEND_ENV] = str(newest_frontend(HOSTS[NEWEST]))
+    for host, comfy, py in prepared:
+        if host.name == NEWEST and not custom_comfyui() and manager_flag(comfy):
+            os.environ[MANAGER_WHEELS_ENV] = str(manager_wheels(host, py, comfy))
     ensure_system_chromium()
     os.chdir(REPO)
     if len(prepared) == 1:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from ci_rules import skip_or_fail
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -202,23 +204,29 @@ def test_manager_comes_from_comfyuis_own_pin_where_it_has_the_flag(comfy_host):
 @pytest.mark.slow
 def test_serve_manager_installs_comfyui_manager_into_the_venv(comfy_host, tmp_path, monkeypatch):
     """install_manager puts the registry's comfyui-manager (ComfyUI's own pin) into a venv, where main.py's
-    --enable-manager finds it (importlib.util.find_spec), and a second call installs nothing (its stamp)."""
+    --enable-manager finds it (importlib.util.find_spec), and a second call installs nothing (its stamp). The
+    wheels come from what scripts/comfy_host.py test downloaded at set-up, installed with no index: the test
+    reaches nothing beyond this machine."""
     comfy = Path(os.environ["COMFYUI_PATH"])
     if comfy_host.manager_flag(comfy) is None:
         from ci_rules import skip_for_host_difference
         skip_for_host_difference("0.3.75 has no such option")
+    wheels = os.environ.get(comfy_host.MANAGER_WHEELS_ENV)
+    if not wheels:
+        skip_or_fail(f"{comfy_host.MANAGER_WHEELS_ENV} is unset: run through scripts/comfy_host.py test, which "
+                     "downloads ComfyUI-Manager's wheels at set-up")
     monkeypatch.delenv("COMFYUI_PATH")          # install_manager treats COMFYUI_PATH as the user's own ComfyUI
     monkeypatch.setenv("LINFUSION_TEST_MANAGER_HOST", str(tmp_path))
     host = comfy_host.Host("test", "0.33.0", "LINFUSION_TEST_MANAGER_HOST", "unused")
     subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "venv")], check=True)
     py = tmp_path / "venv" / "bin" / "python"
-    comfy_host.install_manager(host, py, comfy)
+    comfy_host.install_manager(host, py, comfy, Path(wheels))
     found = subprocess.run([str(py), "-c", "import importlib.util as u; print(u.find_spec('comfyui_manager').origin)"],
                            capture_output=True, text=True, check=True).stdout
     assert found.strip().endswith("comfyui_manager/__init__.py"), found
     calls = []
     monkeypatch.setattr(comfy_host, "run", lambda cmd, **kw: calls.append(cmd))
-    comfy_host.install_manager(host, py, comfy)
+    comfy_host.install_manager(host, py, comfy, Path(wheels))
     assert calls == [], "installed again although its stamp matched"
 
 

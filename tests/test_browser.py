@@ -8,7 +8,8 @@ give, the frontend's own API prompt (app.graphToPrompt) equals tests/workflow_co
 Each opens from the Templates panel (Extensions > ComfyUI-LinFusion > its card), which fits the graph to the
 window: in 1600 x 1000 at a zoom of at least 0.6 and the frontend's low-quality threshold (below it every node is
 a blank box), every note's text in its box, no group title past its group; the zoom in 1366 x 768 is measured
-too (LINFUSION_RECORD_ZOOM=1 writes both into docs/template_zoom.json). Workflow 1, shrunk, is queued from the
+too (LINFUSION_RECORD_ZOOM=1 writes both into docs/template_zoom.json). Typing "LinFusion" into the panel's
+search box under All Templates shows all eight cards, by title. Workflow 1, shrunk, is queued from the
 page (pinned frontend) and its image must arrive back in the Save Image node. Screenshots go to tests/artifacts/.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -23,7 +25,8 @@ import pytest
 
 from ci_rules import skip_or_fail, under_ci
 from comfy_browser import (canvas_view, chromium_missing_reason, chromium_page, close_dialogs,
-                           comfy_ui_server, frontend_prompt, frontends, load_workflow, open_template)
+                           comfy_ui_server, frontend_prompt, frontends, load_workflow, open_template,
+                           TEMPLATES_COMMAND)
 from comfy_server import get_json
 from workflow_shrink import NEEDS_THIRD_PARTY, WORKFLOWS, expected_size, load, shrink
 from third_party_packs import WORKFLOW_5_PACK_NODES
@@ -180,6 +183,35 @@ def test_workflow_opens_legible_from_templates(name, ui):
     assert not errors, errors
 
 
+SHOWN_TITLES_JS = """() => [...[...document.querySelectorAll('[role=dialog]')].pop()
+    .querySelectorAll('[data-testid^=template-workflow-] h3')].map(h => h.textContent.trim())"""
+
+
+def test_templates_search_finds_all_eight(ui):
+    """Templates panel > All Templates, "LinFusion" typed into its search box: the cards shown include all eight
+    of ours, by title (the panel titles and searches a custom template only by its file name, so this holds only
+    while every name carries "linfusion"). Other, fuzzy, matches among ComfyUI's own templates may show too."""
+    page = ui[2]
+    ours = sorted(Path(name).stem for name in WORKFLOWS)
+    page.evaluate("(id) => window.app.extensionManager.command.execute(id)", TEMPLATES_COMMAND)
+    dialog = page.locator("[role=dialog]").last
+    dialog.get_by_text("All Templates", exact=True).first.click()
+    # Its placeholder: "Search..." on 1.32 (ComfyUI 0.3.75), "Search ..." on 1.49 and 1.58.
+    search = dialog.get_by_placeholder(re.compile(r"^Search ?\.\.\.$")).first
+    search.fill("LinFusion")
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    try:        # the panel filters as the query settles
+        page.wait_for_function(f"(ours) => ours.every(t => ({SHOWN_TITLES_JS})().includes(t))", arg=ours,
+                               timeout=30_000)
+    except PlaywrightTimeout:
+        pass    # the assert below names what was shown
+    shown = page.evaluate(SHOWN_TITLES_JS)
+    page.screenshot(path=str(ARTIFACTS / f"templates_search_{page.frontend}.png"))
+    search.fill("")
+    close_dialogs(page)
+    assert set(ours) <= set(shown), f"searching LinFusion under All Templates showed {shown}"
+
+
 @pytest.fixture(scope="module", autouse=True)
 def record_zooms():
     """With LINFUSION_RECORD_ZOOM=1: the zooms measured above into docs/template_zoom.json (merged by frontend
@@ -252,3 +284,5 @@ def test_queue_workflow_1_and_see_the_image(ui, fixtures, server_object_info):
     assert saved.is_file()
     history = get_json(url + "/history")
     assert any(h["status"]["status_str"] == "success" for h in history.values()), json.dumps(history)[:2000]
+
+

@@ -61,25 +61,6 @@ def halo_estimate(vae, h: int, w: int, boundaries: int, bytes_per_value: int = 4
     return est
 
 
-class Cores:
-    """Cores other processes kept busy on average: /proc/stat's busy time minus this process's and its waited-for
-    children's (the ranks)."""
-
-    def __init__(self):
-        self.start = self._now()
-
-    @staticmethod
-    def _now():
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-        t = os.times()
-        return time.time(), busy, t.user + t.system + t.children_user + t.children_system
-
-    def other(self) -> float:
-        end = self._now()
-        return round(max(0.0, (end[1] - self.start[1]) - (end[2] - self.start[2])) / (end[0] - self.start[0]), 2)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world", type=int, default=2)
@@ -103,7 +84,7 @@ def main(argv=None) -> int:
     from bench import timing
     from distributed_vae_rank import launch
 
-    cores, started, load_start = Cores(), time.time(), timing.load_average()
+    cores, started, load_start = timing.OtherWork(), time.time(), timing.load_average()
     plan = {"timeout_s": 600, "steps": [dict(kind="bench", name="bench", config="sd", h=args.h, w=args.w,
                                              tile=args.tile, n=args.n, modes=["local", "bitwise", "aligned"])]}
     out = Path(tempfile.mkdtemp(prefix="linfusion-dist-vae-bench-"))
@@ -112,7 +93,7 @@ def main(argv=None) -> int:
     if bad:
         print("\n".join(f"rank {r['rank']} rc {r['rc']}:\n{r['log']}" for r in bad))
         return 1
-    other_cores, load_end = cores.other(), timing.load_average()
+    other_cores, load_end = cores.cores(), timing.load_average()
     ranks = [torch.load(out / f"bench.rank{k}.pt", weights_only=False) for k in range(args.world)]
     vae = random_vae.load_vae(random_vae.random_vae_state_dict(random_vae.SD_DDCONFIG, seed=1), random_vae.SD_DDCONFIG,
                               dtype=torch.float32)

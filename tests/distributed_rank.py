@@ -33,9 +33,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def launch(world: int, plan: dict, out_dir: Path, timeout_s: float = 240, threads: int = 1) -> list[dict]:
-    """Run the plan on `world` ranks (subprocesses, env:// on a free port of 127.0.0.1); each rank's exit code
-    and output. The ranks are killed (by their ids) if they outlast timeout_s."""
+def launch(world: int, plan: dict, out_dir: Path, timeout_s: float = 240, threads: int = 1,
+           script: Path | str = __file__) -> list[dict]:
+    """Run the plan on `world` ranks of `script` (this file, or another rank script taking the same
+    arguments: subprocesses, env:// on a free port of 127.0.0.1); each rank's exit code and output. The ranks are
+    killed (by their ids) if they outlast timeout_s."""
     import socket
     import subprocess
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -49,7 +51,7 @@ def launch(world: int, plan: dict, out_dir: Path, timeout_s: float = 240, thread
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                    WORLD_SIZE=str(world), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         log = open(out_dir / f"rank{rank}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, __file__, str(plan_path), str(out_dir)], env=env,
+        procs.append((subprocess.Popen([sys.executable, str(script), str(plan_path), str(out_dir)], env=env,
                                        stdout=log, stderr=subprocess.STDOUT), log))
     deadline, results = time.monotonic() + timeout_s, []
     for rank, (p, log) in enumerate(procs):

@@ -35,33 +35,9 @@ sys.path.insert(0, str(REPO / "tests"))
 
 
 def launch(world: int, plan: dict, out_dir: Path, timeout_s: float = 240, threads: int = 1) -> list[dict]:
-    """Run the plan on `world` ranks of this script (as distributed_rank.launch does for its own): each rank's
-    exit code and log tail. Ranks still running after timeout_s are killed, by their ids."""
-    import socket
-    import subprocess
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plan_path = out_dir / "plan.json"
-    plan_path.write_text(json.dumps(plan))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                   WORLD_SIZE=str(world), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        log = open(out_dir / f"rank{rank}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, __file__, str(plan_path), str(out_dir)], env=env,
-                                       stdout=log, stderr=subprocess.STDOUT), log))
-    deadline, results = time.monotonic() + timeout_s, []
-    for rank, (p, log) in enumerate(procs):
-        try:
-            rc = p.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            rc = p.wait()
-        log.close()
-        results.append({"rank": rank, "rc": rc, "log": (out_dir / f"rank{rank}.log").read_text()[-4000:]})
-    return results
+    """Run the plan on `world` ranks of this script (distributed_rank.launch, with this file as the rank)."""
+    from distributed_rank import launch as launch_ranks
+    return launch_ranks(world, plan, out_dir, timeout_s, threads, script=__file__)
 
 
 def main(plan_path, out_dir):
